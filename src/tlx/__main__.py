@@ -1,0 +1,3 @@
+from tlx.cli import main
+
+main()

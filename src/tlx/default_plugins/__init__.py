@@ -1,0 +1,1 @@
+"""tlx's own components, registered through the same hooks as third-party plugins."""

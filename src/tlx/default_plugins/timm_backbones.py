@@ -1,0 +1,136 @@
+"""Every timm model as a backbone, pretrained weights from the Hugging Face hub or its local cache."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tlx import hookimpl
+from tlx.backbone import Backbone
+from tlx.errors import TlxError
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+@hookimpl
+def register_backbones(register):
+    register(
+        "timm",
+        create_timm_backbone,
+        description="any timm model name, with a pretrained tag if wanted (resnet18.tv_in1k)",
+        matches=_is_timm_model,
+        catalog=_timm_names,
+    )
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:
+    """A timm model without its classifier (``num_classes=0``): its output is the pooled features."""
+    import timm
+
+    from tlx.weights import load_into, read_state_dict
+
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        classifier = model.pretrained_cfg.get("classifier") or "fc"
+        prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+        load_into(model, read_state_dict(weights), source=str(weights), arch=name, drop_prefixes=prefixes)
+        source = f"file {weights}"
+    elif pretrained:
+        cached, where = _pretrained_source(name)
+        overlay = {"file": cached} if cached else None
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+        except Exception as exc:  # hub and network errors come in many types
+            raise TlxError(
+                f"backbone.pretrained: could not load pretrained weights for {name} from {where} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "pass --set backbone.weights=FILE"
+            ) from None
+        source = f"pretrained {where}" + (" (local cache)" if cached else "")
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        source = "random initialisation (backbone.pretrained: false)"
+    feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    return Backbone(model, feature_dim, data_config, source)
+
+
+def _pretrained_source(name: str) -> tuple[str | None, str]:
+    """(cached file or None, description) for ``name``'s pretrained weights.
+
+    Raises at once, without timm's long retries, when they are not cached and cannot be downloaded.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise TlxError(
+            f"backbone.name: timm has no pretrained weights for {name!r}; pick a tagged name "
+            "(`timm.list_models(pretrained=True)`), pass --set backbone.weights=FILE, "
+            "or --set backbone.pretrained=false for random weights"
+        )
+    if cfg.file:
+        return str(cfg.file), f"file {cfg.file}"
+    cached = _cached_file(cfg)
+    where = f"hub {cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    if cached:
+        return cached, where
+    host = (
+        urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        if cfg.hf_hub_id
+        else urlparse(cfg.url).hostname
+    )
+    if _offline() or not _reachable(host or ""):
+        raise TlxError(
+            f"backbone.pretrained: the weights of {name} ({where}) are not in the local cache and "
+            f"{host} cannot be reached; pass --set backbone.weights=FILE (a .pth or .safetensors "
+            "state dict) or --set backbone.pretrained=false for random weights"
+        )
+    return None, where
+
+
+def _cached_file(cfg: Any) -> str | None:
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in (cfg.hf_hub_filename, *HUB_FILES):
+            if filename:
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(found, str):
+                    return found
+    if cfg.url:
+        import torch.hub
+
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _reachable(host: str, timeout: float = 2.0) -> bool:
+    """A short TCP probe, so an offline machine gets its answer at once, not after retries."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

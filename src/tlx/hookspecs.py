@@ -1,0 +1,28 @@
+"""Hook specifications: how plugins register backbones, heads and datasets.
+
+Each hook receives a ``register`` callable (see :class:`tlx.registry.Registry.register`):
+
+    @tlx.hookimpl
+    def register_heads(register):
+        register("cosine", CosineHead, options=CosineOptions)
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("tlx")
+hookimpl = pluggy.HookimplMarker("tlx")
+
+
+@hookspec
+def register_backbones(register):
+    """Register backbone factories: ``factory(name, *, pretrained, weights) -> tlx.Backbone``."""
+
+
+@hookspec
+def register_heads(register):
+    """Register head factories: ``factory(in_features, num_classes, options) -> torch.nn.Module``."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset factories: ``factory(options) -> tlx.data.Splits``."""

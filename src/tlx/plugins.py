@@ -1,0 +1,93 @@
+"""Loading plugins: tlx's built-ins plus every entry point in the group ``tlx``.
+
+A plugin that fails to import or to register is recorded with its error and reported, never fatal
+to commands that do not need it. ``TLX_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points (built-ins
+stay), for debugging a broken installation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import pluggy
+
+from tlx import __version__, hookspecs
+from tlx.registry import Registry
+
+GROUP = "tlx"
+DISABLE_ENV = "TLX_DISABLE_PLUGIN_AUTOLOAD"
+DEFAULT_PLUGINS = {
+    "tlx.timm": "tlx.default_plugins.timm_backbones",
+    "tlx.heads": "tlx.default_plugins.heads",
+    "tlx.imagefolder": "tlx.default_plugins.imagefolder",
+}
+
+
+@dataclass
+class PluginInfo:
+    """One installed plugin, as ``tlx list`` shows it."""
+
+    name: str
+    version: str
+    error: str | None = None
+    builtin: bool = False
+
+
+@dataclass
+class Plugins:
+    """Everything the plugins registered."""
+
+    backbones: Registry
+    heads: Registry
+    datasets: Registry
+    plugins: list[PluginInfo]
+
+    def registries(self) -> tuple[Registry, ...]:
+        return (self.backbones, self.heads, self.datasets)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@functools.cache
+def load() -> Plugins:
+    """Import and register all plugins once per process."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    infos: dict[str, PluginInfo] = {}
+    for name, module in DEFAULT_PLUGINS.items():
+        pm.register(importlib.import_module(module), name=name)
+        infos[name] = PluginInfo(name, __version__, builtin=True)
+    if not os.environ.get(DISABLE_ENV):
+        for ep in entry_points(group=GROUP):
+            info = infos.setdefault(ep.name, PluginInfo(ep.name, ep.dist.version if ep.dist else "?"))
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # a broken plugin must not break tlx
+                info.error = _describe(exc)
+
+    plugins = Plugins(Registry("backbone"), Registry("head"), Registry("dataset"), list(infos.values()))
+    hooks = (pm.hook.register_backbones, pm.hook.register_heads, pm.hook.register_datasets)
+    for hook, registry in zip(hooks, plugins.registries()):
+        for impl in hook.get_hookimpls():
+            try:
+                impl.function(register=registry.registrar(impl.plugin_name))
+            except Exception as exc:
+                infos[impl.plugin_name].error = f"{hook.name} failed: {_describe(exc)}"
+    for info in infos.values():
+        conflicts = [msg for r in plugins.registries() for msg in r.conflict_errors(info.name)]
+        if conflicts and not info.error:
+            info.error = "; ".join(conflicts)
+    broken = [info.name for info in infos.values() if info.error]
+    for registry in plugins.registries():
+        registry.broken_plugins = broken
+    for info in infos.values():
+        if info.error:
+            print(f"tlx: warning: plugin {info.name!r}: {info.error}", file=sys.stderr)
+    return plugins

@@ -1,0 +1,176 @@
+"""Recipes: YAML files validated with pydantic, with ``--set KEY=VALUE`` overrides.
+
+Relative paths in a recipe (``dataset.root``, ``backbone.weights``) are taken from the current
+working directory, like paths given on the command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from tlx.errors import TlxError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """A section whose extra keys are the options of a plugin component, validated later."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DatasetConfig(_Open):
+    kind: str = "imagefolder"
+
+
+class BackboneConfig(_Strict):
+    name: str
+    pretrained: bool = True
+    weights: Path | None = None
+
+
+class HeadConfig(_Open):
+    type: str = "linear"
+
+
+class TrainConfig(_Strict):
+    epochs: PositiveInt = 20
+    lr: PositiveFloat = 0.001
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: PositiveInt = 4
+
+
+class ExtractConfig(_Strict):
+    batch_size: PositiveInt = 32
+    workers: NonNegativeInt = 2
+
+
+class Recipe(_Strict):
+    seed: int = 0
+    dataset: DatasetConfig
+    backbone: BackboneConfig
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig()
+    extract: ExtractConfig = ExtractConfig()
+
+
+def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is a one-line :class:`TlxError`."""
+    data = read_yaml(path)
+    set_keys = apply_overrides(data, overrides)
+    return validate(Recipe, data, source=str(path), set_keys=set_keys)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TlxError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TlxError(f"{path}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        tag = f" {exc.problem.split('tag ')[-1]}" if exc.problem and "tag" in exc.problem else ""
+        raise TlxError(
+            f"{path}: line {exc.problem_mark.line + 1 if exc.problem_mark else '?'}: "
+            f"unsupported YAML tag{tag}; recipes are plain YAML (mappings, lists, strings, numbers)"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TlxError(f"{path}: not valid YAML: {where}{problem}") from None
+    if data is None:
+        raise TlxError(f"{path}: the recipe is empty; it needs at least dataset and backbone.name")
+    if not isinstance(data, dict):
+        raise TlxError(
+            f"{path}: a recipe is a mapping of keys (dataset, backbone, head, train), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...]) -> set[str]:
+    """Apply ``KEY=VALUE`` strings in place (values parsed as YAML); returns the keys set."""
+    keys = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise TlxError(f"--set {item!r}: expected KEY=VALUE, for example --set train.epochs=5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise TlxError(f"--set {item!r}: {where} is a value, not a section with keys")
+            node = child
+        node[parts[-1]] = value
+        keys.add(".".join(parts))
+    return keys
+
+
+def validate(
+    model: type[BaseModel], data: Any, *, source: str, prefix: str = "", set_keys: set[str] = frozenset()
+) -> Any:
+    """Validate ``data`` with ``model``; the first error becomes a one-line :class:`TlxError`.
+
+    ``prefix`` is the key path of ``data`` inside the recipe (``head`` for head options).
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        loc = [str(p) for p in first["loc"]]
+        key = ".".join(([prefix] if prefix else []) + loc)
+        where = f"--set {key}" if key in set_keys else source
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=1, cutoff=0.5)
+            hint = (
+                f"; did you mean {'.'.join(([prefix] if prefix else []) + loc[:-1] + close)}?"
+                if close
+                else ""
+            )
+            raise TlxError(f"{where}: unknown key {key}{hint}{more}") from None
+        if first["type"] == "missing":
+            raise TlxError(f"{where}: missing required key {key}{more}") from None
+        got = first.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        raise TlxError(f"{where}: {key}: {first['msg']}{shown}{more}") from None
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the sub-model at ``loc``, for suggesting a misspelled key."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,95 @@
+"""Named registries of backbones, heads and datasets, filled by plugins."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from tlx.errors import TlxError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component.
+
+    ``matches`` makes the entry a *family* that claims every name it accepts (timm's models);
+    ``catalog`` lists a family's names for ``tlx list`` and for suggestions.
+    ``options`` is a pydantic model validating the component's recipe keys.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+    options: type[BaseModel] | None = None
+    matches: Callable[[str], bool] | None = None
+    catalog: Callable[[], Iterable[str]] | None = None
+
+
+@dataclass
+class Registry:
+    """Components of one kind (``backbone``, ``head`` or ``dataset``) by name."""
+
+    kind: str
+    entries: dict[str, Entry] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    #: names of plugins that failed to load, for hints when a name is unknown
+    broken_plugins: list[str] = field(default_factory=list)
+
+    def registrar(self, plugin: str) -> Callable[..., None]:
+        """The ``register`` callable handed to one plugin's hook."""
+
+        def register(
+            name: str,
+            factory: Callable[..., Any],
+            *,
+            description: str = "",
+            options: type[BaseModel] | None = None,
+            matches: Callable[[str], bool] | None = None,
+            catalog: Callable[[], Iterable[str]] | None = None,
+        ) -> None:
+            entry = Entry(name, factory, plugin, description, options, matches, catalog)
+            if name in self.entries:
+                self.conflicts.setdefault(name, [self.entries[name].plugin]).append(plugin)
+                return
+            self.entries[name] = entry
+
+        return register
+
+    def conflict_errors(self, plugin: str) -> list[str]:
+        """Messages for the names ``plugin`` tried to register that another plugin already had."""
+        return [
+            f"{self.kind} {name!r} is already registered by plugin {plugins[0]!r}"
+            for name, plugins in self.conflicts.items()
+            if plugin in plugins[1:]
+        ]
+
+    def get(self, name: str, key: str) -> Entry:
+        """The entry for ``name``; ``key`` is the recipe key that named it, for the error."""
+        if name in self.conflicts:
+            a, b = self.conflicts[name][:2]
+            raise TlxError(
+                f"{key}: {self.kind} {name!r} is registered by two plugins, {a!r} and {b!r}; "
+                "uninstall one of them"
+            )
+        if name in self.entries and self.entries[name].matches is None:
+            return self.entries[name]
+        for entry in self.entries.values():
+            if entry.matches is not None and entry.matches(name):
+                return entry
+        close = difflib.get_close_matches(name, self.known_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        if self.broken_plugins:
+            hint += f" (plugins that failed to load: {', '.join(self.broken_plugins)})"
+        raise TlxError(f"{key}: unknown {self.kind} {name!r}{hint}; `tlx list` shows what is registered")
+
+    def known_names(self) -> list[str]:
+        """Every name the registry can resolve, families expanded."""
+        names: list[str] = []
+        for entry in self.entries.values():
+            names.extend(entry.catalog() if entry.catalog else [entry.name])
+        return names

@@ -1,0 +1,69 @@
+"""What a run prints and writes: the data summary, the epoch lines, ``metrics.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlx.backbone import Backbone
+from tlx.data import Splits
+from tlx.features import Features
+from tlx.train import Epoch
+
+
+def print_data_summary(splits: Splits, kind: str) -> None:
+    """Images per split and class, in a small table."""
+    click.echo(f"dataset   {kind}: {splits.source}")
+    names = ["split", "images", *splits.classes]
+    widths = [max(len(n), 6) for n in names]
+    click.echo("  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
+    for split in (splits.train, splits.test):
+        row = [split.name, str(len(split)), *map(str, split.class_counts(len(splits.classes)))]
+        click.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    for split in (splits.train, splits.test):
+        for path, reason in split.skipped:
+            click.echo(f"  skipped {path}: {reason}")
+
+
+def print_backbone_summary(name: str, plugin: str, backbone: Backbone, digest: str, splits: Splits) -> None:
+    """Where the weights came from, the preprocessing, and the image tensor shapes."""
+    cfg = backbone.data_config
+    _, height, width = cfg["input_size"]
+    click.echo(f"backbone  {name} [plugin {plugin}]: {backbone.weights}")
+    click.echo(f"  weights sha256 {digest[:16]}; preprocessing {describe_preprocessing(cfg)}")
+    shapes = "  ".join(f"{s.name} {len(s)}×3×{height}×{width}" for s in (splits.train, splits.test))
+    click.echo(f"images    {shapes}")
+
+
+def describe_preprocessing(cfg: dict[str, Any]) -> str:
+    _, height, _ = cfg["input_size"]
+    resize = int(height / cfg.get("crop_pct", 1.0))
+    mean = ", ".join(f"{m:.3f}" for m in cfg["mean"])
+    std = ", ".join(f"{s:.3f}" for s in cfg["std"])
+    return (
+        f"resize {resize} {cfg.get('interpolation', 'bilinear')}, {cfg.get('crop_mode', 'center')} crop "
+        f"{height}, mean ({mean}), std ({std})"
+    )
+
+
+def print_features(split_names: tuple[str, str], features: tuple[Features, Features]) -> None:
+    shapes = "  ".join(f"{name} {f.x.shape[0]}×{f.x.shape[1]}" for name, f in zip(split_names, features))
+    click.echo(f"features  {shapes}")
+    for f in features:
+        for path, reason in f.skipped:
+            click.echo(f"  skipped {path}: {reason}")
+
+
+def print_epoch(record: Epoch) -> None:
+    click.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a run killed while writing never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
