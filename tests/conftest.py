@@ -10,11 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from PIL import Image
+from torch import nn
 
 from tlx import plugins
+from tlx.backbone import Backbone
 from tlx.cli import cli
+from tlx.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
@@ -114,3 +118,40 @@ def resnet18_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), path)
     return path
+
+
+CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+          "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # fmt: skip
+
+
+class CountingBackbone(nn.Module):
+    """Mean colour per channel, plus a counter of the images it has seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture
+def counting_backbone() -> CountingBackbone:
+    module = CountingBackbone()
+    register = plugins.load().backbones.registrar("test-plugin")
+    register("counting", lambda name, pretrained, weights: Backbone(module, 3, CONFIG, "test colours"))
+    return module
+
+
+def recipe_for(tmp_path: Path, root: Path, *overrides: str) -> Recipe:
+    """A recipe for the counting backbone on ``root``, decoding in this process."""
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+        dataset: {{root: {root}}}
+        backbone: {{name: counting}}
+        extract: {{workers: 0}}
+        """,
+    )
+    return load_recipe(path, overrides)

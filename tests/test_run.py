@@ -10,51 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from tlx import plugins
-from tlx.backbone import Backbone
-from tlx.recipe import load_recipe
 from tlx.run import run
 
-from .conftest import REPO, make_imagefolder, run_tlx, write_recipe
+from .conftest import REPO, make_imagefolder, recipe_for, run_tlx
 
 EPOCH_LINE = re.compile(r"^ {0,2}\d{1,3}   test accuracy: \d{1,3}\.\d\d%$", re.M)
-CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-          "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # fmt: skip
-
-
-class CountingBackbone(nn.Module):
-    """Mean colour per channel, plus a counter of the images it has seen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += x.shape[0]
-        return x.mean(dim=(2, 3))
-
-
-@pytest.fixture
-def counting_backbone() -> CountingBackbone:
-    module = CountingBackbone()
-    register = plugins.load().backbones.registrar("test-plugin")
-    register("counting", lambda name, pretrained, weights: Backbone(module, 3, CONFIG, "test colours"))
-    return module
-
-
-def recipe_for(tmp_path: Path, root: Path, *overrides: str):
-    path = write_recipe(
-        tmp_path / "r.yaml",
-        f"""
-        dataset: {{root: {root}}}
-        backbone: {{name: counting}}
-        extract: {{workers: 0}}
-        """,
-    )
-    return load_recipe(path, overrides)
 
 
 def test_every_image_goes_through_the_backbone_once(

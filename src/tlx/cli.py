@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,12 @@ class Group(click.Group):
         except TlxError as exc:
             raise UserError(str(exc)) from None
         except KeyboardInterrupt:
+            # Leave at once: half-built data loaders would print tracebacks while being collected.
+            # Whatever a run writes is written atomically, so nothing needs cleaning up.
             click.echo("tlx: interrupted", err=True)
-            sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 @click.group(cls=Group)

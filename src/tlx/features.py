@@ -60,8 +60,13 @@ def preprocessing(backbone: Backbone) -> Callable[[Image.Image], torch.Tensor]:
     return create_transform(**backbone.data_config, is_training=False)
 
 
-def extract(backbone: Backbone, split: Split, *, batch_size: int, workers: int) -> Features:
-    """Run ``backbone`` once over every image of ``split``; decoding runs in ``workers`` processes."""
+def extract(
+    backbone: Backbone, split: Split, *, batch_size: int, workers: int, on_bad_image: str = "skip"
+) -> Features:
+    """Run ``backbone`` once over every image of ``split``; decoding runs in ``workers`` processes.
+
+    An image that cannot be decoded is left out and listed (``on_bad_image="skip"``) or stops the run.
+    """
     from tqdm import tqdm
 
     loader = DataLoader(
@@ -80,6 +85,12 @@ def extract(backbone: Backbone, split: Split, *, batch_size: int, workers: int) 
     ):
         for images, indices, failures in loader:
             skipped += [(split.samples[i][0], reason) for i, reason in failures]
+            if skipped and on_bad_image == "error":
+                path, reason = skipped[0]
+                raise TlxError(
+                    f"extract.on_bad_image: cannot decode {path} ({reason}); remove or replace the file, "
+                    "or set extract.on_bad_image=skip"
+                )
             if images is not None:
                 out = module(images)
                 _check_output(out, backbone, len(indices))

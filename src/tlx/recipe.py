@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -62,6 +62,8 @@ class TrainConfig(_Strict):
 class ExtractConfig(_Strict):
     batch_size: PositiveInt = 32
     workers: NonNegativeInt = 2
+    #: an image that cannot be decoded is left out and listed (skip), or stops the run (error)
+    on_bad_image: Literal["skip", "error"] = "skip"
 
 
 class Recipe(_Strict):

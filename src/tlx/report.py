@@ -27,6 +27,13 @@ def print_data_summary(splits: Splits, kind: str) -> None:
     for split in (splits.train, splits.test):
         for path, reason in split.skipped:
             click.echo(f"  skipped {path}: {reason}")
+    for name, count in zip(splits.classes, splits.test.class_counts(len(splits.classes))):
+        if count == 0:
+            click.echo(
+                f"warning: class {name!r} has no images in split {splits.test.name!r}; "
+                "its test accuracy cannot be measured",
+                err=True,
+            )
 
 
 def print_backbone_summary(name: str, plugin: str, backbone: Backbone, digest: str, splits: Splits) -> None:

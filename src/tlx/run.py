@@ -81,9 +81,9 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, backbone, digest, splits)
 
     t0 = time.perf_counter()
-    batch, workers = recipe.extract.batch_size, recipe.extract.workers
-    train = extract(backbone, splits.train, batch_size=batch, workers=workers)
-    test = extract(backbone, splits.test, batch_size=batch, workers=workers)
+    settings = recipe.extract.model_dump()
+    train = extract(backbone, splits.train, **settings)
+    test = extract(backbone, splits.test, **settings)
     extract_s = time.perf_counter() - t0
     report.print_features((splits.train.name, splits.test.name), (train, test))
 
