@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel, ConfigDict
 
 from tlx import __version__
 from tlx.errors import TlxError
@@ -41,13 +42,14 @@ def prepare_out_dir(out: Path) -> None:
         ) from None
 
 
+class NoOptions(BaseModel):
+    """The options of a component that takes none: any key is unknown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> Any:
     """Validate a component's own recipe keys with the model its plugin registered."""
-    from pydantic import BaseModel, ConfigDict
-
-    class NoOptions(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
     return validate(entry.options or NoOptions, values, source=source, prefix=section)
 
 
@@ -108,8 +110,10 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
         },
         "head": recipe.head.type,
         "seed": recipe.seed,
-        "skipped": [{"path": str(p), "reason": r} for s in (splits.train, splits.test) for p, r in s.skipped]
-        + [{"path": str(p), "reason": r} for f in (train, test) for p, r in f.skipped],
+        "skipped": [
+            {"path": str(path), "reason": reason}
+            for path, reason in (*splits.train.skipped, *splits.test.skipped, *train.skipped, *test.skipped)
+        ],
         "seconds": {
             "extract": round(extract_s, 3),
             "train": round(train_s, 3),
