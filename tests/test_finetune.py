@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tlx.finetune import training_transform
 from tlx.recipe import load_recipe
 from tlx.run import run
 
-from .conftest import write_recipe
+from .conftest import make_imagefolder, run_tlx, write_recipe
 from .test_run import CONFIG, EPOCH_LINE
 
 
@@ -216,3 +217,37 @@ def test_a_timm_model_finetunes_its_last_stage(tmp_path: Path, tiny_dataset: Pat
     assert metrics["n_train"] == 12 and 0 <= metrics["test_accuracy"] <= 1
     moved = {k.split(".")[0] + (".4" if k.startswith("blocks.4") else "") for k in changed(before, model)}
     assert moved == {"blocks.4", "conv_head", "bn2"}
+
+
+def test_finetuning_uses_the_recipes_optimizer_and_schedule(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    initial = snapshot(tiny_net)
+
+    def weights(out: str, *overrides: str) -> dict[str, torch.Tensor]:
+        tiny_net.load_state_dict(initial)
+        finetune_run(tmp_path, tiny_dataset, out, "finetune.augment=false", *overrides)
+        return {k: v.clone() for k, v in tiny_net.named_parameters()}
+
+    one = weights("one", "train.epochs=1")
+    # the learning rate is cut a billionfold after the first epoch: the second one barely moves anything
+    cut = weights("cut", "train.schedule=step", "train.step_size=1", "train.gamma=1e-9")
+    assert all(torch.allclose(one[k], cut[k], atol=1e-6) for k in one)
+    sgd = weights("sgd")
+    adamw = weights("adamw", "train.optimizer=adamw")
+    assert not all(torch.allclose(sgd[k], adamw[k], atol=1e-4) for k in sgd)
+    assert not all(torch.allclose(sgd[k], one[k], atol=1e-4) for k in sgd)
+
+
+def test_shipped_finetune_recipe_runs_on_its_backbone(tmp_path: Path) -> None:
+    """The recipe's unfreeze names exist in EfficientNet-Lite0; one epoch on a small generated dataset."""
+    root = make_imagefolder(tmp_path / "small", classes=2, per_class=(4, 2))
+    result = run_tlx(
+        "run", "recipes/hymenoptera-finetune.yaml", "--set", f"dataset.root={root}",
+        "--set", "train.epochs=2", "--set", "train.warmup_epochs=1", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "finetune  unfreeze blocks.5, blocks.6, conv_head, bn2: 2,670,240 of 3,371,008" in result.stdout
+    assert len(EPOCH_LINE.findall(result.stdout)) == 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["strategy"], metrics["n_train"], metrics["n_test"]) == ("finetune", 8, 4)
