@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from tlx import report
 from tlx.backbone import Backbone
@@ -116,8 +117,6 @@ def finetune(
     schedule = make_schedule(optimizer, config, steps_per_epoch=len(train_loader))
     skipped: dict[Path, str] = {}
     history: list[Epoch] = []
-    from tqdm import tqdm
-
     for epoch in range(1, config.epochs + 1):
         set_modes(backbone.module, trained, head)
         total, n_train = 0.0, 0
