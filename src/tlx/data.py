@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import random
 import shutil
 import tempfile
 import urllib.error
@@ -52,12 +54,7 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
     if not root.is_dir():
         raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
     train_dir, test_dir = _split_dir(root, train, "train"), _split_dir(root, test, "test")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise TlxError(
-            f"dataset.train: {train_dir} has {len(classes)} class folder(s); a classifier needs at "
-            "least two (one folder per class)"
-        )
+    classes = class_folders(train_dir, "dataset.train")
     extra = sorted(
         p.name
         for p in test_dir.iterdir()
@@ -74,6 +71,111 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
         test=_scan_split(test_dir, classes, root),
         source=str(root),
     )
+
+
+def class_folders(folder: Path, key: str) -> list[str]:
+    """The sorted names of the class folders in ``folder``; at least two."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise TlxError(
+            f"{key}: {folder} has {len(classes)} class folder(s); a classifier needs at "
+            "least two (one folder per class)"
+        )
+    return classes
+
+
+def scan_class_folder(root: Path, test_fraction: float, seed: int) -> Splits:
+    """Scan ``root/<class>/<image>`` and split it, stratified by class and seeded, into train and test."""
+    if not root.is_dir():
+        raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
+    classes = class_folders(root, "dataset.root")
+    images = _scan_split(root, classes, root)
+    train, test = stratified_split(images.samples, classes, test_fraction, seed, "dataset.root")
+    return Splits(
+        classes,
+        Split("train", train, images.skipped),
+        Split("test", test),
+        source=f"{root} (test_fraction {test_fraction:g}, split_seed {seed})",
+    )
+
+
+def stratified_split(
+    samples: list[tuple[Path, int]], classes: list[str], test_fraction: float, seed: int, key: str
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Hold out ``test_fraction`` of each class (rounded, at least one image) for testing.
+
+    The same samples, fraction and seed always give the same split; each part keeps the input order.
+    """
+    rng = random.Random(seed)
+    test_indices: set[int] = set()
+    for label, name in enumerate(classes):
+        members = [i for i, (_, y) in enumerate(samples) if y == label]
+        if len(members) < 2:
+            raise TlxError(
+                f"{key}: class {name!r} has {len(members)} image(s); splitting needs at least two per "
+                "class (one to train on, one to test)"
+            )
+        n_test = min(max(round(len(members) * test_fraction), 1), len(members) - 1)
+        test_indices.update(rng.sample(members, n_test))
+    train = [s for i, s in enumerate(samples) if i not in test_indices]
+    test = [s for i, s in enumerate(samples) if i in test_indices]
+    return train, test
+
+
+def read_manifest(path: Path, key: str) -> list[tuple[Path, str]]:
+    """Rows of a CSV manifest with a header ``path,label``; relative paths are taken from the CSV's folder."""
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = [(reader.line_num, row) for row in reader]
+            columns = reader.fieldnames or []
+    except FileNotFoundError:
+        raise TlxError(f"{key}: manifest {path} not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TlxError(f"{key}: cannot read manifest {path} ({exc})") from None
+    if not {"path", "label"} <= set(columns):
+        raise TlxError(
+            f"{key}: {path} has columns {', '.join(columns) or 'none'}; a manifest starts with the "
+            "header line path,label"
+        )
+    entries = []
+    for line, row in rows:
+        file, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        if not file or not label:
+            raise TlxError(f"{key}: {path} line {line}: needs both a path and a label")
+        image = path.parent / file
+        if not image.is_file():
+            raise TlxError(f"{key}: {path} line {line}: image {image} not found")
+        entries.append((image, label))
+    if not entries:
+        raise TlxError(f"{key}: manifest {path} lists no images")
+    return entries
+
+
+def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: int) -> Splits:
+    """Splits from a CSV manifest and a test manifest, or one manifest split by ``test_fraction``."""
+    rows = read_manifest(train, "dataset.manifest")
+    classes = sorted({label for _, label in rows})
+    if len(classes) < 2:
+        raise TlxError(f"dataset.manifest: {train} has {len(classes)} label(s); a classifier needs two")
+    index = {name: k for k, name in enumerate(classes)}
+    samples = [(image, index[label]) for image, label in rows]
+    if test is None:
+        train_samples, test_samples = stratified_split(
+            samples, classes, test_fraction, seed, "dataset.manifest"
+        )
+        source = f"{train} (test_fraction {test_fraction:g}, split_seed {seed})"
+    else:
+        test_rows = read_manifest(test, "dataset.test_manifest")
+        unknown = sorted({label for _, label in test_rows} - set(classes))
+        if unknown:
+            raise TlxError(
+                f"dataset.test_manifest: {test} has label(s) {', '.join(unknown)} that {train} lacks; "
+                "every test label needs training images"
+            )
+        train_samples, test_samples = samples, [(image, index[label]) for image, label in test_rows]
+        source = f"{train}, {test}"
+    return Splits(classes, Split("train", train_samples), Split("test", test_samples), source)
 
 
 def _split_dir(root: Path, name: str, key: str) -> Path:

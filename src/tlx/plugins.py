@@ -25,6 +25,8 @@ DEFAULT_PLUGINS = {
     "tlx.timm": "tlx.default_plugins.timm_backbones",
     "tlx.heads": "tlx.default_plugins.heads",
     "tlx.imagefolder": "tlx.default_plugins.imagefolder",
+    "tlx.folder": "tlx.default_plugins.folder",
+    "tlx.csv": "tlx.default_plugins.csv_manifest",
 }
 
 

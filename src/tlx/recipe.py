@@ -15,11 +15,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from tlx.errors import TlxError
 
@@ -55,8 +60,47 @@ class HeadConfig(_Open):
 class TrainConfig(_Strict):
     epochs: PositiveInt = 20
     lr: PositiveFloat = 0.001
+    #: SGD momentum; AdamW's beta1
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: PositiveInt = 4
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    #: on weight matrices and kernels (not biases or normalization parameters)
+    weight_decay: NonNegativeFloat = 0.0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_epochs: NonNegativeInt = 0
+    #: schedule step: the learning rate is multiplied by gamma every step_size epochs
+    step_size: PositiveInt = 7
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise PydanticCustomError(
+                "warmup",
+                "warmup_epochs ({warmup}) must be fewer than epochs ({epochs})",
+                {"warmup": self.warmup_epochs, "epochs": self.epochs},
+            )
+        stray = sorted({"step_size", "gamma"} & self.model_fields_set)
+        if stray and self.schedule != "step":
+            raise PydanticCustomError(
+                "schedule",
+                "{keys}: only used with schedule: step (schedule is {schedule}); remove, or use step",
+                {"keys": " and ".join(stray), "schedule": self.schedule},
+            )
+        return self
+
+
+class FinetuneConfig(_Strict):
+    """How ``strategy: finetune`` trains the backbone together with the head."""
+
+    #: ``all``, or the backbone's module names to train (``[blocks.6, conv_head, bn2]``); the rest stays
+    #: frozen and in eval mode (its BatchNorm statistics stay those of pretraining)
+    unfreeze: Literal["all"] | list[str] = Field("all", min_length=1)
+    #: learning rate of the backbone's parameters (the head's is train.lr)
+    backbone_lr: PositiveFloat = 0.0001
+    #: training-time augmentation from the backbone's data config: random resized crop and flip
+    augment: bool = True
 
 
 class ExtractConfig(_Strict):
@@ -68,11 +112,25 @@ class ExtractConfig(_Strict):
 
 class Recipe(_Strict):
     seed: int = 0
+    #: features: the frozen backbone runs once and the head trains on its features;
+    #: finetune: the backbone (or its ``finetune.unfreeze`` part) trains with the head
+    strategy: Literal["features", "finetune"] = "features"
     dataset: DatasetConfig
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig()
+    #: validated only when given, so that it can be refused with strategy: features
+    finetune: FinetuneConfig = FinetuneConfig()
     extract: ExtractConfig = ExtractConfig()
+
+    @field_validator("finetune")
+    @classmethod
+    def _only_when_finetuning(cls, value: FinetuneConfig, info: ValidationInfo) -> FinetuneConfig:
+        if info.data.get("strategy") != "finetune":
+            raise PydanticCustomError(
+                "strategy", "applies to strategy: finetune only; set strategy: finetune or remove it"
+            )
+        return value
 
 
 def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:

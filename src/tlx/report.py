@@ -12,6 +12,7 @@ import click
 from tlx.backbone import Backbone
 from tlx.data import Splits
 from tlx.features import Features
+from tlx.recipe import Recipe
 from tlx.train import Epoch
 
 
@@ -24,6 +25,7 @@ def print_data_summary(splits: Splits, kind: str) -> None:
     for split in (splits.train, splits.test):
         row = [split.name, str(len(split)), *map(str, split.class_counts(len(splits.classes)))]
         click.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    click.echo(f"  {describe_balance(splits)}")
     for split in (splits.train, splits.test):
         for path, reason in split.skipped:
             click.echo(f"  skipped {path}: {reason}")
@@ -34,6 +36,19 @@ def print_data_summary(splits: Splits, kind: str) -> None:
                 "its test accuracy cannot be measured",
                 err=True,
             )
+
+
+def describe_balance(splits: Splits) -> str:
+    """Class balance: largest to smallest training class, and what always guessing the largest scores."""
+    counts = splits.train.class_counts(len(splits.classes))
+    largest = max(range(len(counts)), key=counts.__getitem__)
+    ratio = f"{counts[largest] / min(counts):.2f}" if min(counts) else "inf"
+    test_counts = splits.test.class_counts(len(splits.classes))
+    baseline = test_counts[largest] / max(1, len(splits.test))
+    return (
+        f"balance: largest/smallest training class {ratio}x; always answering "
+        f"{splits.classes[largest]!r} scores {baseline:.2%} on {splits.test.name}"
+    )
 
 
 def print_backbone_summary(name: str, plugin: str, backbone: Backbone, digest: str, splits: Splits) -> None:
@@ -74,3 +89,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def print_finetune_summary(backbone: Backbone, head: Any, recipe: Recipe) -> None:
+    """What fine-tuning trains, at which learning rates, with which augmentation."""
+    options, train = recipe.finetune, recipe.train
+    module = backbone.module
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    head_n = sum(p.numel() for p in head.parameters())
+    which = "all" if options.unfreeze == "all" else ", ".join(options.unfreeze)
+    _, height, _ = backbone.data_config["input_size"]
+    augment = f"random resized crop {height} and flip" if options.augment else "none"
+    click.echo(
+        f"finetune  unfreeze {which}: {trained:,} of {total:,} backbone parameters at lr "
+        f"{options.backbone_lr:g}, head {head_n:,} at lr {train.lr:g}; {train.optimizer}, "
+        f"schedule {train.schedule}; augmentation {augment}"
+    )

@@ -60,6 +60,7 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     from tlx import plugins, report
     from tlx.backbone import create_backbone
     from tlx.features import extract
+    from tlx.finetune import finetune
     from tlx.train import train_head
     from tlx.weights import state_digest
 
@@ -83,24 +84,34 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, backbone, digest, splits)
 
     t0 = time.perf_counter()
-    settings = recipe.extract.model_dump()
-    train = extract(backbone, splits.train, **settings)
-    test = extract(backbone, splits.test, **settings)
-    extract_s = time.perf_counter() - t0
-    report.print_features((splits.train.name, splits.test.name), (train, test))
+    if recipe.strategy == "finetune":
+        torch.manual_seed(recipe.seed)
+        head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
+        tuned = finetune(backbone, head, splits, recipe, on_epoch=report.print_epoch)
+        history, n_train, n_test, decode_skipped = tuned.history, tuned.n_train, tuned.n_test, tuned.skipped
+        extract_s, train_s = 0.0, time.perf_counter() - t0
+    else:
+        settings = recipe.extract.model_dump()
+        train = extract(backbone, splits.train, **settings)
+        test = extract(backbone, splits.test, **settings)
+        extract_s = time.perf_counter() - t0
+        report.print_features((splits.train.name, splits.test.name), (train, test))
 
-    t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
-    history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
-    train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        torch.manual_seed(recipe.seed)
+        head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
+        history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
+        train_s = time.perf_counter() - t0
+        n_train, n_test, decode_skipped = len(train.y), len(test.y), train.skipped + test.skipped
 
     metrics = {
         "test_accuracy": history[-1].test_accuracy,
         "history": [h.as_dict() for h in history],
         "classes": splits.classes,
-        "n_train": len(train.y),
-        "n_test": len(test.y),
+        "class_counts": {s.name: s.class_counts(len(splits.classes)) for s in (splits.train, splits.test)},
+        "strategy": recipe.strategy,
+        "n_train": n_train,
+        "n_test": n_test,
         "feature_dim": backbone.feature_dim,
         "backbone": {
             "name": recipe.backbone.name,
@@ -112,7 +123,7 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
         "seed": recipe.seed,
         "skipped": [
             {"path": str(path), "reason": reason}
-            for path, reason in (*splits.train.skipped, *splits.test.skipped, *train.skipped, *test.skipped)
+            for path, reason in (*splits.train.skipped, *splits.test.skipped, *decode_skipped)
         ],
         "seconds": {
             "extract": round(extract_s, 3),

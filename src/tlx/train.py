@@ -1,7 +1,8 @@
-"""Training a head on fixed features: cross-entropy and SGD, the test accuracy after every epoch."""
+"""Training a head on fixed features with the recipe's optimizer and schedule, test accuracy every epoch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from tlx.features import Features
+from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
 from tlx.recipe import TrainConfig
 
 
@@ -33,10 +35,11 @@ def train_head(
 ) -> list[Epoch]:
     """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
     n = len(train.y)
+    optimizer = make_optimizer(param_groups(head.named_parameters(), config.lr, config.weight_decay), config)
+    schedule = make_schedule(optimizer, config, steps_per_epoch=math.ceil(n / config.batch_size))
+    loss_fn = make_loss(config)
+    history = []
     for epoch in range(1, config.epochs + 1):
         head.train()
         order = torch.randperm(n, generator=generator)
@@ -47,6 +50,7 @@ def train_head(
             loss = loss_fn(head(train.x[batch]), train.y[batch])
             loss.backward()
             optimizer.step()
+            schedule.step()
             total += loss.item() * len(batch)
         record = Epoch(epoch, total / n, accuracy(head, test))
         history.append(record)

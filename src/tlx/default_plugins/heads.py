@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
@@ -17,6 +19,10 @@ class MLPOptions(BaseModel):
 
     hidden: list[PositiveInt] = [512]
     dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 @hookimpl
@@ -24,7 +30,7 @@ def register_heads(register):
     register(
         "linear", linear_head, description="one linear layer (logistic regression)", options=LinearOptions
     )
-    register("mlp", mlp_head, description="hidden layers with ReLU and dropout", options=MLPOptions)
+    register("mlp", mlp_head, description="hidden layers (sizes, activation, dropout)", options=MLPOptions)
 
 
 def linear_head(in_features: int, num_classes: int, options: LinearOptions) -> nn.Module:
@@ -35,6 +41,6 @@ def mlp_head(in_features: int, num_classes: int, options: MLPOptions) -> nn.Modu
     layers: list[nn.Module] = []
     width = in_features
     for hidden in options.hidden:
-        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(options.dropout)]
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[options.activation](), nn.Dropout(options.dropout)]
         width = hidden
     return nn.Sequential(*layers, nn.Linear(width, num_classes))

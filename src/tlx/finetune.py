@@ -1,0 +1,177 @@
+"""Fine-tuning: the backbone, or the modules named in ``finetune.unfreeze``, trained end to end with the head.
+
+Frozen modules stay in eval mode, so their BatchNorm statistics remain those of pretraining; trained
+modules are in train mode and update theirs. The backbone and the head have their own learning rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tlx import report
+from tlx.backbone import Backbone
+from tlx.data import Split, Splits
+from tlx.errors import TlxError
+from tlx.features import ImageFiles, _collate, preprocessing
+from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
+from tlx.recipe import Recipe
+from tlx.train import Epoch
+
+
+@dataclass
+class Finetuned:
+    """The outcome of fine-tuning: the epochs, and which images could be decoded."""
+
+    history: list[Epoch]
+    n_train: int
+    n_test: int
+    skipped: list[tuple[Path, str]]
+
+
+def unfreeze(module: nn.Module, names: str | list[str]) -> list[str]:
+    """Make the parameters of ``module`` (``all``) or of its submodules ``names`` trainable.
+
+    Returns the module names trained (``[""]`` for all of it). An unknown name is a :class:`TlxError`
+    that lists the names available where it stopped matching.
+    """
+    prefixes = [""] if names == "all" else names
+    for name in prefixes:
+        try:
+            module.get_submodule(name)
+        except AttributeError:
+            raise TlxError(
+                f"finetune.unfreeze: the backbone has no module {name!r}; {_near(module, name)}"
+            ) from None
+    module.requires_grad_(False)
+    for name in prefixes:
+        module.get_submodule(name).requires_grad_(True)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise TlxError(f"finetune.unfreeze: {', '.join(prefixes)} hold no parameters to train")
+    return prefixes
+
+
+def _near(module: nn.Module, name: str) -> str:
+    """The children of the deepest module that ``name`` does reach, as a hint."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        try:
+            parent = module.get_submodule(".".join(parts[:depth]))
+        except AttributeError:
+            continue
+        prefix = "".join(f"{p}." for p in parts[:depth])
+        children = [f"{prefix}{child}" for child, _ in parent.named_children()]
+        return f"it has {', '.join(children)}" if children else f"{prefix.rstrip('.')} has no submodules"
+    return "see the backbone's module names"
+
+
+def set_modes(module: nn.Module, trained: list[str], head: nn.Module) -> None:
+    """Train mode for the trained modules and the head, eval mode (fixed BatchNorm statistics) elsewhere."""
+    module.eval()
+    for name in trained:
+        module.get_submodule(name).train()
+    head.train()
+
+
+def training_transform(backbone: Backbone, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop and horizontal flip at the backbone's input size, then its normalization."""
+    from timm.data import create_transform
+
+    if not augment:
+        return preprocessing(backbone)
+    return create_transform(**backbone.data_config, is_training=True, color_jitter=None)
+
+
+def finetune(
+    backbone: Backbone,
+    head: nn.Module,
+    splits: Splits,
+    recipe: Recipe,
+    *,
+    on_epoch: Callable[[Epoch], None],
+) -> Finetuned:
+    """Train ``backbone.module`` (its unfrozen part) and ``head`` end to end on images of ``splits``."""
+    config, options = recipe.train, recipe.finetune
+    trained = unfreeze(backbone.module, options.unfreeze)
+    report.print_finetune_summary(backbone, head, recipe)
+    # channels-last is what the CPU convolution kernels are fastest with (about 1.5x when training)
+    model = nn.Sequential(backbone.module, head).to(memory_format=torch.channels_last)
+    decay = config.weight_decay
+    groups = param_groups(backbone.module.named_parameters(), options.backbone_lr, decay)
+    groups += param_groups(head.named_parameters(), config.lr, decay)
+    optimizer = make_optimizer(groups, config)
+    loss_fn = make_loss(config)
+    train_loader = _loader(
+        splits.train, training_transform(backbone, options.augment), recipe, config.batch_size, shuffle=True
+    )
+    test_loader = _loader(
+        splits.test, preprocessing(backbone), recipe, recipe.extract.batch_size, shuffle=False
+    )
+    schedule = make_schedule(optimizer, config, steps_per_epoch=len(train_loader))
+    skipped: dict[Path, str] = {}
+    history: list[Epoch] = []
+    for epoch in range(1, config.epochs + 1):
+        set_modes(backbone.module, trained, head)
+        total, n_train = 0.0, 0
+        for images, indices, failures in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+            skipped |= {splits.train.samples[i][0]: reason for i, reason in failures}
+            if images is None:
+                continue
+            labels = torch.tensor([splits.train.samples[i][1] for i in indices])
+            optimizer.zero_grad()
+            loss = loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(indices)
+            n_train += len(indices)
+        if not n_train:
+            raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
+        test_accuracy, n_test = _evaluate(model, test_loader, splits.test, skipped)
+        record = Epoch(epoch, total / n_train, test_accuracy)
+        history.append(record)
+        on_epoch(record)
+    model.eval()
+    return Finetuned(history, n_train, n_test, sorted(skipped.items()))
+
+
+def _loader(
+    split: Split, transform: Callable, recipe: Recipe, batch_size: int, *, shuffle: bool
+) -> DataLoader:
+    workers = recipe.extract.workers
+    return DataLoader(
+        ImageFiles(split.samples, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(recipe.seed) if shuffle else None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=_collate,
+    )
+
+
+def _evaluate(
+    model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str]
+) -> tuple[float, int]:
+    """Accuracy on ``split`` and the number of its images decoded."""
+    model.eval()
+    correct = seen = 0
+    with torch.inference_mode():
+        for images, indices, failures in loader:
+            skipped |= {split.samples[i][0]: reason for i, reason in failures}
+            if images is None:
+                continue
+            labels = torch.tensor([split.samples[i][1] for i in indices])
+            logits = model(images.contiguous(memory_format=torch.channels_last))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            seen += len(indices)
+    if not seen:
+        raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
+    return correct / seen, seen

@@ -1,0 +1,253 @@
+"""Fine-tuning: what trains, what stays frozen (BatchNorm statistics too), learning rates, augmentation."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tlx import plugins
+from tlx.backbone import Backbone
+from tlx.errors import TlxError
+from tlx.finetune import training_transform
+from tlx.recipe import load_recipe
+from tlx.run import run
+
+from .conftest import CONFIG, make_imagefolder, run_tlx, write_recipe
+from .test_run import EPOCH_LINE
+
+
+class TinyNet(nn.Module):
+    """Two conv stages with BatchNorm and pooled output; records the input batches it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(x.detach().clone())
+        return self.pool(self.stage(self.stem(x)))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    module = TinyNet()
+    register = plugins.load().backbones.registrar("test-plugin")
+    register("tinynet", lambda name, pretrained, weights: Backbone(module, 6, CONFIG, "test"))
+    return module
+
+
+def finetune_run(tmp_path: Path, root: Path, out: str, *overrides: str) -> dict:
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+        strategy: finetune
+        dataset: {{root: {root}}}
+        backbone: {{name: tinynet}}
+        train: {{epochs: 2, batch_size: 4, lr: 0.05}}
+        finetune: {{backbone_lr: 0.05}}
+        extract: {{workers: 0}}
+        """,
+    )
+    return run(load_recipe(path, overrides), "r.yaml", tmp_path / out)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_finetune_trains_the_whole_backbone_and_its_batchnorm_statistics(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet, capsys
+) -> None:
+    before = snapshot(tiny_net)
+    metrics = finetune_run(tmp_path, tiny_dataset, "out")
+    assert changed(before, tiny_net) == set(before)  # weights and BatchNorm statistics alike
+    assert metrics["strategy"] == "finetune"
+    assert (metrics["n_train"], metrics["n_test"], len(metrics["history"])) == (12, 6, 2)
+    out = capsys.readouterr().out
+    assert len(EPOCH_LINE.findall(out)) == 2
+    assert "finetune  unfreeze all: 354 of 354 backbone parameters at lr 0.05" in out
+
+
+def test_the_feature_strategy_leaves_the_backbone_untouched_and_writes_the_same_keys(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    before = snapshot(tiny_net)
+    path = write_recipe(
+        tmp_path / "f.yaml", f"dataset: {{root: {tiny_dataset}}}\nbackbone: {{name: tinynet}}\n"
+    )
+    features = run(load_recipe(path, ("train.epochs=2", "extract.workers=0")), "f.yaml", tmp_path / "f")
+    assert changed(before, tiny_net) == set()
+    tuned = finetune_run(tmp_path, tiny_dataset, "t")
+    assert set(tuned) == set(features)
+    assert set(tuned["history"][0]) == set(features["history"][0])
+
+
+def test_partial_finetuning_freezes_the_rest_in_eval_mode(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    before = snapshot(tiny_net)
+    finetune_run(tmp_path, tiny_dataset, "out", "finetune.unfreeze=[stage]")
+    # the stem saw every training batch but, frozen and in eval mode, kept its pretrained statistics
+    assert {k for k in changed(before, tiny_net) if k.startswith("stem")} == set()
+    assert changed(before, tiny_net) == {k for k in before if k.startswith("stage")}
+
+
+def test_backbone_and_head_have_their_own_learning_rates(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    before = snapshot(tiny_net)
+    finetune_run(tmp_path, tiny_dataset, "out", "finetune.backbone_lr=1e-9", "finetune.augment=false")
+    moved = max(
+        (tiny_net.state_dict()[k] - before[k]).abs().max().item() for k, _ in tiny_net.named_parameters()
+    )
+    assert 0 < moved < 1e-6
+
+
+def test_training_images_are_augmented_and_test_images_are_not(tmp_path: Path, tiny_net: TinyNet) -> None:
+    root = tmp_path / "textured"
+    for split, count in (("train", 4), ("val", 2)):
+        for k in range(2):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(
+                    0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(10 * k + i)
+                )
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / f"c{k}" / f"{i}.png")
+
+    def epoch_inputs(augment: bool) -> list[list[float]]:
+        tiny_net.batches.clear()
+        finetune_run(tmp_path, root, f"out-{augment}", "train.batch_size=8", f"finetune.augment={augment}")
+        # one batch per epoch holds every training image; compare them regardless of order
+        return [sorted(batch.sum(dim=(1, 2, 3)).tolist()) for batch in tiny_net.batches]
+
+    first, second = epoch_inputs(augment=False)
+    assert first == pytest.approx(second)
+    first, second = epoch_inputs(augment=True)
+    assert first != pytest.approx(second)
+
+
+def test_training_transform_crops_and_flips_at_the_input_size() -> None:
+    backbone = Backbone(nn.Identity(), 3, CONFIG, "test")
+    image = Image.new("RGB", (64, 48))
+    image.paste((255, 0, 0), (0, 0, 32, 48))  # left half red: a flip moves it
+    augment = training_transform(backbone, augment=True)
+    torch.manual_seed(0)
+    crops = [augment(image) for _ in range(20)]
+    assert {tuple(c.shape) for c in crops} == {(3, 32, 32)}
+    assert len({round(c.sum().item(), 3) for c in crops}) > 10
+    plain = training_transform(backbone, augment=False)
+    assert torch.equal(plain(image), plain(image))
+
+
+def test_unknown_module_names_list_what_the_backbone_has(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    with pytest.raises(
+        TlxError, match=r"finetune.unfreeze: the backbone has no module 'stages'; it has stem, stage, pool"
+    ):
+        finetune_run(tmp_path, tiny_dataset, "a", "finetune.unfreeze=[stages]")
+    with pytest.raises(TlxError, match=re.escape("no module 'stage.7'; it has stage.0, stage.1, stage.2")):
+        finetune_run(tmp_path, tiny_dataset, "b", "finetune.unfreeze=[stage.7]")
+    with pytest.raises(TlxError, match=r"finetune.unfreeze: pool hold no parameters to train"):
+        finetune_run(tmp_path, tiny_dataset, "c", "finetune.unfreeze=[pool]")
+
+
+def test_same_seed_gives_the_same_finetuned_numbers(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    initial = snapshot(tiny_net)
+
+    def history(out: str, seed: int) -> list:
+        tiny_net.load_state_dict(initial)
+        return finetune_run(tmp_path, tiny_dataset, out, f"seed={seed}")["history"]
+
+    first = history("a", 0)
+    assert history("b", 0) == first
+    assert history("c", 1) != first
+
+
+def test_finetune_section_needs_the_finetune_strategy(tmp_path: Path) -> None:
+    path = write_recipe(
+        tmp_path / "r.yaml", "dataset: {root: d}\nbackbone: {name: x}\nfinetune: {augment: false}\n"
+    )
+    with pytest.raises(TlxError, match=r"finetune: applies to strategy: finetune only"):
+        load_recipe(path)
+    assert load_recipe(path, ("strategy=finetune",)).finetune.augment is False
+    with pytest.raises(TlxError, match=r"strategy: Input should be 'features' or 'finetune'"):
+        load_recipe(path, ("strategy=fine-tune",))
+
+
+def test_a_timm_model_finetunes_its_last_stage(tmp_path: Path, tiny_dataset: Path) -> None:
+    import timm
+
+    model = timm.create_model("test_efficientnet", num_classes=0)
+    before = snapshot(model)
+    register = plugins.load().backbones.registrar("test-plugin")
+    config = timm.data.resolve_data_config({}, model=model)
+    register(
+        "tiny-timm", lambda name, pretrained, weights: Backbone(model, model.num_features, config, "random")
+    )
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+        strategy: finetune
+        dataset: {{root: {tiny_dataset}}}
+        backbone: {{name: tiny-timm}}
+        train: {{epochs: 1, batch_size: 6, optimizer: adamw, schedule: cosine}}
+        finetune: {{unfreeze: [blocks.4, conv_head, bn2]}}
+        extract: {{workers: 0}}
+        """,
+    )
+    metrics = run(load_recipe(path), "r.yaml", tmp_path / "out")
+    assert metrics["n_train"] == 12 and 0 <= metrics["test_accuracy"] <= 1
+    moved = {k.split(".")[0] + (".4" if k.startswith("blocks.4") else "") for k in changed(before, model)}
+    assert moved == {"blocks.4", "conv_head", "bn2"}
+
+
+def test_finetuning_uses_the_recipes_optimizer_and_schedule(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    initial = snapshot(tiny_net)
+
+    def weights(out: str, *overrides: str) -> dict[str, torch.Tensor]:
+        tiny_net.load_state_dict(initial)
+        finetune_run(tmp_path, tiny_dataset, out, "finetune.augment=false", *overrides)
+        return {k: v.clone() for k, v in tiny_net.named_parameters()}
+
+    one = weights("one", "train.epochs=1")
+    # the learning rate is cut a billionfold after the first epoch: the second one barely moves anything
+    cut = weights("cut", "train.schedule=step", "train.step_size=1", "train.gamma=1e-9")
+    assert all(torch.allclose(one[k], cut[k], atol=1e-6) for k in one)
+    sgd = weights("sgd")
+    adamw = weights("adamw", "train.optimizer=adamw")
+    assert not all(torch.allclose(sgd[k], adamw[k], atol=1e-4) for k in sgd)
+    assert not all(torch.allclose(sgd[k], one[k], atol=1e-4) for k in sgd)
+
+
+def test_shipped_finetune_recipe_runs_on_its_backbone(tmp_path: Path) -> None:
+    """The recipe's unfreeze names exist in EfficientNet-Lite0; one epoch on a small generated dataset."""
+    root = make_imagefolder(tmp_path / "small", classes=2, per_class=(4, 2))
+    result = run_tlx(
+        "run", "recipes/hymenoptera-finetune.yaml", "--set", f"dataset.root={root}",
+        "--set", "train.epochs=2", "--set", "train.warmup_epochs=1", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "finetune  unfreeze blocks.5, blocks.6, conv_head, bn2: 2,670,240 of 3,371,008" in result.stdout
+    assert len(EPOCH_LINE.findall(result.stdout)) == 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["strategy"], metrics["n_train"], metrics["n_test"]) == ("finetune", 8, 4)
