@@ -6,7 +6,7 @@ import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,6 +14,10 @@ from tlx import __version__
 from tlx.errors import TlxError
 from tlx.recipe import Recipe, validate
 from tlx.registry import Entry
+
+if TYPE_CHECKING:
+    from tlx.backbone import Backbone
+    from tlx.cache import BackboneInfo
 
 
 def default_out_dir(recipe_path: Path) -> Path:
@@ -51,15 +55,17 @@ def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> 
     return validate(entry.options or NoOptions, values, source=source, prefix=section)
 
 
-def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
-    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics."""
+def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics.
+
+    Features come from the cache under ``cache_dir`` (default :func:`tlx.cache.cache_dir`) where they
+    are there; when all are, the backbone is not even built.
+    """
     import torch
 
-    from tlx import plugins, report
-    from tlx.backbone import create_backbone
-    from tlx.features import extract
+    from tlx import cache, plugins, report
+    from tlx.features import all_cached, extract
     from tlx.train import train_head
-    from tlx.weights import state_digest
 
     started = time.perf_counter()
     registry = plugins.load()
@@ -71,25 +77,37 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     prepare_out_dir(out)
 
     random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    backbone = create_backbone(backbone_entry, recipe.backbone)
-    digest = state_digest(backbone.module)
-    if not recipe.backbone.pretrained:
-        click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+    root = cache.cache_dir(cache_dir)
+    version = next((p.version for p in registry.plugins if p.name == backbone_entry.plugin), "?")
+    # a backbone seen before (same weights files) is built only if some feature is not cached
+    info = cache.recall_backbone(root, backbone_entry, recipe.backbone, version)
+    backbone = None
+    if info is None:
+        backbone, info = build_backbone(recipe, backbone_entry, root, version)
     splits = dataset_entry.factory(dataset_options)
     report.print_data_summary(splits, recipe.dataset.kind)
-    report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, backbone, digest, splits)
+    store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
+    if backbone is None and not all_cached([splits.train, splits.test], store):
+        backbone, info = build_backbone(recipe, backbone_entry, root, version)
+        store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
+    if not recipe.backbone.pretrained:
+        click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+    report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, info, splits)
 
     t0 = time.perf_counter()
-    batch, workers = recipe.extract.batch_size, recipe.extract.workers
-    train = extract(backbone, splits.train, batch_size=batch, workers=workers)
-    test = extract(backbone, splits.test, batch_size=batch, workers=workers)
+    train, test = extract(
+        [splits.train, splits.test],
+        backbone,
+        batch_size=recipe.extract.batch_size,
+        workers=recipe.extract.workers,
+        store=store,
+    )
     extract_s = time.perf_counter() - t0
-    report.print_features((splits.train.name, splits.test.name), (train, test))
+    report.print_features((splits.train.name, splits.test.name), (train, test), root)
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
+    head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
     history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
     train_s = time.perf_counter() - t0
 
@@ -99,17 +117,22 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
         "classes": splits.classes,
         "n_train": len(train.y),
         "n_test": len(test.y),
-        "feature_dim": backbone.feature_dim,
+        "feature_dim": info.feature_dim,
         "backbone": {
             "name": recipe.backbone.name,
             "plugin": backbone_entry.plugin,
-            "weights": backbone.weights,
-            "sha256": digest,
+            "weights": info.weights,
+            "sha256": info.sha256,
         },
         "head": recipe.head.type,
         "seed": recipe.seed,
         "skipped": [{"path": str(p), "reason": r} for s in (splits.train, splits.test) for p, r in s.skipped]
         + [{"path": str(p), "reason": r} for f in (train, test) for p, r in f.skipped],
+        "features": {
+            "cached": train.cached + test.cached,
+            "computed": len(splits.train) + len(splits.test) - train.cached - test.cached,
+            "cache_dir": str(root),
+        },
         "seconds": {
             "extract": round(extract_s, 3),
             "train": round(train_s, 3),
@@ -121,3 +144,32 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     accuracy = metrics["test_accuracy"]
     click.echo(f"test accuracy {accuracy:.2%} after {len(history)} epochs; metrics in {out / 'metrics.json'}")
     return metrics
+
+
+def build_backbone(
+    recipe: Recipe, entry: Entry, root: Path, plugin_version: str
+) -> tuple[Backbone, BackboneInfo]:
+    """Build the backbone and hash its weights; the digest is remembered per weights file.
+
+    A later run whose features are all cached then neither builds nor hashes the model; a changed
+    weights file (size, mtime, ctime or inode) is a new key, so the model is built again.
+    """
+    import torch
+
+    from tlx import cache
+    from tlx.backbone import create_backbone
+
+    torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
+    backbone = create_backbone(entry, recipe.backbone)
+    info = cache.BackboneInfo.of(backbone)
+    cache.remember_backbone(root, entry, recipe.backbone, plugin_version, info)
+    return backbone, info
+
+
+def feature_identity(recipe: Recipe, plugin: str, version: str, info: BackboneInfo) -> dict[str, Any]:
+    """The cache namespace: every recipe key that can change a feature (new keys count by default)."""
+    from tlx.cache import namespace_identity
+
+    backbone = {"plugin": [plugin, version], **recipe.backbone.model_dump(mode="json", exclude={"weights"})}
+    pixels = recipe.extract.model_dump(mode="json", exclude={"batch_size", "workers"})
+    return namespace_identity(backbone, info, pixels)
