@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,12 +73,14 @@ def extract(
     *,
     batch_size: int,
     workers: int,
+    threads: int | None = None,
     store: FeatureStore | None = None,
 ) -> list[Features]:
     """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
 
-    All splits share one pipeline: ``workers`` processes decode and resize while the backbone runs,
-    so no more than a few batches of decoded images are held at a time. New features are written to
+    All splits share one pipeline: ``workers`` processes decode and resize while the backbone runs on
+    ``threads`` threads (default: the cores the workers leave), so no more than a few batches of
+    decoded images are held at a time. New features are written to
     ``store`` chunk by chunk as they come. ``backbone`` may be None when :func:`all_cached` is true.
     """
     paths = [path for split in splits for path, _ in split.samples]
@@ -89,7 +93,7 @@ def extract(
         if backbone is None:
             raise RuntimeError("extract: images are missing from the cache and no backbone was given")
         new, new_failures = _run_backbone(
-            backbone, [paths[n] for n in todo], [keys[n] for n in todo], batch_size, workers, store
+            backbone, [paths[n] for n in todo], [keys[n] for n in todo], batch_size, workers, threads, store
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
@@ -134,6 +138,7 @@ def _run_backbone(
     keys: list[str | None],
     batch_size: int,
     workers: int,
+    threads: int | None,
     store: FeatureStore | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
@@ -142,10 +147,11 @@ def _run_backbone(
     from tlx.cache import CHUNK_IMAGES
 
     batches = -(-len(paths) // batch_size)
+    workers = min(workers, batches - 1)  # one batch cannot overlap with anything
     loader = DataLoader(
         ImageFiles([(p, 0) for p in paths], preprocessing(backbone)),
         batch_size=batch_size,
-        num_workers=min(workers, batches - 1),  # one batch cannot overlap with anything
+        num_workers=workers,
         collate_fn=_collate,
     )
     module = backbone.module.to(memory_format=torch.channels_last)
@@ -163,6 +169,7 @@ def _run_backbone(
 
     with (
         torch.inference_mode(),
+        threads_set(threads or max(1, len(os.sched_getaffinity(0)) - workers)),
         tqdm(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
     ):
         for images, indices, batch_failures in loader:
@@ -183,6 +190,17 @@ def _run_backbone(
                 flush()
     flush()
     return features, failures
+
+
+@contextmanager
+def threads_set(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (more than the free cores only adds contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_output(out: Any, backbone: Backbone, n: int) -> None:

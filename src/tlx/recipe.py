@@ -62,6 +62,8 @@ class TrainConfig(_Strict):
 class ExtractConfig(_Strict):
     batch_size: PositiveInt = 32
     workers: NonNegativeInt = 2
+    #: backbone threads; None: the CPU cores left over by the decoding workers (at least one)
+    threads: PositiveInt | None = None
 
 
 class Recipe(_Strict):

@@ -100,6 +100,7 @@ def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -
         backbone,
         batch_size=recipe.extract.batch_size,
         workers=recipe.extract.workers,
+        threads=recipe.extract.threads,
         store=store,
     )
     extract_s = time.perf_counter() - t0
@@ -171,5 +172,5 @@ def feature_identity(recipe: Recipe, plugin: str, version: str, info: BackboneIn
     from tlx.cache import namespace_identity
 
     backbone = {"plugin": [plugin, version], **recipe.backbone.model_dump(mode="json", exclude={"weights"})}
-    pixels = recipe.extract.model_dump(mode="json", exclude={"batch_size", "workers"})
+    pixels = recipe.extract.model_dump(mode="json", exclude={"batch_size", "workers", "threads"})
     return namespace_identity(backbone, info, pixels)

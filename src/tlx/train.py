@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from tlx.features import Features
+from tlx.features import Features, threads_set
 from tlx.recipe import TrainConfig
 
 
@@ -45,7 +44,7 @@ def train_head(
     loss_fn = nn.CrossEntropyLoss()
     history = []
     n = len(train.y)
-    with one_thread():
+    with threads_set(1):
         for epoch in range(1, config.epochs + 1):
             head.train()
             order = torch.randperm(n, generator=generator)
@@ -73,16 +72,6 @@ def train_head(
             history.append(record)
             on_epoch(record)
     return history
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def predict(head: nn.Module, features: Features) -> torch.Tensor:
