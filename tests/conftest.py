@@ -26,9 +26,10 @@ TLX = [sys.executable, "-m", "tlx"]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test loads plugins anew, so one test's registrations never leak into another."""
+def _fresh_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Each test loads plugins anew and has its own feature cache, so no test leaks into another."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TLX_CACHE_DIR", str(tmp_path / "tlx-cache"))
     plugins.load.cache_clear()
     yield
     plugins.load.cache_clear()

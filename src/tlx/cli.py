@@ -38,6 +38,13 @@ class Group(click.Group):
             os._exit(130)
 
 
+CACHE_DIR = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Feature cache folder (default: $TLX_CACHE_DIR, else the user cache directory).",
+)
+
+
 @click.group(cls=Group)
 @click.version_option(__version__, prog_name="tlx")
 def cli() -> None:
@@ -56,14 +63,47 @@ def cli() -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Output folder (default: a new folder under runs/)."
 )
-def run(recipe: Path, overrides: tuple[str, ...], out: Path | None) -> None:
-    """Run RECIPE: extract features once, train the head, write metrics.json."""
+@CACHE_DIR
+def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
+    """Run RECIPE: extract features once (or read them from the cache), train the head, write metrics.json."""
     from tlx.recipe import load_recipe
     from tlx.run import default_out_dir
     from tlx.run import run as run_recipe
 
     loaded = load_recipe(recipe, overrides)
-    run_recipe(loaded, str(recipe), out or default_out_dir(recipe))
+    run_recipe(loaded, str(recipe), out or default_out_dir(recipe), cache_dir)
+
+
+@cli.group()
+def cache() -> None:
+    """The feature cache: what it holds, and emptying it."""
+
+
+@cache.command()
+@CACHE_DIR
+def info(cache_dir: Path | None) -> None:
+    """Show the cache folder, its size, and the images cached per backbone."""
+    from tlx import cache as feature_cache
+
+    root = feature_cache.cache_dir(cache_dir)
+    namespaces, total = feature_cache.summary(root)
+    click.echo(f"cache {root}: {_mib(total)}, {sum(n.entries for n in namespaces)} entries")
+    for n in namespaces:
+        click.echo(f"  {n.backbone:<24} {n.entries:>8} images  {n.chunks:>5} chunks  {_mib(n.bytes):>10}")
+
+
+@cache.command()
+@CACHE_DIR
+def clear(cache_dir: Path | None) -> None:
+    """Delete every cached feature (the next run recomputes them)."""
+    from tlx import cache as feature_cache
+
+    root = feature_cache.cache_dir(cache_dir)
+    click.echo(f"cache {root}: cleared, {_mib(feature_cache.clear(root))} freed")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @cli.command("list")

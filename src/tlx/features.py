@@ -1,11 +1,13 @@
-"""Feature extraction: every image through the frozen backbone exactly once, streamed in batches."""
+"""Feature extraction: each image through the frozen backbone once, streamed, and kept in the cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -15,6 +17,9 @@ from tlx.backbone import Backbone
 from tlx.data import Split
 from tlx.errors import TlxError
 
+if TYPE_CHECKING:
+    from tlx.cache import FeatureStore
+
 
 @dataclass
 class Features:
@@ -23,6 +28,8 @@ class Features:
     x: torch.Tensor  # (n, feature_dim) float32
     y: torch.Tensor  # (n,) int64
     skipped: list[tuple[Path, str]]
+    #: how many of the features came from the cache
+    cached: int = 0
 
 
 class ImageFiles(Dataset):
@@ -61,46 +68,147 @@ def preprocessing(backbone: Backbone) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def extract(
-    backbone: Backbone, split: Split, *, batch_size: int, workers: int, on_bad_image: str = "skip"
-) -> Features:
-    """Run ``backbone`` once over every image of ``split``; decoding runs in ``workers`` processes.
+    splits: Sequence[Split],
+    backbone: Backbone | None,
+    *,
+    batch_size: int,
+    workers: int,
+    threads: int | None = None,
+    store: FeatureStore | None = None,
+    on_bad_image: str = "skip",
+) -> list[Features]:
+    """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
 
+    All splits share one pipeline: ``workers`` processes decode and resize while the backbone runs on
+    ``threads`` threads (default: the cores the workers leave), so no more than a few batches of
+    decoded images are held at a time. New features are written to
+    ``store`` chunk by chunk as they come. ``backbone`` may be None when :func:`all_cached` is true.
     An image that cannot be decoded is left out and listed (``on_bad_image="skip"``) or stops the run.
     """
+    paths = [path for split in splits for path, _ in split.samples]
+    keys = [_key(path) for path in paths]
+    cached, failed = store.get([k for k in keys if k]) if store else ({}, {})
+    todo = [n for n, key in enumerate(keys) if key not in cached and key not in failed]
+    reasons = {n: failed[key] for n, key in enumerate(keys) if key in failed}
+    computed: dict[int, torch.Tensor] = {}
+    if todo:
+        if backbone is None:
+            raise RuntimeError("extract: images are missing from the cache and no backbone was given")
+        new, new_failures = _run_backbone(
+            backbone, [paths[n] for n in todo], [keys[n] for n in todo], batch_size, workers, threads, store
+        )
+        computed = {todo[j]: row for j, row in new.items()}
+        reasons.update({todo[j]: reason for j, reason in new_failures.items()})
+    if reasons and on_bad_image == "error":
+        first = min(reasons)
+        raise TlxError(
+            f"extract.on_bad_image: cannot decode {paths[first]} ({reasons[first]}); remove or replace "
+            "the file, or set extract.on_bad_image=skip"
+        )
+
+    results = []
+    n = 0
+    for split in splits:
+        rows, labels, skipped, n_cached = [], [], [], 0
+        for path, label in split.samples:
+            if n in reasons:
+                skipped.append((path, reasons[n]))
+            else:
+                rows.append(computed[n] if n in computed else cached[keys[n]])
+                labels.append(label)
+                n_cached += n not in computed
+            n += 1
+        if not rows:
+            first = skipped[0][1]
+            raise TlxError(f"dataset: no image of split {split.name!r} could be decoded (first: {first})")
+        results.append(Features(torch.stack(rows), torch.tensor(labels, dtype=torch.long), skipped, n_cached))
+    return results
+
+
+def all_cached(splits: Sequence[Split], store: FeatureStore) -> bool:
+    """True when ``store`` holds the features (or the decoding failure) of every image of ``splits``."""
+    keys = [_key(path) for split in splits for path, _ in split.samples]
+    return None not in keys and not store.missing(keys)
+
+
+def _key(path: Path) -> str | None:
+    from tlx.cache import image_key
+
+    try:
+        return image_key(path)
+    except OSError:  # gone since the scan: decoding reports it
+        return None
+
+
+def _run_backbone(
+    backbone: Backbone,
+    paths: list[Path],
+    keys: list[str | None],
+    batch_size: int,
+    workers: int,
+    threads: int | None,
+    store: FeatureStore | None,
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
     from tqdm import tqdm
 
+    from tlx.cache import CHUNK_IMAGES
+
+    batches = -(-len(paths) // batch_size)
+    workers = min(workers, batches - 1)  # one batch cannot overlap with anything
     loader = DataLoader(
-        ImageFiles(split.samples, preprocessing(backbone)),
+        ImageFiles([(p, 0) for p in paths], preprocessing(backbone)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
     )
-    module = backbone.module
-    chunks: list[torch.Tensor] = []
-    kept: list[int] = []
-    skipped: list[tuple[Path, str]] = []
+    module = backbone.module.to(memory_format=torch.channels_last)
+    features: dict[int, torch.Tensor] = {}
+    failures: dict[int, str] = {}
+    pending: list[int] = []
+    pending_failed: dict[str, str] = {}
+
+    def flush() -> None:
+        if store is not None and (pending or pending_failed):
+            rows = torch.stack([features[j] for j in pending]) if pending else torch.empty(0, 0)
+            store.put([keys[j] for j in pending], rows, dict(pending_failed))
+        pending.clear()
+        pending_failed.clear()
+
     with (
         torch.inference_mode(),
-        tqdm(total=len(split), unit="img", desc=f"features {split.name}", leave=False) as bar,
+        threads_set(threads or max(1, len(os.sched_getaffinity(0)) - workers)),
+        tqdm(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
     ):
-        for images, indices, failures in loader:
-            skipped += [(split.samples[i][0], reason) for i, reason in failures]
-            if skipped and on_bad_image == "error":
-                path, reason = skipped[0]
-                raise TlxError(
-                    f"extract.on_bad_image: cannot decode {path} ({reason}); remove or replace the file, "
-                    "or set extract.on_bad_image=skip"
-                )
+        for images, indices, batch_failures in loader:
+            for j, reason in batch_failures:
+                failures[j] = reason
+                if keys[j]:
+                    pending_failed[keys[j]] = reason
             if images is not None:
-                out = module(images)
+                out = module(images.contiguous(memory_format=torch.channels_last))
                 _check_output(out, backbone, len(indices))
-                chunks.append(out.float())
-                kept += indices
-            bar.update(len(indices) + len(failures))
-    if not kept:
-        raise TlxError(f"dataset: no image of split {split.name!r} could be decoded (first: {skipped[0][1]})")
-    labels = torch.tensor([split.samples[i][1] for i in kept], dtype=torch.long)
-    return Features(torch.cat(chunks), labels, skipped)
+                out = out.float()
+                for row, j in enumerate(indices):
+                    features[j] = out[row]
+                    if keys[j]:
+                        pending.append(j)
+            bar.update(len(indices) + len(batch_failures))
+            if len(pending) + len(pending_failed) >= CHUNK_IMAGES:
+                flush()
+    flush()
+    return features, failures
+
+
+@contextmanager
+def threads_set(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (more than the free cores only adds contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_output(out: Any, backbone: Backbone, n: int) -> None:

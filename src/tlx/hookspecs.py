@@ -15,7 +15,12 @@ hookimpl = pluggy.HookimplMarker("tlx")
 
 @hookspec
 def register_backbones(register):
-    """Register backbone factories: ``factory(name, *, pretrained, weights) -> tlx.Backbone``."""
+    """Register backbone factories: ``factory(name, *, pretrained, weights) -> tlx.Backbone``.
+
+    ``register(name, factory, weight_files=fn)`` with ``fn(name, *, pretrained, weights)`` returning
+    the files the weights are loaded from (None: not known) lets a run whose features are all cached
+    skip building the backbone.
+    """
 
 
 @hookspec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -19,6 +20,9 @@ class Entry:
     ``matches`` makes the entry a *family* that claims every name it accepts (timm's models);
     ``catalog`` lists a family's names for ``tlx list`` and for suggestions.
     ``options`` is a pydantic model validating the component's recipe keys.
+    ``weight_files(name, *, pretrained, weights)`` (backbones only) lists the files that decide the
+    weights the factory would load, or returns None when they are not known (random initialisation):
+    with it, a run whose features are all cached need not build the backbone.
     """
 
     name: str
@@ -28,6 +32,7 @@ class Entry:
     options: type[BaseModel] | None = None
     matches: Callable[[str], bool] | None = None
     catalog: Callable[[], Iterable[str]] | None = None
+    weight_files: Callable[..., list[Path] | None] | None = None
 
 
 @dataclass
@@ -51,8 +56,9 @@ class Registry:
             options: type[BaseModel] | None = None,
             matches: Callable[[str], bool] | None = None,
             catalog: Callable[[], Iterable[str]] | None = None,
+            weight_files: Callable[..., list[Path] | None] | None = None,
         ) -> None:
-            entry = Entry(name, factory, plugin, description, options, matches, catalog)
+            entry = Entry(name, factory, plugin, description, options, matches, catalog, weight_files)
             if name in self.entries:
                 self.conflicts.setdefault(name, [self.entries[name].plugin]).append(plugin)
                 return

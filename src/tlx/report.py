@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from tlx.backbone import Backbone
+from tlx.cache import BackboneInfo
 from tlx.data import Splits
 from tlx.features import Features
 from tlx.recipe import Recipe
 from tlx.train import Epoch
+
+if TYPE_CHECKING:
+    from tlx.backbone import Backbone
 
 
 def print_data_summary(splits: Splits, kind: str) -> None:
@@ -51,12 +54,12 @@ def describe_balance(splits: Splits) -> str:
     )
 
 
-def print_backbone_summary(name: str, plugin: str, backbone: Backbone, digest: str, splits: Splits) -> None:
+def print_backbone_summary(name: str, plugin: str, info: BackboneInfo, splits: Splits) -> None:
     """Where the weights came from, the preprocessing, and the image tensor shapes."""
-    cfg = backbone.data_config
+    cfg = info.data_config
     _, height, width = cfg["input_size"]
-    click.echo(f"backbone  {name} [plugin {plugin}]: {backbone.weights}")
-    click.echo(f"  weights sha256 {digest[:16]}; preprocessing {describe_preprocessing(cfg)}")
+    click.echo(f"backbone  {name} [plugin {plugin}]: {info.weights}")
+    click.echo(f"  weights sha256 {info.sha256[:16]}; preprocessing {describe_preprocessing(cfg)}")
     shapes = "  ".join(f"{s.name} {len(s)}×3×{height}×{width}" for s in (splits.train, splits.test))
     click.echo(f"images    {shapes}")
 
@@ -72,9 +75,10 @@ def describe_preprocessing(cfg: dict[str, Any]) -> str:
     )
 
 
-def print_features(split_names: tuple[str, str], features: tuple[Features, Features]) -> None:
+def print_features(split_names: tuple[str, str], features: tuple[Features, Features], cache: Path) -> None:
     shapes = "  ".join(f"{name} {f.x.shape[0]}×{f.x.shape[1]}" for name, f in zip(split_names, features))
-    click.echo(f"features  {shapes}")
+    cached = sum(f.cached for f in features)
+    click.echo(f"features  {shapes}  ({cached} from the cache in {cache})")
     for f in features:
         for path, reason in f.skipped:
             click.echo(f"  skipped {path}: {reason}")

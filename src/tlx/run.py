@@ -6,7 +6,7 @@ import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import BaseModel, ConfigDict
@@ -15,6 +15,10 @@ from tlx import __version__
 from tlx.errors import TlxError
 from tlx.recipe import Recipe, validate
 from tlx.registry import Entry
+
+if TYPE_CHECKING:
+    from tlx.backbone import Backbone
+    from tlx.cache import BackboneInfo
 
 
 def default_out_dir(recipe_path: Path) -> Path:
@@ -53,16 +57,17 @@ def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> 
     return validate(entry.options or NoOptions, values, source=source, prefix=section)
 
 
-def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
-    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics."""
+def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics.
+
+    Features come from the cache under ``cache_dir`` (default :func:`tlx.cache.cache_dir`) where they
+    are there; when all are, the backbone is not even built.
+    """
     import torch
 
-    from tlx import plugins, report
-    from tlx.backbone import create_backbone
-    from tlx.features import extract
-    from tlx.finetune import finetune
+    from tlx import cache, plugins, report
+    from tlx.features import all_cached, extract
     from tlx.train import train_head
-    from tlx.weights import state_digest
 
     started = time.perf_counter()
     registry = plugins.load()
@@ -74,35 +79,54 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     prepare_out_dir(out)
 
     random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    backbone = create_backbone(backbone_entry, recipe.backbone)
-    digest = state_digest(backbone.module)
-    if not recipe.backbone.pretrained:
-        click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+    root = cache.cache_dir(cache_dir)
+    version = next((p.version for p in registry.plugins if p.name == backbone_entry.plugin), "?")
+    # a backbone seen before (same weights files) is built only if some feature is not cached;
+    # fine-tuning trains it, so it is always built
+    features_only = recipe.strategy == "features"
+    info = cache.recall_backbone(root, backbone_entry, recipe.backbone, version) if features_only else None
+    backbone = None
+    if info is None:
+        backbone, info = build_backbone(recipe, backbone_entry, root, version)
     splits = dataset_entry.factory(dataset_options)
     report.print_data_summary(splits, recipe.dataset.kind)
-    report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, backbone, digest, splits)
+    store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
+    if backbone is None and not all_cached([splits.train, splits.test], store):
+        backbone, info = build_backbone(recipe, backbone_entry, root, version)
+        store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
+    if not recipe.backbone.pretrained:
+        click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+    report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, info, splits)
 
     t0 = time.perf_counter()
     if recipe.strategy == "finetune":
+        from tlx.finetune import finetune
+
         torch.manual_seed(recipe.seed)
-        head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
+        head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
         tuned = finetune(backbone, head, splits, recipe, on_epoch=report.print_epoch)
         history, n_train, n_test, decode_skipped = tuned.history, tuned.n_train, tuned.n_test, tuned.skipped
-        extract_s, train_s = 0.0, time.perf_counter() - t0
+        extract_s, train_s, n_cached = 0.0, time.perf_counter() - t0, 0
     else:
-        settings = recipe.extract.model_dump()
-        train = extract(backbone, splits.train, **settings)
-        test = extract(backbone, splits.test, **settings)
+        train, test = extract(
+            [splits.train, splits.test],
+            backbone,
+            batch_size=recipe.extract.batch_size,
+            workers=recipe.extract.workers,
+            threads=recipe.extract.threads,
+            store=store,
+            on_bad_image=recipe.extract.on_bad_image,
+        )
         extract_s = time.perf_counter() - t0
-        report.print_features((splits.train.name, splits.test.name), (train, test))
+        report.print_features((splits.train.name, splits.test.name), (train, test), root)
 
         t0 = time.perf_counter()
         torch.manual_seed(recipe.seed)
-        head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
+        head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
         history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
         train_s = time.perf_counter() - t0
         n_train, n_test, decode_skipped = len(train.y), len(test.y), train.skipped + test.skipped
+        n_cached = train.cached + test.cached
 
     metrics = {
         "test_accuracy": history[-1].test_accuracy,
@@ -112,12 +136,12 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
         "strategy": recipe.strategy,
         "n_train": n_train,
         "n_test": n_test,
-        "feature_dim": backbone.feature_dim,
+        "feature_dim": info.feature_dim,
         "backbone": {
             "name": recipe.backbone.name,
             "plugin": backbone_entry.plugin,
-            "weights": backbone.weights,
-            "sha256": digest,
+            "weights": info.weights,
+            "sha256": info.sha256,
         },
         "head": recipe.head.type,
         "seed": recipe.seed,
@@ -125,6 +149,11 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
             {"path": str(path), "reason": reason}
             for path, reason in (*splits.train.skipped, *splits.test.skipped, *decode_skipped)
         ],
+        "features": {
+            "cached": n_cached,
+            "computed": len(splits.train) + len(splits.test) - n_cached if features_only else 0,
+            "cache_dir": str(root),
+        },
         "seconds": {
             "extract": round(extract_s, 3),
             "train": round(train_s, 3),
@@ -136,3 +165,34 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     accuracy = metrics["test_accuracy"]
     click.echo(f"test accuracy {accuracy:.2%} after {len(history)} epochs; metrics in {out / 'metrics.json'}")
     return metrics
+
+
+def build_backbone(
+    recipe: Recipe, entry: Entry, root: Path, plugin_version: str
+) -> tuple[Backbone, BackboneInfo]:
+    """Build the backbone and hash its weights; the digest is remembered per weights file.
+
+    A later run whose features are all cached then neither builds nor hashes the model; a changed
+    weights file (size, mtime, ctime or inode) is a new key, so the model is built again.
+    """
+    import torch
+
+    from tlx import cache
+    from tlx.backbone import create_backbone
+
+    torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
+    backbone = create_backbone(entry, recipe.backbone)
+    info = cache.BackboneInfo.of(backbone)
+    cache.remember_backbone(root, entry, recipe.backbone, plugin_version, info)
+    return backbone, info
+
+
+def feature_identity(recipe: Recipe, plugin: str, version: str, info: BackboneInfo) -> dict[str, Any]:
+    """The cache namespace: every recipe key that can change a feature (new keys count by default)."""
+    from tlx.cache import namespace_identity
+
+    backbone = {"plugin": [plugin, version], **recipe.backbone.model_dump(mode="json", exclude={"weights"})}
+    pixels = recipe.extract.model_dump(
+        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image"}
+    )
+    return namespace_identity(backbone, info, pixels)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tlx.features import Features
+from tlx.features import Features, threads_set
 from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
 from tlx.recipe import TrainConfig
 
@@ -33,28 +33,32 @@ def train_head(
     seed: int,
     on_epoch: Callable[[Epoch], None],
 ) -> list[Epoch]:
-    """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``."""
+    """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``.
+
+    The head's small operations run on one thread; more only add overhead (same numbers).
+    """
     generator = torch.Generator().manual_seed(seed)
     n = len(train.y)
     optimizer = make_optimizer(param_groups(head.named_parameters(), config.lr, config.weight_decay), config)
     schedule = make_schedule(optimizer, config, steps_per_epoch=math.ceil(n / config.batch_size))
     loss_fn = make_loss(config)
     history = []
-    for epoch in range(1, config.epochs + 1):
-        head.train()
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, config.batch_size):
-            batch = order[start : start + config.batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(head(train.x[batch]), train.y[batch])
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-        record = Epoch(epoch, total / n, accuracy(head, test))
-        history.append(record)
-        on_epoch(record)
+    with threads_set(1):
+        for epoch in range(1, config.epochs + 1):
+            head.train()
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for start in range(0, n, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(head(train.x[batch]), train.y[batch])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * len(batch)
+            record = Epoch(epoch, total / n, accuracy(head, test))
+            history.append(record)
+            on_epoch(record)
     return history
 
 

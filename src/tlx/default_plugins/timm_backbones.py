@@ -23,6 +23,7 @@ def register_backbones(register):
         description="any timm model name, with a pretrained tag if wanted (resnet18.tv_in1k)",
         matches=_is_timm_model,
         catalog=_timm_names,
+        weight_files=_weight_files,
     )
 
 
@@ -36,6 +37,21 @@ def _timm_names() -> list[str]:
     import timm
 
     return timm.list_models()
+
+
+def _weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None:
+    """The local file the weights come from; None if they would be downloaded or are random."""
+    if weights is not None:
+        return [weights]
+    if not pretrained:
+        return None
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    cached = str(cfg.file) if cfg.file else _cached_file(cfg)
+    return [Path(cached)] if cached else None
 
 
 def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:

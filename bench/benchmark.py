@@ -1,0 +1,353 @@
+"""tlx against the PyTorch transfer-learning tutorial, on the same backbone and data, in one invocation.
+
+    .venv/bin/python bench/benchmark.py [--data ../shared/data/hymenoptera_data] [--quick] [--json OUT]
+
+Measures (a) ``tlx run`` with an empty cache, (b) the same run again (features cached), (c) the
+tutorial "ConvNet as fixed feature extractor" algorithm (the frozen backbone rerun on every batch of
+every one of 25 epochs, batch size 4, RandomResizedCrop + flip, SGD 0.001/0.9, StepLR(7, 0.1)),
+(d) the floor: the backbone's forward throughput, measured here, times the image count; and the peak
+memory of cold runs on the dataset and on the dataset replicated 4x. Each part runs in its own
+process; memory is the peak over that process and its children (DataLoader workers), sampled every
+0.2 s: RSS summed (counts pages shared by forked workers once per process) and PSS summed (shares them).
+``--quick`` runs the tutorial for one epoch instead of 25 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+BACKBONE = "efficientnet_lite0"
+TUTORIAL_EPOCHS = 25
+#: memory sampling interval: reading smaps is not free (at 0.05 s it took ~15% of a core)
+SAMPLE_S = 0.2
+
+
+# --- measuring a child process ------------------------------------------------------------------------
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``command``; wall seconds, peak RSS and PSS summed over it and its children, its stdout."""
+    import psutil
+
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+    peak = {"rss": 0, "pss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            rss = pss = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    info = p.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            except psutil.Error:  # a worker exited between listing and reading
+                pass
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            done.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"benchmark: {' '.join(command)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return {
+        "wall_s": wall,
+        "peak_rss_mib": peak["rss"] / 2**20,
+        "peak_pss_mib": peak["pss"] / 2**20,
+        "out": out,
+    }
+
+
+def tlx_run(data: Path, cache: Path, out: Path) -> dict:
+    command = [sys.executable, "-m", "tlx", "run", str(RECIPE), "--set", f"dataset.root={data}"]
+    result = measure([*command, "--cache-dir", str(cache), "--out", str(out)])
+    result["metrics"] = json.loads((out / "metrics.json").read_text())
+    return result
+
+
+def part(name: str, data: Path, *extra: str) -> dict:
+    result = measure([sys.executable, __file__, "--part", name, "--data", str(data), *extra])
+    result.update(json.loads(result.pop("out").strip().splitlines()[-1]))
+    return result
+
+
+def replicate(data: Path, times: int, dest: Path) -> Path:
+    """``data`` with every image ``times`` times (hard links where possible, else copies)."""
+    for src in data.rglob("*"):
+        if not src.is_file():
+            continue
+        rel = src.relative_to(data)
+        (dest / rel.parent).mkdir(parents=True, exist_ok=True)
+        for k in range(times):
+            target = dest / rel.parent / f"{src.stem}-{k}{src.suffix}"
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copy2(src, target)
+    return dest
+
+
+# --- the parts that run in their own process ----------------------------------------------------------
+
+
+def floor(data: Path, min_s: float) -> dict:
+    """Backbone forward throughput (images/s) on real images, as tlx runs it, after a warm-up batch."""
+    import torch
+
+    from tlx import plugins
+    from tlx.backbone import create_backbone
+    from tlx.data import scan_imagefolder
+    from tlx.features import ImageFiles, preprocessing, threads_set
+    from tlx.recipe import BackboneConfig
+
+    backbone = create_backbone(
+        plugins.load().backbones.get(BACKBONE, "backbone"), BackboneConfig(name=BACKBONE)
+    )
+    samples = scan_imagefolder(data, "train", "val").train.samples
+    files = ImageFiles(samples[:32], preprocessing(backbone))
+    batch = torch.stack([files[i][0] for i in range(len(files))]).contiguous(
+        memory_format=torch.channels_last
+    )
+    module = backbone.module.to(memory_format=torch.channels_last)
+    cores = len(os.sched_getaffinity(0))
+    with torch.inference_mode(), threads_set(cores):
+        module(batch)
+        images, started = 0, time.perf_counter()
+        while images < 96 or time.perf_counter() - started < min_s:
+            module(batch)
+            images += len(batch)
+        elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "threads": cores, "batch": len(batch)}
+
+
+def tutorial(data: Path, epochs: int) -> dict:
+    """The tutorial's ``train_model`` with ``model_conv``, on the same backbone as tlx.
+
+    As in the tutorial: torchvision ImageFolder, 4 DataLoader workers, shuffled batches of 4, the
+    model in train mode for the train phase (the frozen backbone's BatchNorm and dropout too), the
+    best validation accuracy kept. The backbone's own mean, std and input size replace ImageNet's.
+    """
+    import torch
+    from torch import nn, optim
+    from torch.optim import lr_scheduler
+    from torchvision import datasets, transforms
+
+    from tlx import plugins
+    from tlx.backbone import create_backbone
+    from tlx.recipe import BackboneConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone(
+        plugins.load().backbones.get(BACKBONE, "backbone"), BackboneConfig(name=BACKBONE)
+    )
+    size, mean, std = (
+        backbone.data_config["input_size"][1],
+        backbone.data_config["mean"],
+        backbone.data_config["std"],
+    )
+    data_transforms = {
+        "train": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        "val": transforms.Compose(
+            [
+                transforms.Resize(256),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+    }
+    image_datasets = {
+        x: datasets.ImageFolder(os.path.join(data, x), data_transforms[x]) for x in ["train", "val"]
+    }
+    dataloaders = {
+        x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=4)
+        for x in ["train", "val"]
+    }
+    sizes = {x: len(image_datasets[x]) for x in ["train", "val"]}
+    model_conv = nn.Sequential()
+    model_conv.add_module("features", backbone.module)
+    for param in model_conv.features.parameters():
+        param.requires_grad = False
+    model_conv.add_module("fc", nn.Linear(backbone.feature_dim, len(image_datasets["train"].classes)))
+    criterion = nn.CrossEntropyLoss()
+    optimizer_conv = optim.SGD(model_conv.fc.parameters(), lr=0.001, momentum=0.9)
+    exp_lr_scheduler = lr_scheduler.StepLR(optimizer_conv, step_size=7, gamma=0.1)
+
+    started = time.perf_counter()
+    best_acc, history = 0.0, []
+    for _ in range(epochs):
+        for phase in ["train", "val"]:
+            model_conv.train() if phase == "train" else model_conv.eval()
+            running_corrects = 0
+            for inputs, labels in dataloaders[phase]:
+                optimizer_conv.zero_grad()
+                with torch.set_grad_enabled(phase == "train"):
+                    outputs = model_conv(inputs)
+                    _, preds = torch.max(outputs, 1)
+                    loss = criterion(outputs, labels)
+                    if phase == "train":
+                        loss.backward()
+                        optimizer_conv.step()
+                running_corrects += torch.sum(preds == labels.data).item()
+            if phase == "train":
+                exp_lr_scheduler.step()
+            else:
+                epoch_acc = running_corrects / sizes["val"]
+                history.append(epoch_acc)
+                best_acc = max(best_acc, epoch_acc)
+    return {
+        "final_accuracy": history[-1],
+        "best_accuracy": best_acc,
+        "epochs": epochs,
+        "n_train": sizes["train"],
+        "n_test": sizes["val"],
+        "loop_s": time.perf_counter() - started,
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or "?",
+    )
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{len(os.sched_getaffinity(0))} cores ({cpu}), {memory:.0f} GiB, load average "
+        f"{os.getloadavg()[0]:.1f} at the start; Python {platform.python_version()}, "
+        f"torch {torch.__version__}; no GPU used"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an ImageFolder with train/ and val/")
+    parser.add_argument(
+        "--quick", action="store_true", help="the tutorial for 1 epoch, not 25 (a smoke test)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--part", choices=["floor", "tutorial"], help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    data = args.data.resolve()
+    if args.part:
+        result = floor(data, 1 if args.quick else 5) if args.part == "floor" else tutorial(data, args.epochs)
+        print(json.dumps(result))
+        return
+
+    epochs = 1 if args.quick else TUTORIAL_EPOCHS
+    print(f"machine: {machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tlx-bench-") as tmp:
+        work = Path(tmp)
+        print("(d) floor: backbone forward throughput ...", flush=True)
+        d = part("floor", data, *(["--quick"] if args.quick else []))
+        print("(a) tlx cold ...", flush=True)
+        a = tlx_run(data, work / "cache", work / "a")
+        print("(b) tlx warm ...", flush=True)
+        b = tlx_run(data, work / "cache", work / "b")
+        print("    tlx cold on the dataset replicated 4x ...", flush=True)
+        x4 = tlx_run(replicate(data, 4, work / "x4"), work / "cache-x4", work / "a4")
+        print(f"(c) tutorial algorithm, {epochs} epoch(s) ...", flush=True)
+        c = part("tutorial", data, "--epochs", str(epochs))
+
+    n_images = a["metrics"]["features"]["computed"]
+    floor_s = n_images / d["images_per_s"]
+    figures = {
+        "machine": machine(),
+        "data": str(data),
+        "backbone": BACKBONE,
+        "images": n_images,
+        "tutorial_epochs": epochs,
+        "floor": {"images_per_s": d["images_per_s"], "threads": d["threads"], "seconds": floor_s},
+        "cold": {k: a[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
+        | {"accuracy": a["metrics"]["test_accuracy"], "extract_s": a["metrics"]["seconds"]["extract"]},
+        "warm": {k: b[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
+        | {"accuracy": b["metrics"]["test_accuracy"], "cached": b["metrics"]["features"]["cached"]},
+        "cold_x4": {k: x4[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
+        | {"images": x4["metrics"]["features"]["computed"]},
+        "tutorial": {
+            k: c[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib", "final_accuracy", "best_accuracy")
+        },
+        "ratios": {
+            "cold_over_floor": a["wall_s"] / floor_s,
+            "cold_minus_warm_over_floor": (a["wall_s"] - b["wall_s"]) / floor_s,
+            "tutorial_over_cold": c["wall_s"] / a["wall_s"],
+            "peak_rss_x4_over_x1": x4["peak_rss_mib"] / a["peak_rss_mib"],
+            "peak_pss_x4_over_x1": x4["peak_pss_mib"] / a["peak_pss_mib"],
+        },
+    }
+    report(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def report(f: dict) -> None:
+    r = f["ratios"]
+    quick = (
+        "" if f["tutorial_epochs"] == TUTORIAL_EPOCHS else f"  (QUICK: {f['tutorial_epochs']} epoch, not 25)"
+    )
+    rows = [
+        ("(a) tlx cold", f["cold"]["wall_s"], f"{f['cold']['accuracy']:.2%}", f["cold"]),
+        ("(b) tlx warm", f["warm"]["wall_s"], f"{f['warm']['accuracy']:.2%}", f["warm"]),
+        (
+            "(c) tutorial algorithm",
+            f["tutorial"]["wall_s"],
+            f"{f['tutorial']['final_accuracy']:.2%} (best {f['tutorial']['best_accuracy']:.2%})",
+            f["tutorial"],
+        ),
+        ("(d) floor", f["floor"]["seconds"], "", None),
+        ("    tlx cold, data 4x", f["cold_x4"]["wall_s"], "", f["cold_x4"]),
+    ]
+    print(f"\n{f['backbone']} on {f['data']} ({f['images']} images){quick}")
+    print(f"{'':24} {'wall s':>8}  {'peak RSS MiB':>12}  {'peak PSS MiB':>12}  final test accuracy")
+    for name, wall, acc, mem in rows:
+        memory = f"{mem['peak_rss_mib']:12.0f}  {mem['peak_pss_mib']:12.0f}" if mem else f"{'':12}  {'':12}"
+        print(f"{name:24} {wall:8.1f}  {memory}  {acc}")
+    print(
+        f"floor: {f['floor']['images_per_s']:.1f} images/s ({f['floor']['threads']} threads, batch 32); "
+        "GPU throughput not measured (no GPU)"
+    )
+    print(
+        f"a/d = {r['cold_over_floor']:.2f}   (a-b)/d = {r['cold_minus_warm_over_floor']:.2f}   "
+        f"c/a = {r['tutorial_over_cold']:.1f}   b = {f['warm']['wall_s']:.2f} s   "
+        f"peak memory 4x/1x: RSS {r['peak_rss_x4_over_x1']:.3f}, PSS {r['peak_pss_x4_over_x1']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The benchmark's quick mode runs end to end on a small dataset and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO, make_imagefolder
+
+
+def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=(4, 2))
+    out = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, REPO / "bench" / "benchmark.py", "--data", data, "--quick", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "QUICK: 1 epoch, not 25" in result.stdout and "GPU throughput not measured" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 12 and figures["cold_x4"]["images"] == 48
+    assert figures["warm"]["cached"] == 12
+    assert figures["tutorial"]["final_accuracy"] is not None and figures["tutorial_epochs"] == 1
+    assert set(figures["ratios"]) == {
+        "cold_over_floor", "cold_minus_warm_over_floor", "tutorial_over_cold",
+        "peak_rss_x4_over_x1", "peak_pss_x4_over_x1",
+    }  # fmt: skip
+    assert all(v > 0 for v in figures["ratios"].values())
