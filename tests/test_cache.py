@@ -214,3 +214,26 @@ def test_cache_info_and_clear(tmp_path: Path, data: Path, colours: Factory, invo
     assert cleared.exit_code == 0 and "cleared" in cleared.output
     assert "0 entries" in invoke("cache", "info").output
     assert tlx_run(tmp_path, data, "b")["features"]["computed"] == 18
+
+
+def test_full_disk_while_writing_warns_and_leaves_no_partial_chunk(
+    tmp_path: Path,
+    data: Path,
+    colours: Factory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)  # what a filling disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    metrics = tlx_run(tmp_path, data, "a")
+    assert metrics["features"]["computed"] == 18 and len(metrics["history"]) == 3
+    assert "No space left on device" in capsys.readouterr().err
+    features = cache.cache_dir() / "features"
+    assert not [p for p in features.rglob("*") if p.suffix in {".safetensors", ".tmp"}]

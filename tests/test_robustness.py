@@ -317,3 +317,7 @@ def test_ctrl_c_during_extraction_exits_130(delay: float, hymenoptera: Path, tmp
     assert process.returncode == 130
     assert "tlx: interrupted" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
+    # the cache the interrupted run shared is consistent: the next run completes
+    rerun = subprocess.run([*command, "--out", tmp_path / "o2"], cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["n_train"] == 245
