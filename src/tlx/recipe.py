@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    model_validator,
 )
 
 from tlx.errors import TlxError
@@ -57,11 +58,25 @@ class TrainConfig(_Strict):
     lr: PositiveFloat = 0.001
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: PositiveInt = 4
+    #: share of the training split held out (stratified, by seed) for early stopping and model choice
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    #: epochs without a better validation loss before training stops; needs val_fraction
+    patience: PositiveInt | None = None
+    #: ``balanced`` weighs each class's loss by n / (n_classes · n_class)
+    class_weight: Literal["balanced"] | None = None
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> TrainConfig:
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError("patience needs a validation split; set train.val_fraction, e.g. 0.2")
+        return self
 
 
 class ExtractConfig(_Strict):
     batch_size: PositiveInt = 32
     workers: NonNegativeInt = 2
+    #: average the features of each image and its mirror image (train, test and predict)
+    flip: bool = False
 
 
 class Recipe(_Strict):

@@ -52,13 +52,14 @@ def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> 
 
 
 def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
-    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics."""
+    """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics."""
     import torch
 
-    from tlx import plugins, report
-    from tlx.backbone import create_backbone
+    from tlx import artifacts, plugins, report
+    from tlx.backbone import create_backbone, flip_averaged
     from tlx.features import extract
-    from tlx.train import train_head
+    from tlx.scores import Scores
+    from tlx.train import fit_head, predict
     from tlx.weights import state_digest
 
     started = time.perf_counter()
@@ -76,6 +77,8 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     digest = state_digest(backbone.module)
     if not recipe.backbone.pretrained:
         click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+    if recipe.extract.flip:
+        backbone = flip_averaged(backbone)
     splits = dataset_entry.factory(dataset_options)
     report.print_data_summary(splits, recipe.dataset.kind)
     report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, backbone, digest, splits)
@@ -90,22 +93,37 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = head_entry.factory(backbone.feature_dim, len(splits.classes), head_options)
-    history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
+    fit = fit_head(
+        head,
+        train,
+        test,
+        recipe.train,
+        n_classes=len(splits.classes),
+        seed=recipe.seed,
+        on_epoch=report.print_epoch,
+    )
     train_s = time.perf_counter() - t0
+    scores = Scores.of(splits.classes, test.y, predict(head, test))
 
+    backbone_info = {
+        "name": recipe.backbone.name,
+        "plugin": backbone_entry.plugin,
+        "weights": backbone.weights,
+        "sha256": digest,
+    }
     metrics = {
-        "test_accuracy": history[-1].test_accuracy,
-        "history": [h.as_dict() for h in history],
+        "test_accuracy": scores.accuracy,
+        "per_class": scores.per_class(),
+        "confusion": scores.confusion,
+        "history": fit.history,
+        "chosen": fit.chosen,
         "classes": splits.classes,
         "n_train": len(train.y),
+        "n_fit": fit.n_fit,
+        "n_val": fit.n_val,
         "n_test": len(test.y),
         "feature_dim": backbone.feature_dim,
-        "backbone": {
-            "name": recipe.backbone.name,
-            "plugin": backbone_entry.plugin,
-            "weights": backbone.weights,
-            "sha256": digest,
-        },
+        "backbone": backbone_info,
         "head": recipe.head.type,
         "seed": recipe.seed,
         "skipped": [{"path": str(p), "reason": r} for s in (splits.train, splits.test) for p, r in s.skipped]
@@ -117,7 +135,14 @@ def run(recipe: Recipe, source: str, out: Path) -> dict[str, Any]:
         },
         "tlx_version": __version__,
     }
-    report.write_json(out / "metrics.json", metrics)
-    accuracy = metrics["test_accuracy"]
-    click.echo(f"test accuracy {accuracy:.2%} after {len(history)} epochs; metrics in {out / 'metrics.json'}")
+    artifacts.write_run(
+        out,
+        resolved=artifacts.resolved_recipe(recipe, dataset_options, head_options),
+        provenance=artifacts.provenance(backbone_info),
+        metrics=metrics,
+        head=head,
+        scores=scores,
+        chosen=fit.chosen,
+    )
+    report.print_run_summary(metrics, scores, out)
     return metrics

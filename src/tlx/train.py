@@ -1,14 +1,23 @@
-"""Training a head on fixed features: cross-entropy and SGD, the test accuracy after every epoch."""
+"""Training a head on fixed features.
+
+Two kinds of head: a plain ``nn.Module`` is trained by SGD epochs (cross-entropy, the test accuracy
+printed after every epoch, never used to choose anything); a :class:`ClosedFormHead` fits itself in
+one call (logistic regression by L-BFGS). Both may hold out ``train.val_fraction`` of the training
+split for their choices (early stopping; the regularization strength).
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from tlx.features import Features
+from tlx.folds import hold_out
 from tlx.recipe import TrainConfig
 
 
@@ -17,9 +26,66 @@ class Epoch:
     epoch: int
     train_loss: float
     test_accuracy: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@runtime_checkable
+class ClosedFormHead(Protocol):
+    """A head that fits itself in one call instead of by epochs.
+
+    ``fit`` leaves the module ready to predict and returns the rows of its model selection (e.g. one
+    per regularization strength, with its validation or cross-validation score) and what it chose.
+    """
+
+    def fit(
+        self, train: Features, val: Features | None, *, class_weight: torch.Tensor | None, seed: int
+    ) -> tuple[list[dict[str, float]], dict[str, Any]]: ...
+
+
+@dataclass
+class Fit:
+    """What training produced: the history rows, how many images fit and validated, the choices made."""
+
+    history: list[dict[str, float]]
+    n_fit: int
+    n_val: int
+    chosen: dict[str, Any] = field(default_factory=dict)
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``balanced`` weights: n / (n_classes · n_c), so every class weighs the same in the loss."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    return len(y) / (n_classes * counts.clamp(min=1))
+
+
+def fit_head(
+    head: nn.Module,
+    train: Features,
+    test: Features,
+    config: TrainConfig,
+    *,
+    n_classes: int,
+    seed: int,
+    on_epoch: Callable[[Epoch], None],
+) -> Fit:
+    """Hold out the validation share, weigh the classes, then fit ``head`` the way its kind needs."""
+    fit, val = hold_out(train, config.val_fraction, seed) if config.val_fraction else (train, None)
+    weight = class_weights(fit.y, n_classes) if config.class_weight == "balanced" else None
+    n_val = len(val.y) if val is not None else 0
+    if isinstance(head, ClosedFormHead):
+        rows, chosen = head.fit(fit, val, class_weight=weight, seed=seed)
+        return Fit(rows, len(fit.y), n_val, chosen)
+    history = train_head(head, fit, test, config, seed=seed, on_epoch=on_epoch, val=val, weight=weight)
+    chosen = {"epochs": min(history, key=_val_loss).epoch} if config.patience else {}
+    return Fit([h.as_dict() for h in history], len(fit.y), n_val, chosen)
+
+
+def _val_loss(record: Epoch) -> float:
+    return record.val_loss if record.val_loss is not None else float("inf")
 
 
 def train_head(
@@ -30,12 +96,19 @@ def train_head(
     *,
     seed: int,
     on_epoch: Callable[[Epoch], None],
+    val: Features | None = None,
+    weight: torch.Tensor | None = None,
 ) -> list[Epoch]:
-    """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``."""
+    """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``.
+
+    With ``val`` and ``config.patience``, training stops once the validation loss has not improved for
+    ``patience`` epochs, and the head keeps the weights of its best validation epoch.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    history: list[Epoch] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     n = len(train.y)
     for epoch in range(1, config.epochs + 1):
         head.train()
@@ -48,10 +121,26 @@ def train_head(
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        record = Epoch(epoch, total / n, accuracy(head, test))
+        val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
+        record = Epoch(epoch, total / n, accuracy(head, test), *val_scores)
         history.append(record)
         on_epoch(record)
+        if config.patience and record.val_loss is not None:
+            if best is None or record.val_loss < best[0]:
+                best = (record.val_loss, copy.deepcopy(head.state_dict()))
+            elif epoch - min(history, key=_val_loss).epoch >= config.patience:
+                break
+    if best is not None:
+        head.load_state_dict(best[1])
     return history
+
+
+def _loss_and_accuracy(head: nn.Module, features: Features, loss_fn: nn.Module) -> tuple[float, float]:
+    head.eval()
+    with torch.inference_mode():
+        logits = head(features.x)
+        loss = loss_fn(logits, features.y).item()
+    return loss, (logits.argmax(dim=1) == features.y).float().mean().item()
 
 
 def predict(head: nn.Module, features: Features) -> torch.Tensor:
