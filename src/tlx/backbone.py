@@ -56,8 +56,7 @@ class FlipAveraged(nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = self.module(torch.cat([x, x.flip(-1)]))
-        return (both[: len(x)] + both[len(x) :]) / 2
+        return (self.module(x) + self.module(x.flip(-1))) / 2
 
 
 def flip_averaged(backbone: Backbone) -> Backbone:
