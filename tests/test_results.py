@@ -208,15 +208,15 @@ def test_predict_prints_label_and_probability(trained: Path, tiny_dataset: Path,
     image = tiny_dataset / "val" / "class1" / "0.jpg"
     result = invoke("predict", trained, image)
     assert result.exit_code == 0, result.output
-    path, label = result.output.strip().split("\t")
+    path, label = result.stdout.strip().split("\t")
     assert path == str(image) and label.startswith("class1 ") and label.endswith("%")
 
     result = invoke("predict", trained, tiny_dataset / "val", "--json", "--top-k", "2")
-    items = json.loads(result.output)
+    items = json.loads(result.stdout)
     assert len(items) == 6 and [i["label"] for i in items] == ["class0"] * 3 + ["class1"] * 3
     assert all(set(i) == {"path", "label", "probability", "top_k"} for i in items)
     assert all(sum(t["probability"] for t in i["top_k"]) == pytest.approx(1) for i in items)
-    assert set(json.loads(invoke("predict", trained, image, "--json").output)[0]) == {
+    assert set(json.loads(invoke("predict", trained, image, "--json").stdout)[0]) == {
         "path", "label", "probability"
     }  # fmt: skip
 
@@ -243,7 +243,7 @@ def test_predict_refuses_changed_backbone_weights(trained: Path, tiny_dataset: P
 
 def test_eval_rescores_a_run_and_checks_the_classes(trained: Path, tmp_path: Path, invoke) -> None:
     metrics = json.loads((trained / "metrics.json").read_text())
-    same = json.loads(invoke("eval", trained, "--json").output)
+    same = json.loads(invoke("eval", trained, "--json").stdout)
     assert same["accuracy"] == metrics["test_accuracy"] and same["confusion"] == metrics["confusion"]
     other = make_imagefolder(tmp_path / "other", classes=2, per_class=(2, 4))
     result = invoke("eval", trained, "--set", f"dataset.root={other}")

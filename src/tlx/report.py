@@ -77,7 +77,7 @@ def print_scores(scores: Scores) -> None:
 def print_run_summary(metrics: dict[str, Any], scores: Scores, out: Path) -> None:
     """The end of a run: the per-class table, final accuracy, the weakest class, where the files are."""
     print_scores(scores)
-    chosen = ", ".join(f"{k} {v}" for k, v in metrics["chosen"].items())
+    chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items())
     weakest = scores.weakest()
     click.echo(
         f"test accuracy {metrics['test_accuracy']:.2%} on {metrics['n_test']} images"
