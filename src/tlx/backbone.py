@@ -56,7 +56,8 @@ class FlipAveraged(nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.module(x) + self.module(x.flip(-1))) / 2
+        both = self.module(torch.cat([x, x.flip(-1)]))  # one pass: (2N, D)
+        return both.unflatten(0, (2, -1)).mean(dim=0)
 
 
 def flip_averaged(backbone: Backbone) -> Backbone:
