@@ -46,14 +46,16 @@ def run_counting(tmp_path: Path, invoke, counting_backbone):
     def call(root: Path, *overrides: str):
         recipe = write_recipe(tmp_path / "counting.yaml", COUNTING.format(root=root))
         sets = [arg for item in overrides for arg in ("--set", item)]
-        return invoke("run", recipe, *sets, "--out", tmp_path / f"out{len(list(tmp_path.glob('out*')))}")
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        result = invoke("run", recipe, *sets, "--out", out)
+        result.out = out
+        return result
 
     return call
 
 
 def metrics_of(result) -> dict:
-    path = result.stdout.strip().splitlines()[-1].split("metrics in ")[-1]
-    return json.loads(Path(path).read_text())
+    return json.loads((result.out / "metrics.json").read_text())
 
 
 # --- recipes -------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from tlx.errors import TlxError
@@ -45,3 +46,20 @@ def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
         )
     backbone.module.eval().requires_grad_(False)
     return backbone
+
+
+class FlipAveraged(nn.Module):
+    """Features of each image and of its mirror image, averaged: ``(f(x) + f(flip(x))) / 2``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.module(torch.cat([x, x.flip(-1)]))  # one pass: (2N, D)
+        return both.unflatten(0, (2, -1)).mean(dim=0)
+
+
+def flip_averaged(backbone: Backbone) -> Backbone:
+    """The same backbone, its features averaged over each image and its horizontal mirror."""
+    return replace(backbone, module=FlipAveraged(backbone.module))

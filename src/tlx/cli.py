@@ -1,4 +1,4 @@
-"""The ``tlx`` command line: ``tlx run RECIPE`` and ``tlx list``."""
+"""The ``tlx`` command line: ``run``, ``predict``, ``eval``, ``export``, ``list``; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -51,15 +51,19 @@ def cli() -> None:
     """Transfer learning from a YAML recipe: a dataset, a pretrained backbone and a trainable head."""
 
 
-@cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option(
+OVERRIDES = click.option(
     "--set",
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
     help="Override a recipe key, e.g. train.epochs=5.",
 )
+RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@OVERRIDES
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Output folder (default: a new folder under runs/)."
 )
@@ -104,6 +108,70 @@ def clear(cache_dir: Path | None) -> None:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+@cli.command("predict")
+@RUN_DIR
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Labels per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {path, label, probability}.")
+def predict_(run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+    """Classify images (files or folders) with the classifier trained in RUN_DIR."""
+    from tlx.artifacts import load_run
+    from tlx.predict import predict
+
+    run = load_run(run_dir)
+    results, skipped = predict(
+        run, paths, top_k=top_k, batch_size=run.recipe.extract.batch_size, workers=run.recipe.extract.workers
+    )
+    for path, reason in skipped:
+        click.echo(f"tlx: warning: skipped {path}: {reason}", err=True)
+    if as_json:
+        keep = ("path", "label", "probability", "top_k") if top_k > 1 else ("path", "label", "probability")
+        click.echo(json.dumps([{k: r[k] for k in keep} for r in results], indent=2))
+        return
+    for r in results:
+        click.echo(f"{r['path']}\t" + "\t".join(f"{t['label']} {t['probability']:.2%}" for t in r["top_k"]))
+
+
+@cli.command("eval")
+@RUN_DIR
+@OVERRIDES
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print accuracy, per-class scores and confusion as JSON."
+)
+def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Score the classifier of RUN_DIR on a test split, e.g. --set dataset.root=OTHER (same classes)."""
+    from tlx import report
+    from tlx.artifacts import load_run
+    from tlx.evaluate import evaluate
+
+    scores, test = evaluate(load_run(run_dir, overrides))
+    skipped = [{"path": str(p), "reason": r} for p, r in test.skipped]
+    if as_json:
+        data = {"accuracy": scores.accuracy, "n_test": len(test.y), "per_class": scores.per_class()}
+        click.echo(json.dumps({**data, "confusion": scores.confusion, "skipped": skipped}, indent=2))
+        return
+    for item in skipped:
+        click.echo(f"  skipped {item['path']}: {item['reason']}")
+    report.print_scores(scores)
+    click.echo(f"accuracy {scores.accuracy:.2%} on {len(test.y)} images")
+
+
+@cli.command("export")
+@RUN_DIR
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]))
+@click.option(
+    "--output", type=click.Path(path_type=Path), help="Model file (default: RUN_DIR/model.onnx|.pt)."
+)
+def export_(run_dir: Path, fmt: str, output: Path | None) -> None:
+    """Write backbone and head of RUN_DIR as one model: normalized images in, logits out."""
+    from tlx.artifacts import load_run
+    from tlx.export import SUFFIX, export
+
+    output = output or run_dir / f"model{SUFFIX[fmt]}"
+    meta = export(load_run(run_dir), fmt, output)  # type: ignore[arg-type]
+    click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
 
 
 @cli.command("list")

@@ -28,11 +28,12 @@ from tlx.train import Epoch
 
 @dataclass
 class Finetuned:
-    """The outcome of fine-tuning: the epochs, and which images could be decoded."""
+    """The outcome of fine-tuning: the epochs, the last test predictions, the undecodable images."""
 
     history: list[Epoch]
     n_train: int
-    n_test: int
+    test_y: torch.Tensor
+    test_predicted: torch.Tensor
     skipped: list[tuple[Path, str]]
 
 
@@ -134,12 +135,12 @@ def finetune(
             n_train += len(indices)
         if not n_train:
             raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
-        test_accuracy, n_test = _evaluate(model, test_loader, splits.test, skipped)
-        record = Epoch(epoch, total / n_train, test_accuracy)
+        test_y, test_predicted = _evaluate(model, test_loader, splits.test, skipped)
+        record = Epoch(epoch, total / n_train, (test_y == test_predicted).double().mean().item())
         history.append(record)
         on_epoch(record)
     model.eval()
-    return Finetuned(history, n_train, n_test, sorted(skipped.items()))
+    return Finetuned(history, n_train, test_y, test_predicted, sorted(skipped.items()))
 
 
 def _loader(
@@ -159,19 +160,18 @@ def _loader(
 
 def _evaluate(
     model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str]
-) -> tuple[float, int]:
-    """Accuracy on ``split`` and the number of its images decoded."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """True and predicted classes of the images of ``split`` that could be decoded."""
     model.eval()
-    correct = seen = 0
+    truth: list[torch.Tensor] = []
+    predicted: list[torch.Tensor] = []
     with torch.inference_mode():
         for images, indices, failures in loader:
             skipped |= {split.samples[i][0]: reason for i, reason in failures}
             if images is None:
                 continue
-            labels = torch.tensor([split.samples[i][1] for i in indices])
-            logits = model(images.contiguous(memory_format=torch.channels_last))
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            seen += len(indices)
-    if not seen:
+            truth.append(torch.tensor([split.samples[i][1] for i in indices]))
+            predicted.append(model(images.contiguous(memory_format=torch.channels_last)).argmax(dim=1))
+    if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
-    return correct / seen, seen
+    return torch.cat(truth), torch.cat(predicted)

@@ -59,5 +59,6 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
 
 
-def make_loss(config: TrainConfig) -> nn.CrossEntropyLoss:
-    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+def make_loss(config: TrainConfig, weight: torch.Tensor | None = None) -> nn.CrossEntropyLoss:
+    """Cross-entropy with the recipe's label smoothing; ``weight`` per class (``class_weight``)."""
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)

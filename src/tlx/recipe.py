@@ -72,6 +72,12 @@ class TrainConfig(_Strict):
     #: schedule step: the learning rate is multiplied by gamma every step_size epochs
     step_size: PositiveInt = 7
     gamma: float = Field(0.1, gt=0, le=1)
+    #: share of the training split held out (stratified, by seed) for early stopping and model choice
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    #: epochs without a better validation loss before training stops; needs val_fraction
+    patience: PositiveInt | None = None
+    #: ``balanced`` weighs each class's loss by n / (n_classes · n_class)
+    class_weight: Literal["balanced"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -81,13 +87,8 @@ class TrainConfig(_Strict):
                 "warmup_epochs ({warmup}) must be fewer than epochs ({epochs})",
                 {"warmup": self.warmup_epochs, "epochs": self.epochs},
             )
-        stray = sorted({"step_size", "gamma"} & self.model_fields_set)
-        if stray and self.schedule != "step":
-            raise PydanticCustomError(
-                "schedule",
-                "{keys}: only used with schedule: step (schedule is {schedule}); remove, or use step",
-                {"keys": " and ".join(stray), "schedule": self.schedule},
-            )
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError("patience needs a validation split; set train.val_fraction, e.g. 0.2")
         return self
 
 
@@ -110,6 +111,8 @@ class ExtractConfig(_Strict):
     threads: PositiveInt | None = None
     #: an image that cannot be decoded is left out and listed (skip), or stops the run (error)
     on_bad_image: Literal["skip", "error"] = "skip"
+    #: average the features of each image and its mirror image (train, test and predict)
+    flip: bool = False
 
 
 class Recipe(_Strict):

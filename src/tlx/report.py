@@ -13,6 +13,7 @@ from tlx.cache import BackboneInfo
 from tlx.data import Splits
 from tlx.features import Features
 from tlx.recipe import Recipe
+from tlx.scores import Scores
 from tlx.train import Epoch
 
 if TYPE_CHECKING:
@@ -86,6 +87,30 @@ def print_features(split_names: tuple[str, str], features: tuple[Features, Featu
 
 def print_epoch(record: Epoch) -> None:
     click.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
+
+
+def print_scores(scores: Scores) -> None:
+    """The per-class table: precision, recall, F1, support."""
+    width = max(8, *(len(c) for c in scores.classes))
+    click.echo(f"  {'class':<{width}}  precision  recall     f1  support")
+    for row in scores.per_class():
+        click.echo(
+            f"  {row['class']:<{width}}  {row['precision']:9.2%}  {row['recall']:6.2%}  {row['f1']:5.2%}"
+            f"  {row['support']:7d}"
+        )
+
+
+def print_run_summary(metrics: dict[str, Any], scores: Scores, out: Path) -> None:
+    """The end of a run: the per-class table, final accuracy, the weakest class, where the files are."""
+    print_scores(scores)
+    chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items())
+    weakest = scores.weakest()
+    click.echo(
+        f"test accuracy {metrics['test_accuracy']:.2%} on {metrics['n_test']} images"
+        + (f" ({chosen})" if chosen else "")
+        + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
+    )
+    click.echo(f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ...")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -58,16 +58,18 @@ def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> 
 
 
 def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``recipe`` and write ``out/metrics.json``; returns the metrics.
+    """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
     Features come from the cache under ``cache_dir`` (default :func:`tlx.cache.cache_dir`) where they
     are there; when all are, the backbone is not even built.
     """
     import torch
 
-    from tlx import cache, plugins, report
+    from tlx import artifacts, cache, plugins, report
+    from tlx.backbone import flip_averaged
     from tlx.features import all_cached, extract
-    from tlx.train import train_head
+    from tlx.scores import Scores
+    from tlx.train import Fit, fit_head, predict
 
     started = time.perf_counter()
     registry = plugins.load()
@@ -99,15 +101,19 @@ def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -
     report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, info, splits)
 
     t0 = time.perf_counter()
-    if recipe.strategy == "finetune":
+    torch.manual_seed(recipe.seed)
+    head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
+    if not features_only:
         from tlx.finetune import finetune
 
-        torch.manual_seed(recipe.seed)
-        head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
         tuned = finetune(backbone, head, splits, recipe, on_epoch=report.print_epoch)
-        history, n_train, n_test, decode_skipped = tuned.history, tuned.n_train, tuned.n_test, tuned.skipped
+        fit = Fit([h.as_dict() for h in tuned.history], tuned.n_train, 0)
+        scores = Scores.of(splits.classes, tuned.test_y, tuned.test_predicted)
+        n_train, n_test, decode_skipped = tuned.n_train, len(tuned.test_y), tuned.skipped
         extract_s, train_s, n_cached = 0.0, time.perf_counter() - t0, 0
     else:
+        if backbone is not None and recipe.extract.flip:
+            backbone = flip_averaged(backbone)
         train, test = extract(
             [splits.train, splits.test],
             backbone,
@@ -121,28 +127,41 @@ def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -
         report.print_features((splits.train.name, splits.test.name), (train, test), root)
 
         t0 = time.perf_counter()
-        torch.manual_seed(recipe.seed)
-        head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
-        history = train_head(head, train, test, recipe.train, seed=recipe.seed, on_epoch=report.print_epoch)
+        fit = fit_head(
+            head,
+            train,
+            test,
+            recipe.train,
+            n_classes=len(splits.classes),
+            seed=recipe.seed,
+            on_epoch=report.print_epoch,
+        )
         train_s = time.perf_counter() - t0
+        scores = Scores.of(splits.classes, test.y, predict(head, test))
         n_train, n_test, decode_skipped = len(train.y), len(test.y), train.skipped + test.skipped
         n_cached = train.cached + test.cached
 
+    backbone_info = {
+        "name": recipe.backbone.name,
+        "plugin": backbone_entry.plugin,
+        "weights": info.weights,
+        "sha256": info.sha256,
+    }
     metrics = {
-        "test_accuracy": history[-1].test_accuracy,
-        "history": [h.as_dict() for h in history],
+        "test_accuracy": scores.accuracy,
+        "per_class": scores.per_class(),
+        "confusion": scores.confusion,
+        "history": fit.history,
+        "chosen": fit.chosen,
         "classes": splits.classes,
         "class_counts": {s.name: s.class_counts(len(splits.classes)) for s in (splits.train, splits.test)},
         "strategy": recipe.strategy,
         "n_train": n_train,
+        "n_fit": fit.n_fit,
+        "n_val": fit.n_val,
         "n_test": n_test,
         "feature_dim": info.feature_dim,
-        "backbone": {
-            "name": recipe.backbone.name,
-            "plugin": backbone_entry.plugin,
-            "weights": info.weights,
-            "sha256": info.sha256,
-        },
+        "backbone": backbone_info,
         "head": recipe.head.type,
         "seed": recipe.seed,
         "skipped": [
@@ -161,9 +180,22 @@ def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -
         },
         "tlx_version": __version__,
     }
-    report.write_json(out / "metrics.json", metrics)
-    accuracy = metrics["test_accuracy"]
-    click.echo(f"test accuracy {accuracy:.2%} after {len(history)} epochs; metrics in {out / 'metrics.json'}")
+    try:
+        artifacts.write_run(
+            out,
+            resolved=artifacts.resolved_recipe(recipe, dataset_options, head_options),
+            provenance=artifacts.provenance(backbone_info),
+            metrics=metrics,
+            head=head,
+            scores=scores,
+            chosen=fit.chosen,
+            tuned_backbone=None if features_only else backbone.module,
+        )
+    except OSError as exc:
+        raise TlxError(
+            f"--out: cannot write the run folder {out} ({exc.strerror or exc}); free space there"
+        ) from None
+    report.print_run_summary(metrics, scores, out)
     return metrics
 
 

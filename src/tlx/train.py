@@ -1,15 +1,25 @@
-"""Training a head on fixed features with the recipe's optimizer and schedule, test accuracy every epoch."""
+"""Training a head on fixed features.
+
+Two kinds of head: a plain ``nn.Module`` is trained by SGD epochs (cross-entropy, the test accuracy
+printed after every epoch, never used to choose anything); a :class:`ClosedFormHead` fits itself in
+one call (logistic regression by L-BFGS). SGD heads use the recipe's optimizer, schedule and loss
+(:mod:`tlx.optim`). Both may hold out ``train.val_fraction`` of the training
+split for their choices (early stopping; the regularization strength).
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from tlx.features import Features, threads_set
+from tlx.folds import hold_out
 from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
 from tlx.recipe import TrainConfig
 
@@ -19,9 +29,66 @@ class Epoch:
     epoch: int
     train_loss: float
     test_accuracy: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@runtime_checkable
+class ClosedFormHead(Protocol):
+    """A head that fits itself in one call instead of by epochs.
+
+    ``fit`` leaves the module ready to predict and returns the rows of its model selection (e.g. one
+    per regularization strength, with its validation or cross-validation score) and what it chose.
+    """
+
+    def fit(
+        self, train: Features, val: Features | None, *, class_weight: torch.Tensor | None, seed: int
+    ) -> tuple[list[dict[str, float]], dict[str, Any]]: ...
+
+
+@dataclass
+class Fit:
+    """What training produced: the history rows, how many images fit and validated, the choices made."""
+
+    history: list[dict[str, float]]
+    n_fit: int
+    n_val: int
+    chosen: dict[str, Any] = field(default_factory=dict)
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``balanced`` weights: n / (n_classes · n_c), so every class weighs the same in the loss."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    return len(y) / (n_classes * counts.clamp(min=1))
+
+
+def fit_head(
+    head: nn.Module,
+    train: Features,
+    test: Features,
+    config: TrainConfig,
+    *,
+    n_classes: int,
+    seed: int,
+    on_epoch: Callable[[Epoch], None],
+) -> Fit:
+    """Hold out the validation share, weigh the classes, then fit ``head`` the way its kind needs."""
+    fit, val = hold_out(train, config.val_fraction, seed) if config.val_fraction else (train, None)
+    weight = class_weights(fit.y, n_classes) if config.class_weight == "balanced" else None
+    n_val = len(val.y) if val is not None else 0
+    if isinstance(head, ClosedFormHead):
+        rows, chosen = head.fit(fit, val, class_weight=weight, seed=seed)
+        return Fit(rows, len(fit.y), n_val, chosen)
+    history = train_head(head, fit, test, config, seed=seed, on_epoch=on_epoch, val=val, weight=weight)
+    chosen = {"epochs": min(history, key=_val_loss).epoch} if config.patience else {}
+    return Fit([h.as_dict() for h in history], len(fit.y), n_val, chosen)
+
+
+def _val_loss(record: Epoch) -> float:
+    return record.val_loss if record.val_loss is not None else float("inf")
 
 
 def train_head(
@@ -32,17 +99,22 @@ def train_head(
     *,
     seed: int,
     on_epoch: Callable[[Epoch], None],
+    val: Features | None = None,
+    weight: torch.Tensor | None = None,
 ) -> list[Epoch]:
     """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``.
 
     The head's small operations run on one thread; more only add overhead (same numbers).
+    With ``val`` and ``config.patience``, training stops once the validation loss has not improved for
+    ``patience`` epochs, and the head keeps the weights of its best validation epoch.
     """
     generator = torch.Generator().manual_seed(seed)
     n = len(train.y)
     optimizer = make_optimizer(param_groups(head.named_parameters(), config.lr, config.weight_decay), config)
     schedule = make_schedule(optimizer, config, steps_per_epoch=math.ceil(n / config.batch_size))
-    loss_fn = make_loss(config)
-    history = []
+    loss_fn = make_loss(config, weight)
+    history: list[Epoch] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     with threads_set(1):
         for epoch in range(1, config.epochs + 1):
             head.train()
@@ -56,10 +128,26 @@ def train_head(
                 optimizer.step()
                 schedule.step()
                 total += loss.item() * len(batch)
-            record = Epoch(epoch, total / n, accuracy(head, test))
+            val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
+            record = Epoch(epoch, total / n, accuracy(head, test), *val_scores)
             history.append(record)
             on_epoch(record)
+            if config.patience and record.val_loss is not None:
+                if best is None or record.val_loss < best[0]:
+                    best = (record.val_loss, copy.deepcopy(head.state_dict()))
+                elif epoch - min(history, key=_val_loss).epoch >= config.patience:
+                    break
+    if best is not None:
+        head.load_state_dict(best[1])
     return history
+
+
+def _loss_and_accuracy(head: nn.Module, features: Features, loss_fn: nn.Module) -> tuple[float, float]:
+    head.eval()
+    with torch.inference_mode():
+        logits = head(features.x)
+        loss = loss_fn(logits, features.y).item()
+    return loss, (logits.argmax(dim=1) == features.y).float().mean().item()
 
 
 def predict(head: nn.Module, features: Features) -> torch.Tensor:
@@ -69,4 +157,4 @@ def predict(head: nn.Module, features: Features) -> torch.Tensor:
 
 
 def accuracy(head: nn.Module, features: Features) -> float:
-    return (predict(head, features) == features.y).float().mean().item()
+    return (predict(head, features) == features.y).sum().item() / len(features.y)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from tlx import hookimpl
+from tlx.logreg import LogisticRegression, LogRegOptions
 
 
 class LinearOptions(BaseModel):
@@ -31,6 +32,12 @@ def register_heads(register):
         "linear", linear_head, description="one linear layer (logistic regression)", options=LinearOptions
     )
     register("mlp", mlp_head, description="hidden layers (sizes, activation, dropout)", options=MLPOptions)
+    register(
+        "logreg",
+        LogisticRegression,
+        description="multinomial logistic regression by L-BFGS, L2 chosen on the training split",
+        options=LogRegOptions,
+    )
 
 
 def linear_head(in_features: int, num_classes: int, options: LinearOptions) -> nn.Module:

@@ -1,0 +1,28 @@
+"""``tlx eval``: score a trained run on the test split of a dataset with the same classes."""
+
+from __future__ import annotations
+
+from tlx.artifacts import RECIPE_FILE, TrainedRun
+from tlx.errors import TlxError
+from tlx.features import Features, extract
+from tlx.scores import Scores
+from tlx.train import predict
+
+
+def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
+    """Extract the test split of the run's (possibly overridden) dataset and score the head on it."""
+    from tlx import plugins
+    from tlx.run import options
+
+    recipe = run.recipe
+    entry = plugins.load().datasets.get(recipe.dataset.kind, "dataset.kind")
+    splits = entry.factory(options(entry, recipe.dataset.options, "dataset", str(run.folder / RECIPE_FILE)))
+    if splits.classes != run.classes:
+        raise TlxError(
+            f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "
+            f"{', '.join(run.classes)}; evaluate on a dataset with the same class folders"
+        )
+    (test,) = extract(
+        [splits.test], run.backbone, batch_size=recipe.extract.batch_size, workers=recipe.extract.workers
+    )
+    return Scores.of(run.classes, test.y, predict(run.head, test)), test

@@ -1,0 +1,43 @@
+"""Stratified, seeded partitions of the training split: a validation hold-out and k-fold cross-validation.
+
+Model choices (early stopping, regularization strength) are made on these; the test split is only
+ever used to report the final model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tlx.errors import TlxError
+from tlx.features import Features
+
+
+def fold_ids(y: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """A fold number in ``0..k-1`` for every sample, each class dealt round-robin in a seeded order."""
+    generator = torch.Generator().manual_seed(seed)
+    folds = torch.empty_like(y)
+    for label in torch.unique(y):
+        members = torch.nonzero(y == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        folds[members] = torch.arange(len(members)) % k
+    return folds
+
+
+def subset(features: Features, mask: torch.Tensor) -> Features:
+    return Features(features.x[mask], features.y[mask], [])
+
+
+def hold_out(features: Features, fraction: float, seed: int) -> tuple[Features, Features]:
+    """(fit, validation): about ``fraction`` of each class goes to validation, at least one image."""
+    generator = torch.Generator().manual_seed(seed)
+    val = torch.zeros_like(features.y, dtype=torch.bool)
+    for label in torch.unique(features.y):
+        members = torch.nonzero(features.y == label).flatten()
+        n_val = max(1, round(fraction * len(members)))
+        if n_val >= len(members):
+            raise TlxError(
+                f"train.val_fraction: {fraction} leaves class {int(label)} with no training image "
+                f"({len(members)} in the training split); lower it or add images"
+            )
+        val[members[torch.randperm(len(members), generator=generator)[:n_val]]] = True
+    return subset(features, ~val), subset(features, val)

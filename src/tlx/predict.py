@@ -1,0 +1,53 @@
+"""``tlx predict``: classify image files and folders with a trained run, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlx.artifacts import TrainedRun
+from tlx.data import IMAGE_EXTENSIONS, Split
+from tlx.errors import TlxError
+from tlx.features import extract
+
+
+def image_files(paths: tuple[Path, ...]) -> list[Path]:
+    """Files as given; folders searched recursively for images, in sorted order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+            if not found:
+                raise TlxError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise TlxError(f"{path}: no such file or folder")
+    return files
+
+
+def predict(
+    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int, batch_size: int, workers: int
+) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
+    files = image_files(paths)
+    (features,) = extract(
+        [Split("predict", [(p, 0) for p in files])], run.backbone, batch_size=batch_size, workers=workers
+    )
+    skipped = {p for p, _ in features.skipped}
+    kept = [p for p in files if p not in skipped]
+    with torch.inference_mode():
+        probabilities = torch.softmax(run.head(features.x), dim=1)
+    top = probabilities.topk(min(top_k, len(run.classes)), dim=1)
+    results = []
+    for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
+        ranked = [{"label": run.classes[i], "probability": p} for i, p in zip(indices, values)]
+        results.append({"path": str(path), **ranked[0], "top_k": ranked})
+    return results, features.skipped
