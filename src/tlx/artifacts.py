@@ -50,8 +50,11 @@ def resolved_recipe(recipe: Recipe, dataset_options: BaseModel, head_options: Ba
 
 
 def provenance(backbone: dict[str, str]) -> dict[str, Any]:
-    """Versions of everything that shapes the numbers, and the identity of the backbone weights."""
-    import timm
+    """Versions of everything that shapes the numbers, and the identity of the backbone weights.
+
+    timm's version is read from its metadata: a run whose features are all cached never imports timm.
+    """
+    from importlib.metadata import version
 
     from tlx import __version__, plugins
 
@@ -59,7 +62,7 @@ def provenance(backbone: dict[str, str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "tlx": __version__,
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": version("timm"),
         "plugins": {p.name: p.version for p in plugins.load().plugins if not p.builtin},
         "backbone": backbone,
     }

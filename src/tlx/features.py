@@ -80,7 +80,7 @@ def extract(
     """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
 
     All splits share one pipeline: ``workers`` processes decode and resize while the backbone runs on
-    ``threads`` threads (default: the cores the workers leave), so no more than a few batches of
+    ``threads`` threads (default: one per core), so no more than a few batches of
     decoded images are held at a time. New features are written to
     ``store`` chunk by chunk as they come. ``backbone`` may be None when :func:`all_cached` is true.
     An image that cannot be decoded is left out and listed (``on_bad_image="skip"``) or stops the run.
@@ -177,7 +177,7 @@ def _run_backbone(
 
     with (
         torch.inference_mode(),
-        threads_set(threads or max(1, len(os.sched_getaffinity(0)) - workers)),
+        threads_set(threads or len(os.sched_getaffinity(0))),
         tqdm(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
     ):
         for images, indices, batch_failures in loader:

@@ -107,7 +107,7 @@ class FinetuneConfig(_Strict):
 class ExtractConfig(_Strict):
     batch_size: PositiveInt = 32
     workers: NonNegativeInt = 2
-    #: backbone threads; None: the CPU cores left over by the decoding workers (at least one)
+    #: backbone threads; None: one per CPU core (decoding workers overlap with it; measured fastest)
     threads: PositiveInt | None = None
     #: an image that cannot be decoded is left out and listed (skip), or stops the run (error)
     on_bad_image: Literal["skip", "error"] = "skip"
