@@ -107,9 +107,9 @@ def test_bad_values_and_names(override: str, words: list[str], tiny_dataset: Pat
 
 
 def test_missing_root(run_counting, tmp_path: Path) -> None:
-    assert_user_error(
-        run_counting(tmp_path / "nowhere"), "dataset.root", "does not exist", "--set dataset.root"
-    )
+    result = run_counting(tmp_path / "nowhere")
+    assert_user_error(result, "dataset.root", "does not exist", "--set dataset.root")
+    assert not result.out.exists(), "a run that stopped before writing anything leaves no folder"
 
 
 def test_missing_split_folder(run_counting, tiny_dataset: Path) -> None:

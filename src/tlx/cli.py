@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -75,7 +76,15 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     from tlx.run import run as run_recipe
 
     loaded = load_recipe(recipe, overrides)
-    run_recipe(loaded, str(recipe), out or default_out_dir(recipe), cache_dir)
+    target = out or default_out_dir(recipe)
+    created = not target.exists()
+    try:
+        run_recipe(loaded, str(recipe), target, cache_dir)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # a run that stopped before writing anything leaves no empty folder
+        raise
 
 
 @cli.group()
