@@ -251,3 +251,21 @@ def test_shipped_finetune_recipe_runs_on_its_backbone(tmp_path: Path) -> None:
     assert len(EPOCH_LINE.findall(result.stdout)) == 2
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["strategy"], metrics["n_train"], metrics["n_test"]) == ("finetune", 8, 4)
+
+
+def test_a_finetuned_run_is_reloaded_with_its_trained_backbone(tmp_path: Path, tiny_dataset: Path) -> None:
+    from tlx.artifacts import load_run
+    from tlx.evaluate import evaluate
+
+    def fresh(name, pretrained, weights):  # the "pretrained" network, as the plugin builds it each time
+        torch.manual_seed(0)
+        return Backbone(TinyNet(), 6, CONFIG, "test")
+
+    plugins.load().backbones.registrar("test-plugin")("freshnet", fresh)
+    metrics = finetune_run(tmp_path, tiny_dataset, "out", "backbone.name=freshnet", "train.epochs=3")
+    reloaded = load_run(tmp_path / "out")
+    pretrained = fresh("freshnet", True, None).module.state_dict()
+    tuned = reloaded.backbone.module.state_dict()
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in pretrained)
+    scores, _ = evaluate(reloaded)
+    assert scores.accuracy == metrics["test_accuracy"]
