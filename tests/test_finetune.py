@@ -269,3 +269,12 @@ def test_a_finetuned_run_is_reloaded_with_its_trained_backbone(tmp_path: Path, t
     assert any(not torch.equal(tuned[k], pretrained[k]) for k in pretrained)
     scores, _ = evaluate(reloaded)
     assert scores.accuracy == metrics["test_accuracy"]
+
+
+def test_bad_image_policy_applies_to_finetuning(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    (tiny_dataset / "train" / "class0" / "notes.jpg").write_text("not an image")
+    with pytest.raises(TlxError, match=r"extract.on_bad_image: cannot decode .*notes.jpg"):
+        finetune_run(tmp_path, tiny_dataset, "strict", "extract.on_bad_image=error")
+    assert finetune_run(tmp_path, tiny_dataset, "lenient")["skipped"][0]["path"].endswith("notes.jpg")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +99,7 @@ def extract(
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
-    if reasons and on_bad_image == "error":
-        first = min(reasons)
-        raise TlxError(
-            f"extract.on_bad_image: cannot decode {paths[first]} ({reasons[first]}); remove or replace "
-            "the file, or set extract.on_bad_image=skip"
-        )
+    enforce_bad_image_policy([(paths[n], reasons[n]) for n in sorted(reasons)], on_bad_image)
 
     results = []
     n = 0
@@ -123,6 +118,16 @@ def extract(
             raise TlxError(f"dataset: no image of split {split.name!r} could be decoded (first: {first})")
         results.append(Features(torch.stack(rows), torch.tensor(labels, dtype=torch.long), skipped, n_cached))
     return results
+
+
+def enforce_bad_image_policy(failures: Iterable[tuple[Path, str]], on_bad_image: str) -> None:
+    """``extract.on_bad_image: error`` stops at the first image that could not be decoded."""
+    for path, reason in failures:
+        if on_bad_image == "error":
+            raise TlxError(
+                f"extract.on_bad_image: cannot decode {path} ({reason}); remove or replace the file, "
+                "or set extract.on_bad_image=skip"
+            )
 
 
 def all_cached(splits: Sequence[Split], store: FeatureStore) -> bool:

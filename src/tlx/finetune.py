@@ -20,7 +20,7 @@ from tlx import report
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, _collate, preprocessing
+from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing
 from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
 from tlx.recipe import Recipe
 from tlx.train import Epoch
@@ -123,6 +123,7 @@ def finetune(
         total, n_train = 0.0, 0
         for images, indices, failures in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
             skipped |= {splits.train.samples[i][0]: reason for i, reason in failures}
+            enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
             if images is None:
                 continue
             labels = torch.tensor([splits.train.samples[i][1] for i in indices])
@@ -136,6 +137,7 @@ def finetune(
         if not n_train:
             raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
         test_y, test_predicted = _evaluate(model, test_loader, splits.test, skipped)
+        enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
         record = Epoch(epoch, total / n_train, (test_y == test_predicted).double().mean().item())
         history.append(record)
         on_epoch(record)
