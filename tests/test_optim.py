@@ -11,7 +11,7 @@ from torch import nn
 
 from tlx.errors import TlxError
 from tlx.features import Features
-from tlx.optim import lr_factor, make_loss, make_optimizer, make_schedule, param_groups
+from tlx.optim import Optimizer, lr_factor, make_loss, param_groups
 from tlx.recipe import TrainConfig, load_recipe
 from tlx.train import train_head
 
@@ -59,22 +59,49 @@ def test_cosine_schedule_after_warmup_falls_from_one_to_zero() -> None:
 def test_schedule_scales_every_group_of_the_optimizer() -> None:
     a, b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
     config = TrainConfig(epochs=2, schedule="step", step_size=1, gamma=0.1)
-    optimizer = make_optimizer([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.01}], config)
-    schedule = make_schedule(optimizer, config, steps_per_epoch=3)
+    groups = [
+        {"params": [a], "lr": 1.0, "weight_decay": 0.0},
+        {"params": [b], "lr": 0.01, "weight_decay": 0.0},
+    ]
+    optimizer = Optimizer(groups, config, steps_per_epoch=3)
+    assert optimizer.lrs == pytest.approx([1.0, 0.01])
     for _ in range(3):
         optimizer.step()
+    assert optimizer.lrs == pytest.approx([0.1, 0.001])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(lr=0.05, momentum=0.9, weight_decay=0.01, schedule="step", step_size=1, gamma=0.5),
+        TrainConfig(
+            lr=0.05, optimizer="adamw", momentum=0.85, weight_decay=0.1, schedule="cosine", warmup_epochs=1
+        ),
+    ],
+    ids=["sgd-step", "adamw-cosine-warmup"],
+)
+def test_updates_are_exactly_torch_optims(config: TrainConfig) -> None:
+    """Same groups, same gradients: the same weights as ``torch.optim.SGD``/``AdamW`` with ``LambdaLR``."""
+    config = config.model_copy(update={"epochs": 3})
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(4, 3), nn.Linear(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    optimizer = Optimizer(param_groups(ours.named_parameters(), 0.05, config.weight_decay), config, 2)
+    groups = param_groups(theirs.named_parameters(), 0.05, config.weight_decay)
+    if config.optimizer == "sgd":
+        reference = torch.optim.SGD(groups, lr=0.05, momentum=config.momentum)
+    else:
+        reference = torch.optim.AdamW(groups, lr=0.05, betas=(config.momentum, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: lr_factor(step, config, 2))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    for _ in range(6):
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
         schedule.step()
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.001])
-
-
-def test_sgd_and_adamw_with_their_settings() -> None:
-    groups = param_groups(nn.Linear(3, 2).named_parameters(), lr=0.5, weight_decay=0.01)
-    sgd = make_optimizer(groups, TrainConfig(momentum=0.8))
-    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.8
-    adamw = make_optimizer(groups, TrainConfig(optimizer="adamw", momentum=0.85))
-    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["betas"] == (0.85, 0.999)
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.0]  # weight, then bias
-    assert [g["lr"] for g in adamw.param_groups] == [0.5, 0.5]
+        for mine, reference_param in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(mine, reference_param)
 
 
 def test_adamw_trains_a_different_head_than_sgd() -> None:

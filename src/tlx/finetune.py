@@ -20,8 +20,8 @@ from tlx import report
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing
-from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
+from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing, yield_to_backbone
+from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import Recipe
 from tlx.train import Epoch
 
@@ -107,7 +107,6 @@ def finetune(
     decay = config.weight_decay
     groups = param_groups(backbone.module.named_parameters(), options.backbone_lr, decay)
     groups += param_groups(head.named_parameters(), config.lr, decay)
-    optimizer = make_optimizer(groups, config)
     loss_fn = make_loss(config)
     train_loader = _loader(
         splits.train, training_transform(backbone, options.augment), recipe, config.batch_size, shuffle=True
@@ -115,7 +114,7 @@ def finetune(
     test_loader = _loader(
         splits.test, preprocessing(backbone), recipe, recipe.extract.batch_size, shuffle=False
     )
-    schedule = make_schedule(optimizer, config, steps_per_epoch=len(train_loader))
+    optimizer = Optimizer(groups, config, steps_per_epoch=len(train_loader))
     skipped: dict[Path, str] = {}
     history: list[Epoch] = []
     for epoch in range(1, config.epochs + 1):
@@ -131,7 +130,6 @@ def finetune(
             loss = loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels)
             loss.backward()
             optimizer.step()
-            schedule.step()
             total += loss.item() * len(indices)
             n_train += len(indices)
         if not n_train:
@@ -157,6 +155,7 @@ def _loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         collate_fn=_collate,
+        worker_init_fn=yield_to_backbone,
     )
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from tlx.features import Features, threads_set
 from tlx.folds import hold_out
-from tlx.optim import make_loss, make_optimizer, make_schedule, param_groups
+from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
 
 
@@ -110,8 +110,8 @@ def train_head(
     """
     generator = torch.Generator().manual_seed(seed)
     n = len(train.y)
-    optimizer = make_optimizer(param_groups(head.named_parameters(), config.lr, config.weight_decay), config)
-    schedule = make_schedule(optimizer, config, steps_per_epoch=math.ceil(n / config.batch_size))
+    groups = param_groups(head.named_parameters(), config.lr, config.weight_decay)
+    optimizer = Optimizer(groups, config, steps_per_epoch=math.ceil(n / config.batch_size))
     loss_fn = make_loss(config, weight)
     history: list[Epoch] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
@@ -126,7 +126,6 @@ def train_head(
                 loss = loss_fn(head(train.x[batch]), train.y[batch])
                 loss.backward()
                 optimizer.step()
-                schedule.step()
                 total += loss.item() * len(batch)
             val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
             record = Epoch(epoch, total / n, accuracy(head, test), *val_scores)
