@@ -28,6 +28,7 @@ from torch import nn
 
 from tlx.backbone import Backbone
 from tlx.errors import TlxError
+from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
 from tlx.report import write_json
 from tlx.scores import Scores
@@ -77,16 +78,15 @@ def write_run(
     head: nn.Module,
     scores: Scores,
     chosen: dict[str, Any],
+    painter: Painter,
     tuned_backbone: nn.Module | None = None,
 ) -> None:
     """Write every file of the run folder; ``metrics.json`` last, so its presence marks a finished run.
 
     A fine-tuned backbone is saved too (``backbone.safetensors``): its weights are no longer the
-    pretrained ones the recipe names.
+    pretrained ones the recipe names. ``painter`` draws the figures.
     """
     from safetensors.torch import save_file
-
-    from tlx import plots
 
     write_recipe(out / RECIPE_FILE, resolved)
     write_json(out / PROVENANCE_FILE, provenance)
@@ -102,8 +102,7 @@ def write_run(
         save_file(state, str(out / TUNED_BACKBONE_FILE))
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
-    plots.training_curves(metrics["history"], chosen, out / "curves.png")
-    plots.confusion_matrix(scores, out / "confusion.png", f"test split, accuracy {scores.accuracy:.2%}")
+    painter.draw(out, metrics["history"], chosen, scores)
     write_json(out / "metrics.json", metrics)
 
 

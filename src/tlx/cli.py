@@ -71,20 +71,23 @@ RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
 @CACHE_DIR
 def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
     """Run RECIPE: extract features once (or read them from the cache), train the head, write metrics.json."""
-    from tlx.recipe import load_recipe
-    from tlx.run import default_out_dir
-    from tlx.run import run as run_recipe
+    from tlx.plots import Painter
 
-    loaded = load_recipe(recipe, overrides)
-    target = out or default_out_dir(recipe)
-    created = not target.exists()
-    try:
-        run_recipe(loaded, str(recipe), target, cache_dir)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                target.rmdir()  # a run that stopped before writing anything leaves no empty folder
-        raise
+    with Painter() as painter:  # first: it imports matplotlib while this process imports the rest
+        from tlx.recipe import load_recipe
+        from tlx.run import default_out_dir
+        from tlx.run import run as run_recipe
+
+        loaded = load_recipe(recipe, overrides)
+        target = out or default_out_dir(recipe)
+        created = not target.exists()
+        try:
+            run_recipe(loaded, str(recipe), target, cache_dir, painter)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    target.rmdir()  # a run that stopped before writing anything leaves no empty folder
+            raise
 
 
 @cli.group()

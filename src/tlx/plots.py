@@ -1,19 +1,92 @@
-"""The two figures of a run: training curves and the confusion matrix (matplotlib, Agg backend, PNG)."""
+"""The two figures of a run: training curves and the confusion matrix (matplotlib, Agg backend, PNG).
+
+They are drawn by a helper process (:class:`Painter`), started when a command starts: it imports
+matplotlib (about 0.4 s) while the command imports torch and trains, so on a machine with a
+spare core the figures cost only their drawing.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tlx.scores import Scores
+import tlx
+
+if TYPE_CHECKING:
+    from tlx.scores import Scores
 
 
-def _pyplot():
+class Painter:
+    """A helper process that draws a run's figures on request; a context manager that stops it."""
+
+    def __init__(self) -> None:
+        source = str(Path(tlx.__file__).resolve().parents[1])
+        path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tlx.plots"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": path, "MPLBACKEND": "Agg"},
+        )
+
+    def draw(self, out: Path, history: list[dict[str, float]], chosen: dict, scores: Scores) -> None:
+        """Write ``curves.png`` and ``confusion.png`` into ``out``; an OSError there is raised here."""
+        job = {
+            "out": str(out),
+            "history": history,
+            "chosen": chosen,
+            "classes": scores.classes,
+            "confusion": scores.confusion,
+            "title": f"test split, accuracy {scores.accuracy:.2%}",
+        }
+        stdout, stderr = self._proc.communicate(json.dumps(job))
+        if self._proc.returncode == 0:
+            return
+        if stdout.strip():
+            error = json.loads(stdout)
+            raise OSError(error["errno"], error["strerror"], error["filename"])
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {self._proc.returncode}"
+        raise RuntimeError(f"drawing the figures of {out} failed: {last}")
+
+    def __enter__(self) -> Painter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+
+def _serve() -> None:
+    """The helper process: import matplotlib, then draw the one job read from stdin."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot  # the slow import, done before the job arrives
 
-    return plt
+    try:
+        text = sys.stdin.read()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the command reports it
+        sys.exit(130)
+    if not text:  # the command ended without a run to draw
+        return
+    job = json.loads(text)
+    out = Path(job["out"])
+    try:
+        training_curves(job["history"], job["chosen"], out / "curves.png")
+        confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
+    except OSError as exc:
+        print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
+        sys.exit(1)
 
 
 def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -> None:
@@ -21,9 +94,9 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
 
     For a closed-form head the history is its model selection: held-out loss per L2 strength.
     """
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
     if history and "epoch" in history[0]:
         epochs = [h["epoch"] for h in history]
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -55,22 +128,27 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
     plt.close(fig)
 
 
-def confusion_matrix(scores: Scores, path: Path, title: str) -> None:
+def confusion_matrix(classes: list[str], confusion: list[list[int]], path: Path, title: str) -> None:
     """Counts of true (rows) against predicted (columns) classes, row-normalized colours."""
-    plt = _pyplot()
-    n = len(scores.classes)
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
     size = min(3 + 0.5 * n, 14)
     fig, ax = plt.subplots(figsize=(size + 1, size), constrained_layout=True)
-    rates = [[c / max(sum(row), 1) for c in row] for row in scores.confusion]
+    rates = [[c / max(sum(row), 1) for c in row] for row in confusion]
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
-        for i, row in enumerate(scores.confusion):
+        for i, row in enumerate(confusion):
             for j, count in enumerate(row):
                 colour = "white" if rates[i][j] > 0.5 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", color=colour)
-    ax.set_xticks(range(n), scores.classes, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), scores.classes)
+    ax.set_xticks(range(n), classes, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, label="share of the true class")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tlx import __version__
 from tlx.errors import TlxError
+from tlx.plots import Painter
 from tlx.recipe import Recipe, validate
 from tlx.registry import Entry
 
@@ -57,12 +58,18 @@ def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> 
     return validate(entry.options or NoOptions, values, source=source, prefix=section)
 
 
-def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None, painter: Painter | None = None
+) -> dict[str, Any]:
     """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
     Features come from the cache under ``cache_dir`` (default :func:`tlx.cache.cache_dir`) where they
-    are there; when all are, the backbone is not even built.
+    are there; when all are, the backbone is not even built. ``painter`` draws the figures (default:
+    one started now; start it earlier to hide its start-up).
     """
+    if painter is None:
+        with Painter() as own:
+            return run(recipe, source, out, cache_dir, own)
     import torch
 
     from tlx import artifacts, cache, plugins, report
@@ -189,6 +196,7 @@ def run(recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None) -
             head=head,
             scores=scores,
             chosen=fit.chosen,
+            painter=painter,
             tuned_backbone=None if features_only else backbone.module,
         )
     except OSError as exc:
