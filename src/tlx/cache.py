@@ -83,7 +83,7 @@ def _versions(packages: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
@@ -167,7 +167,7 @@ def remember_backbone(
     if record is None:
         return
     try:
-        _write_atomic(record, lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
+        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
     except OSError as exc:
         _warn(f"cannot write {record} ({exc.strerror or exc})")
 
@@ -263,9 +263,9 @@ class FeatureStore:
         try:
             identity = self.folder / "identity.json"
             if not identity.is_file():
-                _write_atomic(identity, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=1)))
+                write_atomic(identity, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=1)))
             chunk = self.folder / f"{uuid.uuid4().hex}.safetensors"
-            _write_atomic(chunk, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            write_atomic(chunk, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as exc:
             self._writable = False
             _warn(f"cannot write to {self.folder} ({exc.strerror or exc}); features are not cached")

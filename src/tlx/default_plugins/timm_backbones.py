@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -28,9 +30,31 @@ def register_backbones(register):
 
 
 def _is_timm_model(name: str) -> bool:
+    """Whether timm has the architecture ``name`` (a pretrained tag after a dot is allowed)."""
+    return name.split(".", 1)[0] in _architectures()
+
+
+def _architectures() -> frozenset[str]:
+    """timm's architecture names, remembered per timm version in tlx's cache folder.
+
+    Importing timm takes about 2 s; a run whose features are all cached need not pay it to learn
+    that ``resnet18`` is a timm model.
+    """
+    from importlib.metadata import version
+
+    from tlx.cache import cache_dir, write_atomic
+
+    record = cache_dir() / "timm" / f"architectures-{version('timm')}.json"
+    try:
+        return frozenset(json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
     import timm
 
-    return timm.is_model(name)
+    names = timm.list_models()
+    with contextlib.suppress(OSError):  # not remembered: the next run asks timm again
+        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(names), encoding="utf-8"))
+    return frozenset(names)
 
 
 def _timm_names() -> list[str]:
