@@ -166,6 +166,7 @@ def _run_backbone(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=yield_to_backbone,
     )
     module = backbone.module.to(memory_format=torch.channels_last)
     features: dict[int, torch.Tensor] = {}
@@ -203,6 +204,18 @@ def _run_backbone(
                 flush()
     flush()
     return features, failures
+
+
+def yield_to_backbone(_: int) -> None:
+    """A decoding worker's ``worker_init_fn``: run at the lowest priority (nice 19).
+
+    Where the backbone's threads already use every core, a worker that preempts one of them stalls
+    the others at the end of each layer; at the lowest priority a worker decodes in the gaps
+    instead (measured on 2 cores: 1.04-1.08 x the backbone-only time, against 1.14-1.25 x).
+    Spare cores still run the workers at full speed.
+    """
+    if hasattr(os, "nice"):
+        os.nice(19)
 
 
 @contextmanager
