@@ -1,0 +1,81 @@
+"""Start-up: a run whose features are cached imports only what it uses; figures come from a helper."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlx.plots import Painter
+from tlx.scores import Scores
+
+from .conftest import REPO, run_tlx
+
+HEAVY = ("timm", "torchvision", "matplotlib", "torch._dynamo")
+
+
+def imported(stderr: str) -> set[str]:
+    """Module names from ``PYTHONPROFILEIMPORTTIME`` lines (``import time: self | cumulative | name``)."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}
+
+
+def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
+    tiny_dataset: Path, resnet18_file: Path, tmp_path: Path
+) -> None:
+    args = ["run", REPO / "recipes" / "hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
+            "--set", f"backbone.weights={resnet18_file}", "--set", "extract.workers=0",
+            "--set", "train.epochs=2"]  # fmt: skip
+    env = {"TLX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
+    cold = run_tlx(*args, "--out", tmp_path / "cold", env=env)
+    assert cold.returncode == 0, cold.stderr[-2000:]
+    assert {"timm", "torchvision"} <= heavy(imported(cold.stderr))  # building the backbone needs them
+
+    warm = run_tlx(*args, "--out", tmp_path / "warm", env=env)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert "torch" in imported(warm.stderr)
+    assert heavy(imported(warm.stderr)) == set()
+    assert (tmp_path / "warm" / "curves.png").stat().st_size > 0  # drawn by the helper process
+    assert (tmp_path / "warm" / "confusion.png").stat().st_size > 0
+
+
+def test_painter_draws_both_figures(tmp_path: Path) -> None:
+    import torch
+
+    scores = Scores.of(["ants", "bees"], torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    history = [
+        {"epoch": 1, "train_loss": 0.7, "test_accuracy": 0.5},
+        {"epoch": 2, "train_loss": 0.5, "test_accuracy": 2 / 3},
+    ]
+    with Painter() as painter:
+        painter.draw(tmp_path, history, {}, scores)
+    for name in ("curves.png", "confusion.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_painter_reports_a_folder_it_cannot_write_as_an_os_error(tmp_path: Path) -> None:
+    import torch
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    scores = Scores.of(["a", "b"], torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with Painter() as painter, pytest.raises(OSError) as caught:
+        painter.draw(blocker, [{"epoch": 1, "train_loss": 0.1, "test_accuracy": 1.0}], {}, scores)
+    assert str(blocker) in str(caught.value.filename)
+
+
+def test_painter_stopped_unused_leaves_no_process() -> None:
+    with Painter() as painter:
+        proc = painter._proc
+    assert proc.poll() is not None
+
+
+def test_decoding_workers_run_at_the_lowest_priority() -> None:
+    code = "import os; from tlx.features import yield_to_backbone; yield_to_backbone(0); print(os.nice(0))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "19"
