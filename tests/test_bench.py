@@ -26,7 +26,9 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert figures["warm"]["cached"] == 12
     assert figures["tutorial"]["final_accuracy"] is not None and figures["tutorial_epochs"] == 1
     assert set(figures["ratios"]) == {
-        "cold_over_floor", "cold_minus_warm_over_floor", "tutorial_over_cold",
+        "cold_over_floor", "extract_over_floor", "cold_minus_warm_over_floor", "tutorial_over_cold",
         "peak_rss_x4_over_x1", "peak_pss_x4_over_x1",
     }  # fmt: skip
     assert all(v > 0 for v in figures["ratios"].values())
+    assert figures["floor"]["batch"] in (4, 8) and set(figures["floor"]["by_batch"]) == {"4", "8"}  # 8 images
+    assert "targets:" in result.stdout and result.stdout.count("met ") >= 4

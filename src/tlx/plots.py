@@ -7,6 +7,7 @@ spare core the figures cost only their drawing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -71,8 +72,13 @@ def _serve() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # the slow import, done before the job arrives
+    import matplotlib.pyplot as plt
 
+    # the first figure loads fonts and the renderer (about 0.1 s): do it before the job arrives
+    figure = plt.figure(figsize=(1, 1))
+    figure.text(0.5, 0.5, "0.5")
+    figure.savefig(io.BytesIO(), format="png")
+    plt.close(figure)
     try:
         text = sys.stdin.read()
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the command reports it
