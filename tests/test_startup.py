@@ -25,21 +25,43 @@ def heavy(modules: set[str]) -> set[str]:
     return {m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}
 
 
+def hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache holding timm's ``resnet18.tv_in1k`` weights (random values)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    repo = root / "models--timm--resnet18.tv_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18").state_dict(), str(snapshot / "model.safetensors"))
+    return root
+
+
+@pytest.mark.parametrize("weights", ["file", "hub cache"])
 def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
-    tiny_dataset: Path, resnet18_file: Path, tmp_path: Path
+    weights: str, tiny_dataset: Path, resnet18_file: Path, tmp_path: Path
 ) -> None:
     args = ["run", REPO / "recipes" / "hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
-            "--set", f"backbone.weights={resnet18_file}", "--set", "extract.workers=0",
-            "--set", "train.epochs=2"]  # fmt: skip
+            "--set", "extract.workers=0", "--set", "train.epochs=2"]  # fmt: skip
     env = {"TLX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
+    if weights == "file":
+        args += ["--set", f"backbone.weights={resnet18_file}"]
+    else:
+        env["HF_HUB_CACHE"] = str(hub_cache(tmp_path / "hub"))
     cold = run_tlx(*args, "--out", tmp_path / "cold", env=env)
     assert cold.returncode == 0, cold.stderr[-2000:]
     assert {"timm", "torchvision"} <= heavy(imported(cold.stderr))  # building the backbone needs them
+    assert ("(local cache)" in cold.stdout) == (weights == "hub cache")
 
     warm = run_tlx(*args, "--out", tmp_path / "warm", env=env)
     assert warm.returncode == 0, warm.stderr[-2000:]
     assert "torch" in imported(warm.stderr)
     assert heavy(imported(warm.stderr)) == set()
+    assert "(18 from the cache" in warm.stdout  # every feature cached: the backbone was not built
     assert (tmp_path / "warm" / "curves.png").stat().st_size > 0  # drawn by the helper process
     assert (tmp_path / "warm" / "confusion.png").stat().st_size > 0
 

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -15,6 +16,7 @@ from tlx.backbone import Backbone
 from tlx.errors import TlxError
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+LOCATION_KEYS = ("hf_hub_id", "hf_hub_filename", "url", "file")
 
 
 @hookimpl
@@ -24,7 +26,7 @@ def register_backbones(register):
         create_timm_backbone,
         description="any timm model name, with a pretrained tag if wanted (resnet18.tv_in1k)",
         matches=_is_timm_model,
-        catalog=_timm_names,
+        catalog=_architectures,
         weight_files=_weight_files,
     )
 
@@ -34,33 +36,16 @@ def _is_timm_model(name: str) -> bool:
     return name.split(".", 1)[0] in _architectures()
 
 
-def _architectures() -> frozenset[str]:
-    """timm's architecture names, remembered per timm version in tlx's cache folder.
+def _architectures() -> list[str]:
+    """timm's model architectures (``timm.list_models()``)."""
+    record = _record("architectures")
+    names = _read(record)
+    if names is None:
+        import timm
 
-    Importing timm takes about 2 s; a run whose features are all cached need not pay it to learn
-    that ``resnet18`` is a timm model.
-    """
-    from importlib.metadata import version
-
-    from tlx.cache import cache_dir, write_atomic
-
-    record = cache_dir() / "timm" / f"architectures-{version('timm')}.json"
-    try:
-        return frozenset(json.loads(record.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        pass
-    import timm
-
-    names = timm.list_models()
-    with contextlib.suppress(OSError):  # not remembered: the next run asks timm again
-        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(names), encoding="utf-8"))
-    return frozenset(names)
-
-
-def _timm_names() -> list[str]:
-    import timm
-
-    return timm.list_models()
+        names = timm.list_models()
+        _write(record, names)
+    return names
 
 
 def _weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None:
@@ -69,13 +54,50 @@ def _weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[
         return [weights]
     if not pretrained:
         return None
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
+    cfg = _weights_location(name)
     if cfg is None:
         return None
-    cached = str(cfg.file) if cfg.file else _cached_file(cfg)
+    cached = cfg.file or _cached_file(cfg)
     return [Path(cached)] if cached else None
+
+
+def _weights_location(name: str) -> SimpleNamespace | None:
+    """Where timm's pretrained config for ``name`` finds its weights (hub id and file, url, file)."""
+    record = _record("weights")
+    known = _read(record) or {}
+    if name not in known:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        known[name] = cfg and {k: getattr(cfg, k) and str(getattr(cfg, k)) for k in LOCATION_KEYS}
+        _write(record, known)
+    return SimpleNamespace(**known[name]) if known[name] else None
+
+
+# Importing timm takes about 2 s: what a run whose features are all cached needs from it (is a name
+# a timm model, where are its weights) is remembered per timm version in tlx's cache folder.
+
+
+def _record(kind: str) -> Path:
+    from importlib.metadata import version
+
+    from tlx.cache import cache_dir
+
+    return cache_dir() / "timm" / f"{kind}-{version('timm')}.json"
+
+
+def _read(record: Path) -> Any:
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write(record: Path, data: Any) -> None:
+    from tlx.cache import write_atomic
+
+    with contextlib.suppress(OSError):  # not remembered: the next run asks timm again
+        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"))
 
 
 def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:
