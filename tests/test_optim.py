@@ -114,6 +114,8 @@ def test_adamw_trains_a_different_head_than_sgd() -> None:
 def test_weight_decay_shrinks_weights_but_not_biases() -> None:
     groups = param_groups(nn.Linear(8, 2).named_parameters(), lr=0.1, weight_decay=0.5)
     assert [tuple(p.shape) for g in groups for p in g["params"]] == [(2, 8), (2,)]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # weight, then bias
+    assert [g["lr"] for g in groups] == [0.1, 0.1]
     plain, _ = train(TrainConfig(epochs=10, lr=0.01))
     decayed, _ = train(TrainConfig(epochs=10, lr=0.01, weight_decay=0.5))
     assert decayed.weight.norm() < 0.8 * plain.weight.norm()
