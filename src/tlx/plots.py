@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,19 @@ class Painter:
     """A helper process that draws a run's figures on request; a context manager that stops it."""
 
     def __init__(self) -> None:
-        source = str(Path(tlx.__file__).resolve().parents[1])
-        path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "MPLBACKEND": "Agg"}
+        source = Path(tlx.__file__).resolve().parents[1]
+        if source not in {Path(folder).resolve() for folder in site.getsitepackages()}:
+            # a source tree (installed editable, or not at all): the helper imports this same tlx;
+            # a site-packages folder is not put on PYTHONPATH, ahead of the standard library
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tlx.plots"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": path, "MPLBACKEND": "Agg"},
+            env=env,
         )
 
     def draw(self, out: Path, history: list[dict[str, float]], chosen: dict, scores: Scores) -> None:
