@@ -98,6 +98,6 @@ def test_painter_stopped_unused_leaves_no_process() -> None:
 
 
 def test_decoding_workers_run_at_the_lowest_priority() -> None:
-    code = "import os; from tlx.features import yield_to_backbone; yield_to_backbone(0); print(os.nice(0))"
+    code = "import os; from tlx.finetune import yield_to_backbone; yield_to_backbone(0); print(os.nice(0))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "19"

@@ -6,6 +6,7 @@ modules are in train mode and update theirs. The backbone and the head have thei
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from tlx import report
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing, yield_to_backbone
+from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing
 from tlx.optim import Optimizer, make_loss, param_groups
-from tlx.recipe import Recipe
+from tlx.recipe import Recipe, cpu_cores
 from tlx.train import Epoch
 
 
@@ -146,7 +147,7 @@ def finetune(
 def _loader(
     split: Split, transform: Callable, recipe: Recipe, batch_size: int, *, shuffle: bool
 ) -> DataLoader:
-    workers = recipe.extract.workers
+    workers = cpu_cores() if recipe.extract.workers is None else recipe.extract.workers
     return DataLoader(
         ImageFiles(split.samples, transform),
         batch_size=batch_size,
@@ -176,3 +177,15 @@ def _evaluate(
     if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
     return torch.cat(truth), torch.cat(predicted)
+
+
+def yield_to_backbone(_: int) -> None:
+    """A decoding worker's ``worker_init_fn``: run at the lowest priority (nice 19).
+
+    Where the backbone's threads already use every core, a worker that preempts one of them stalls
+    the others at the end of each layer; at the lowest priority a worker decodes in the gaps
+    instead (measured on 2 cores: 1.04-1.08 x the backbone-only time, against 1.14-1.25 x).
+    Spare cores still run the workers at full speed.
+    """
+    if hasattr(os, "nice"):
+        os.nice(19)

@@ -34,7 +34,7 @@ def image_files(paths: tuple[Path, ...]) -> list[Path]:
 
 
 def predict(
-    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int, batch_size: int, workers: int
+    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int, batch_size: int, workers: int | None
 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
     """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
     files = image_files(paths)
