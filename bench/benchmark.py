@@ -126,11 +126,12 @@ def replicate(data: Path, times: int, dest: Path) -> Path:
 
 
 def floor(data: Path, min_s: float) -> dict:
-    """Backbone forward throughput (images/s) on real images, at its best batch size.
+    """The backbone's best forward throughput (images/s) on real images, whatever the layout.
 
-    Batches of 4, 8, 16 and 32 decoded images run through the backbone as tlx runs it (inference
-    mode, channels-last, one thread per core), in two interleaved rounds of at least ``min_s``
-    seconds each in all, after a warm-up batch; the floor is the fastest size's best round.
+    Decoded batches of 4, 8, 16 and 32 images run through the backbone as tlx runs it (inference
+    mode, channels-last) in two layouts: one process with a thread per core, and a process per core
+    with one thread each. Two interleaved rounds of at least ``min_s`` seconds in all; each
+    measurement leaves out the first batch of each process. The floor is the best of them all.
     """
     import torch
 
@@ -138,7 +139,7 @@ def floor(data: Path, min_s: float) -> dict:
     from tlx.backbone import create_backbone
     from tlx.data import scan_imagefolder
     from tlx.features import ImageFiles, preprocessing, threads_set
-    from tlx.recipe import BackboneConfig
+    from tlx.recipe import BackboneConfig, cpu_cores
 
     backbone = create_backbone(
         plugins.load().backbones.get(BACKBONE, "backbone"), BackboneConfig(name=BACKBONE)
@@ -149,26 +150,70 @@ def floor(data: Path, min_s: float) -> dict:
         [item[0] for item in map(files.__getitem__, range(len(files))) if item[0] is not None]
     )
     module = backbone.module.to(memory_format=torch.channels_last)
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_cores()
     sizes = [n for n in (4, 8, 16, 32) if n <= len(images)]
-    rounds: dict[int, list[float]] = {n: [] for n in sizes}
-    with torch.inference_mode(), threads_set(cores):
-        for _ in range(2):
-            for n in sizes:
-                batch = images[:n].contiguous(memory_format=torch.channels_last)
-                module(batch)
-                done, started = 0, time.perf_counter()
-                while done < 32 or time.perf_counter() - started < min_s / (2 * len(sizes)):
-                    module(batch)
-                    done += n
-                rounds[n].append(done / (time.perf_counter() - started))
-    best = max(sizes, key=lambda n: max(rounds[n]))
+    layouts = ["threads", "processes"] if cores > 1 else ["threads"]
+    slot = min_s / (2 * len(sizes) * len(layouts))
+    rounds: dict[str, dict[int, list[float]]] = {layout: {n: [] for n in sizes} for layout in layouts}
+    for _ in range(2):
+        for n in sizes:
+            batch = images[:n].contiguous(memory_format=torch.channels_last)
+            with threads_set(cores):
+                rounds["threads"][n].append(_threads_throughput(module, batch, slot))
+            if "processes" in layouts:
+                rounds["processes"][n].append(_processes_throughput(module, batch, slot, cores))
+    best = max(((layout, n) for layout in layouts for n in sizes), key=lambda k: max(rounds[k[0]][k[1]]))
     return {
-        "images_per_s": max(rounds[best]),
-        "threads": cores,
-        "batch": best,
-        "by_batch": {n: max(r) for n, r in rounds.items()},
+        "images_per_s": max(rounds[best[0]][best[1]]),
+        "cores": cores,
+        "layout": best[0],
+        "batch": best[1],
+        "by_layout": {layout: {n: max(r) for n, r in by.items()} for layout, by in rounds.items()},
     }
+
+
+def _threads_throughput(module, batch, seconds: float) -> float:
+    """Images/s of ``module`` on ``batch`` over ``seconds``, in this process, after one warm-up call."""
+    import torch
+
+    with torch.inference_mode():
+        module(batch)
+        done, started = 0, time.perf_counter()
+        while done < 32 or time.perf_counter() - started < seconds:
+            module(batch)
+            done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+class _Timed:
+    """Dataset item ``k``: one call of ``module`` on ``batch`` in a worker; (pid, start, end, images)."""
+
+    def __init__(self, module, batch, count: int) -> None:
+        self.module, self.batch, self.count = module, batch, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> tuple[int, float, float, int]:
+        import torch
+
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self.module(self.batch)
+        return os.getpid(), started, time.perf_counter(), len(self.batch)
+
+
+def _processes_throughput(module, batch, seconds: float, cores: int) -> float:
+    """Images/s of ``module`` on ``batch`` in ``cores`` one-thread worker processes together, as tlx's
+    extraction workers run it, over about ``seconds``; each worker's first call is left out."""
+    from torch.utils.data import DataLoader
+
+    per_call = len(batch) / _threads_throughput(module, batch, 0) * cores  # a one-thread call, roughly
+    count = cores * (2 + int(seconds / per_call))
+    calls = list(DataLoader(_Timed(module, batch, count), batch_size=None, num_workers=cores, in_order=False))
+    firsts = {pid: min(c[1] for c in calls if c[0] == pid) for pid, *_ in calls}
+    rest = [c for c in calls if c[1] > firsts[c[0]]]
+    return sum(c[3] for c in rest) / (max(c[2] for c in rest) - min(c[1] for c in rest))
 
 
 def tutorial(data: Path, epochs: int) -> dict:
@@ -297,7 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.data.resolve()
     if args.part:
-        result = floor(data, 1 if args.quick else 12) if args.part == "floor" else tutorial(data, args.epochs)
+        result = floor(data, 1 if args.quick else 16) if args.part == "floor" else tutorial(data, args.epochs)
         print(json.dumps(result))
         return
 
@@ -343,7 +388,8 @@ def main() -> None:
             for _, a_, d_ in rounds
         ],
         "warm_runs_s": [r["wall_s"] for r in warm],
-        "floor": {k: d[k] for k in ("images_per_s", "threads", "batch", "by_batch")} | {"seconds": floor_s},
+        "floor": {k: d[k] for k in ("images_per_s", "cores", "layout", "batch", "by_layout")}
+        | {"seconds": floor_s},
         "cold": {k: a[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
         | {"accuracy": a["metrics"]["test_accuracy"], "extract_s": a["metrics"]["seconds"]["extract"]},
         "warm": {k: b[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
@@ -389,10 +435,13 @@ def report(f: dict) -> None:
     for name, wall, acc, mem in rows:
         memory = f"{mem['peak_rss_mib']:12.0f}  {mem['peak_pss_mib']:12.0f}" if mem else f"{'':12}  {'':12}"
         print(f"{name:24} {wall:8.1f}  {memory}  {acc}")
-    sizes = ", ".join(f"{n}: {v:.1f}" for n, v in f["floor"]["by_batch"].items())
+    layouts = "; ".join(
+        f"{layout}: " + ", ".join(f"{n}: {v:.1f}" for n, v in by.items())
+        for layout, by in f["floor"]["by_layout"].items()
+    )
     print(
-        f"floor: {f['floor']['images_per_s']:.1f} images/s at batch {f['floor']['batch']} "
-        f"({f['floor']['threads']} threads; images/s by batch size {sizes})\n"
+        f"floor: {f['floor']['images_per_s']:.1f} images/s, {f['floor']['layout']} at batch "
+        f"{f['floor']['batch']} ({f['floor']['cores']} cores; images/s by layout and batch size: {layouts})\n"
         "GPU throughput not measured (no GPU)"
     )
     startup = f["cold"]["wall_s"] - f["cold"]["extract_s"]

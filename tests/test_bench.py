@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tlx.recipe import cpu_cores
+
 from .conftest import REPO, make_imagefolder
 
 
@@ -30,5 +32,9 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         "peak_rss_x4_over_x1", "peak_pss_x4_over_x1",
     }  # fmt: skip
     assert all(v > 0 for v in figures["ratios"].values())
-    assert figures["floor"]["batch"] in (4, 8) and set(figures["floor"]["by_batch"]) == {"4", "8"}  # 8 images
+    floor = figures["floor"]  # 8 images: batches of 4 and 8, in one process and in a process per core
+    assert floor["batch"] in (4, 8) and floor["layout"] in ("threads", "processes")
+    layouts = {"threads", "processes"} if cpu_cores() > 1 else {"threads"}
+    assert {k: set(v) for k, v in floor["by_layout"].items()} == {k: {"4", "8"} for k in layouts}
+    assert floor["images_per_s"] == max(v for by in floor["by_layout"].values() for v in by.values())
     assert "targets:" in result.stdout and result.stdout.count("met ") >= 4
