@@ -97,7 +97,9 @@ def _serve() -> None:
         confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
     except OSError as exc:
         print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
-        sys.exit(1)
+        sys.stdout.flush()
+        os._exit(1)
+    os._exit(0)  # the files are closed: skip the interpreter's teardown (0.1-0.2 s with matplotlib)
 
 
 def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -> None:
@@ -110,7 +112,9 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
 
     if history and "epoch" in history[0]:
         epochs = [h["epoch"] for h in history]
-        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        # fixed margins: the labels are known, and a layout engine doubles the drawing time (0.1 s)
+        fig.subplots_adjust(left=0.07, right=0.99, bottom=0.12, top=0.92, wspace=0.2)
         loss_ax.plot(epochs, [h["train_loss"] for h in history], marker=".", label="train")
         if "val_loss" in history[0]:
             loss_ax.plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
@@ -127,7 +131,8 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
             ax.grid(alpha=0.3)
             ax.legend()
     else:
-        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
         scored = [h for h in history if "val_loss" in h]
         ax.plot([h["l2"] for h in scored], [h["val_loss"] for h in scored], marker="o", label="held-out loss")
         ax.axvline(chosen["l2"], color="grey", linestyle="--", label=f"chosen l2 = {chosen['l2']:g}")
