@@ -37,6 +37,8 @@ TUTORIAL_EPOCHS = 25
 ROUNDS = 3
 #: memory sampling interval
 SAMPLE_S = 0.2
+#: what :func:`measure` adds to a part's own figures
+MEASURED = ("wall_s", "peak_rss_mib", "peak_pss_mib")
 
 
 # --- measuring a child process ------------------------------------------------------------------------
@@ -95,6 +97,7 @@ def _rollup(pid: int) -> dict[str, int]:
 
 def tlx_run(data: Path, cache: Path, out: Path) -> dict:
     command = [sys.executable, "-m", "tlx", "run", str(RECIPE), "--set", f"dataset.root={data}"]
+    command += ["--set", "device=cpu"]  # compared with the CPU floor and the tutorial on the CPU
     result = measure([*command, "--cache-dir", str(cache), "--out", str(out)])
     result["metrics"] = json.loads((out / "metrics.json").read_text())
     return result
@@ -308,6 +311,47 @@ def tutorial(data: Path, epochs: int) -> dict:
     }
 
 
+def gpu(data: Path) -> dict:
+    """Extraction throughput on the first CUDA device: ResNet-18 (random weights: the speed is the
+    same) and the benchmark's backbone, decoding pipelined in one worker per core, after a warm-up
+    pass; and each backbone alone on a repeated batch of 64."""
+    import torch
+
+    from tlx import plugins
+    from tlx.backbone import create_backbone
+    from tlx.data import scan_imagefolder
+    from tlx.features import extract
+    from tlx.recipe import BackboneConfig, ExtractConfig
+
+    cuda = torch.device("cuda")
+    splits = scan_imagefolder(data, "train", "val")
+    images = len(splits.train) + len(splits.test)
+    result: dict = {"device": torch.cuda.get_device_name(cuda), "images": images}
+    for name, pretrained in (("resnet18", False), (BACKBONE, True)):
+        entry = plugins.load().backbones.get(name, "backbone")
+        backbone = create_backbone(entry, BackboneConfig(name=name, pretrained=pretrained))
+        extract([splits.test], backbone, ExtractConfig(), device=cuda)  # cuDNN picks its kernels
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        extract([splits.train, splits.test], backbone, ExtractConfig(), device=cuda)
+        seconds = time.perf_counter() - started
+        batch = torch.randn(64, 3, *backbone.data_config["input_size"][1:], device=cuda)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for _ in range(3):
+                backbone.module(batch)
+            torch.cuda.synchronize()
+            alone = time.perf_counter()
+            for _ in range(20):
+                backbone.module(batch)
+            torch.cuda.synchronize()
+        result[name] = {
+            "images_per_s": images / seconds,
+            "backbone_only_images_per_s": 20 * 64 / (time.perf_counter() - alone),
+        }
+    return result
+
+
 # --- the report ---------------------------------------------------------------------------------------
 
 
@@ -326,8 +370,15 @@ def machine() -> str:
     return (
         f"{len(os.sched_getaffinity(0))} cores ({cpu}), {memory:.0f} GiB, load average "
         f"{os.getloadavg()[0]:.1f} at the start; Python {platform.python_version()}, "
-        f"torch {torch.__version__}; no GPU used"
+        f"torch {torch.__version__}"
+        + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU")
     )
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main() -> None:
@@ -337,13 +388,17 @@ def main() -> None:
         "--quick", action="store_true", help="the tutorial for 1 epoch, not 25 (a smoke test)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--part", choices=["floor", "tutorial"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["floor", "tutorial", "gpu"], help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = args.data.resolve()
     if args.part:
-        result = floor(data, 1 if args.quick else 16) if args.part == "floor" else tutorial(data, args.epochs)
-        print(json.dumps(result))
+        parts = {
+            "floor": lambda: floor(data, 1 if args.quick else 16),
+            "tutorial": lambda: tutorial(data, args.epochs),
+            "gpu": lambda: gpu(data),
+        }
+        print(json.dumps(parts[args.part]()))
         return
 
     epochs = 1 if args.quick else TUTORIAL_EPOCHS
@@ -368,6 +423,10 @@ def main() -> None:
         b = sorted(warm, key=lambda r: r["wall_s"])[len(warm) // 2]
         print("    tlx cold on the dataset replicated 4x ...", flush=True)
         x4 = tlx_run(replicate(data, 4, work / "x4"), work / "cache-x4", work / "a4")
+        g = None
+        if has_gpu():
+            print("    GPU extraction throughput, on the dataset replicated 4x ...", flush=True)
+            g = part("gpu", work / "x4")
         print(f"(c) tutorial algorithm, {epochs} epoch(s) ...", flush=True)
         c = part("tutorial", data, "--epochs", str(epochs))
 
@@ -399,6 +458,9 @@ def main() -> None:
         "tutorial": {
             k: c[k] for k in ("wall_s", "peak_rss_mib", "peak_pss_mib", "final_accuracy", "best_accuracy")
         },
+        "gpu": {k: v for k, v in g.items() if k not in ("wall_s", "peak_rss_mib", "peak_pss_mib")}
+        if g
+        else None,
         "ratios": {
             "cold_over_floor": a["wall_s"] / floor_s,
             "extract_over_floor": a["metrics"]["seconds"]["extract"] / floor_s,
@@ -441,9 +503,18 @@ def report(f: dict) -> None:
     )
     print(
         f"floor: {f['floor']['images_per_s']:.1f} images/s, {f['floor']['layout']} at batch "
-        f"{f['floor']['batch']} ({f['floor']['cores']} cores; images/s by layout and batch size: {layouts})\n"
-        "GPU throughput not measured (no GPU)"
+        f"{f['floor']['batch']} ({f['floor']['cores']} cores; images/s by layout and batch size: {layouts})"
     )
+    if f["gpu"]:
+        for name in ("resnet18", f["backbone"]):
+            g = f["gpu"][name]
+            print(
+                f"GPU extraction ({f['gpu']['device']}, {f['gpu']['images']} images): {name} "
+                f"{g['images_per_s']:.0f} images/s with decoding, "
+                f"backbone alone {g['backbone_only_images_per_s']:.0f}"
+            )
+    else:
+        print("GPU throughput not measured (no GPU)")
     startup = f["cold"]["wall_s"] - f["cold"]["extract_s"]
     for k, r_ in enumerate(f["rounds"], 1):
         floor_s = f["images"] / r_["floor_images_per_s"]

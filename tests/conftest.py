@@ -156,3 +156,15 @@ def recipe_for(tmp_path: Path, root: Path, *overrides: str) -> Recipe:
         """,
     )
     return load_recipe(path, overrides)
+
+
+def assert_user_error(result, *words: str) -> str:
+    """Exit code 2, no traceback, and a last stderr line ``tlx: error: ...`` holding ``words``."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("tlx: error: ")
+    for word in words:
+        assert word in line, line
+    return line

@@ -1,4 +1,4 @@
-"""Extraction in worker processes: each decodes, resizes and runs the backbone for its batches."""
+"""Extraction: on a CPU, workers decode and run the backbone; elsewhere they decode for the device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 
 from tlx.backbone import Backbone
 from tlx.data import scan_imagefolder
-from tlx.features import extract
+from tlx.features import ImageFiles, extract, on_device, preprocessing
+from tlx.recipe import ExtractConfig
 
 from .conftest import CONFIG, make_imagefolder
 
@@ -36,10 +37,10 @@ def test_workers_give_each_image_the_features_this_process_gives_it(tmp_path: Pa
     log = tmp_path / "pids.txt"
     backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
 
-    alone = extract(splits, backbone, batch_size=2, workers=0)
+    alone = extract(splits, backbone, ExtractConfig(batch_size=2, workers=0))
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
-    pooled = extract(splits, backbone, batch_size=2, workers=2)
+    pooled = extract(splits, backbone, ExtractConfig(batch_size=2, workers=2))
     ran_in = set(log.read_text().split())
     assert str(os.getpid()) not in ran_in and len(ran_in) > 1, "the backbone runs in the workers"
 
@@ -55,5 +56,24 @@ def test_a_single_batch_is_extracted_in_this_process(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "data", classes=2, per_class=(1, 1))
     splits = scan_imagefolder(data, "train", "val")
     log = tmp_path / "pids.txt"
-    extract([splits.train], Backbone(MeanColour(log), 3, CONFIG, "test"), batch_size=4, workers=2)
+    extract([splits.train], Backbone(MeanColour(log), 3, CONFIG, "test"), ExtractConfig(workers=2))
     assert log.read_text().split() == [str(os.getpid())]
+
+
+def test_the_accelerator_pipeline_gives_the_same_features(tmp_path: Path) -> None:
+    """Workers decode and this process runs the backbone, as on a GPU (here on the CPU: the logic,
+    not CUDA, is what this checks; no GPU is assumed anywhere in the tests)."""
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=(5, 1))
+    (data / "train" / "class0" / "broken.jpg").write_bytes(b"not a jpeg")
+    samples = scan_imagefolder(data, "train", "val").train.samples
+    log = tmp_path / "pids.txt"
+    backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
+    files = ImageFiles(samples, preprocessing(backbone))
+    by_index, failed = {}, []
+    for out, indices, failures in on_device(backbone.module, files, 3, 2, torch.device("cpu")):
+        by_index |= dict(zip(indices, out)) if out is not None else {}
+        failed += failures
+    assert set(log.read_text().split()) == {str(os.getpid())}, "the backbone runs in this process"
+    (expected,) = extract([scan_imagefolder(data, "train", "val").train], backbone, ExtractConfig(workers=0))
+    assert [samples[i][0].name for i, _ in failed] == ["broken.jpg"]
+    assert torch.allclose(torch.stack([by_index[i] for i in sorted(by_index)]), expected.x, atol=1e-6)

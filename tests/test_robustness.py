@@ -17,7 +17,7 @@ from PIL import Image
 from tlx import plugins
 from tlx.backbone import Backbone
 
-from .conftest import CONFIG, REPO, TLX, make_imagefolder, write_recipe
+from .conftest import CONFIG, REPO, TLX, assert_user_error, make_imagefolder, write_recipe
 
 COUNTING = """
 dataset: {{root: {root}}}
@@ -25,18 +25,6 @@ backbone: {{name: counting}}
 extract: {{workers: 0}}
 train: {{epochs: 2}}
 """
-
-
-def assert_user_error(result, *words: str) -> str:
-    """Exit code 2, no traceback, and a last stderr line ``tlx: error: ...`` holding ``words``."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("tlx: error: ")
-    for word in words:
-        assert word in line, line
-    return line
 
 
 @pytest.fixture

@@ -133,9 +133,7 @@ def predict_(run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool) 
     from tlx.predict import predict
 
     run = load_run(run_dir)
-    results, skipped = predict(
-        run, paths, top_k=top_k, batch_size=run.recipe.extract.batch_size, workers=run.recipe.extract.workers
-    )
+    results, skipped = predict(run, paths, top_k=top_k)
     for path, reason in skipped:
         click.echo(f"tlx: warning: skipped {path}: {reason}", err=True)
     if as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tlx.artifacts import RECIPE_FILE, TrainedRun
+from tlx.device import resolve
 from tlx.errors import TlxError
 from tlx.features import Features, extract
 from tlx.scores import Scores
@@ -22,7 +23,5 @@ def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
             f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "
             f"{', '.join(run.classes)}; evaluate on a dataset with the same class folders"
         )
-    (test,) = extract(
-        [splits.test], run.backbone, batch_size=recipe.extract.batch_size, workers=recipe.extract.workers
-    )
+    (test,) = extract([splits.test], run.backbone, recipe.extract, device=resolve(recipe.device))
     return Scores.of(run.classes, test.y, predict(run.head, test)), test

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tlx.backbone import Backbone
 from tlx.data import Split
 from tlx.errors import TlxError
-from tlx.recipe import cpu_cores
+from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
     from tlx.cache import FeatureStore
@@ -71,21 +71,20 @@ def preprocessing(backbone: Backbone) -> Callable[[Image.Image], torch.Tensor]:
 def extract(
     splits: Sequence[Split],
     backbone: Backbone | None,
+    settings: ExtractConfig,
     *,
-    batch_size: int,
-    workers: int | None,
-    threads: int | None = None,
+    device: torch.device | None = None,
     store: FeatureStore | None = None,
-    on_bad_image: str = "skip",
 ) -> list[Features]:
     """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
 
-    All splits share one pipeline: each of ``workers`` processes decodes, resizes and runs the backbone
-    on one thread, so only a few batches of images are decoded at a time and only features reach this
-    process; with ``workers`` 0 or 1, this process does it all on ``threads`` threads (default: one per
-    core). New features are written to
-    ``store`` chunk by chunk as they come. ``backbone`` may be None when :func:`all_cached` is true.
-    An image that cannot be decoded is left out and listed (``on_bad_image="skip"``) or stops the run.
+    All splits share one pipeline, so only a few batches of images are decoded at a time. On a CPU
+    (``device`` None or cpu) each of ``settings.workers`` processes decodes, resizes and runs the
+    backbone on one thread, and only features reach this process; with 0 or 1 workers this process
+    does it all on ``settings.threads`` threads. On an accelerator the workers decode and this
+    process runs the backbone. New features are written to ``store`` chunk by chunk as they come.
+    ``backbone`` may be None when :func:`all_cached` is true. An image that cannot be decoded is left
+    out and listed (``settings.on_bad_image: skip``) or stops the run.
     """
     paths = [path for split in splits for path, _ in split.samples]
     keys = [_key(path) for path in paths]
@@ -97,11 +96,11 @@ def extract(
         if backbone is None:
             raise RuntimeError("extract: images are missing from the cache and no backbone was given")
         new, new_failures = _run_backbone(
-            backbone, [paths[n] for n in todo], [keys[n] for n in todo], batch_size, workers, threads, store
+            backbone, [paths[n] for n in todo], [keys[n] for n in todo], settings, device, store
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
-    enforce_bad_image_policy([(paths[n], reasons[n]) for n in sorted(reasons)], on_bad_image)
+    enforce_bad_image_policy([(paths[n], reasons[n]) for n in sorted(reasons)], settings.on_bad_image)
 
     results = []
     n = 0
@@ -151,27 +150,25 @@ def _run_backbone(
     backbone: Backbone,
     paths: list[Path],
     keys: list[str | None],
-    batch_size: int,
-    workers: int | None,
-    threads: int | None,
+    settings: ExtractConfig,
+    device: torch.device | None,
     store: FeatureStore | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
     from tqdm import tqdm
 
     from tlx.cache import CHUNK_IMAGES
+    from tlx.device import batch_size
 
-    batches = FeatureBatches(
-        ImageFiles([(p, 0) for p in paths], preprocessing(backbone)),
-        backbone.module.to(memory_format=torch.channels_last),
-        batch_size,
-    )
-    # a single worker would only add a process. Workers run one thread each (DataLoader's setting):
-    # more can deadlock in a child forked after this process's OpenMP threads started
-    workers = min(cpu_cores() if workers is None else workers, len(batches))
-    workers = workers if workers > 1 else 0
-    loader = DataLoader(  # out of order: a slow batch holds up no other worker
-        batches, batch_size=None, num_workers=workers, in_order=False
+    device = device or torch.device("cpu")
+    files = ImageFiles([(p, 0) for p in paths], preprocessing(backbone))
+    module = backbone.module.to(memory_format=torch.channels_last)
+    size = batch_size(settings.batch_size, device)
+    workers = cpu_cores() if settings.workers is None else settings.workers
+    batches = (
+        on_cpu(module, files, size, workers)
+        if device.type == "cpu"
+        else on_device(module, files, size, workers, device)
     )
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
@@ -186,10 +183,10 @@ def _run_backbone(
         pending_failed.clear()
 
     with (
-        threads_set(threads or cpu_cores()),
+        threads_set(settings.threads or cpu_cores()),
         tqdm(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
     ):
-        for out, indices, batch_failures in loader:
+        for out, indices, batch_failures in batches:
             for j, reason in batch_failures:
                 failures[j] = reason
                 if keys[j]:
@@ -205,6 +202,42 @@ def _run_backbone(
                 flush()
     flush()
     return features, failures
+
+
+def on_cpu(
+    module: nn.Module, files: ImageFiles, batch_size: int, workers: int
+) -> Iterable[tuple[Any, list[int], list[tuple[int, str]]]]:
+    """``(features, indices, failures)`` per batch, in any order: each of ``workers`` processes decodes
+    and runs ``module`` for the batches it takes (see :class:`FeatureBatches`)."""
+    batches = FeatureBatches(files, module, batch_size)
+    # a single worker would only add a process. Workers run one thread each (DataLoader's setting):
+    # more can deadlock in a child forked after this process's OpenMP threads started
+    workers = min(workers, len(batches))
+    return DataLoader(batches, batch_size=None, num_workers=workers if workers > 1 else 0, in_order=False)
+
+
+def on_device(
+    module: nn.Module, files: ImageFiles, batch_size: int, workers: int, device: torch.device
+) -> Iterator[tuple[Any, list[int], list[tuple[int, str]]]]:
+    """``(features, indices, failures)`` per batch, in any order: ``workers`` processes decode, and
+    ``module`` runs in this process on ``device`` (batches come through pinned memory on CUDA)."""
+    module.to(device)
+    loader = DataLoader(
+        files,
+        batch_size=batch_size,
+        num_workers=min(workers, -(-len(files) // batch_size)),
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        in_order=False,
+    )
+    with torch.inference_mode():
+        for images, indices, failures in loader:
+            out = None
+            if images is not None:
+                batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                out = module(batch)
+                out = out.cpu() if isinstance(out, torch.Tensor) else out
+            yield out, indices, failures
 
 
 class FeatureBatches(Dataset):

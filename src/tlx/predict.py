@@ -9,6 +9,7 @@ import torch
 
 from tlx.artifacts import TrainedRun
 from tlx.data import IMAGE_EXTENSIONS, Split
+from tlx.device import resolve
 from tlx.errors import TlxError
 from tlx.features import extract
 
@@ -34,13 +35,14 @@ def image_files(paths: tuple[Path, ...]) -> list[Path]:
 
 
 def predict(
-    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int, batch_size: int, workers: int | None
+    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int
 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
+    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped.
+
+    Images go through the run's backbone with its recipe's ``extract`` settings and ``device``."""
     files = image_files(paths)
-    (features,) = extract(
-        [Split("predict", [(p, 0) for p in files])], run.backbone, batch_size=batch_size, workers=workers
-    )
+    split = Split("predict", [(p, 0) for p in files])
+    (features,) = extract([split], run.backbone, run.recipe.extract, device=resolve(run.recipe.device))
     skipped = {p for p, _ in features.skipped}
     kept = [p for p in files if p not in skipped]
     with torch.inference_mode():

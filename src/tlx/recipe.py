@@ -111,9 +111,10 @@ class FinetuneConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    #: images per backbone call; on a CPU, small batches keep activations in cache (efficientnet_lite0,
-    #: a one-thread worker per core on 2 cores: 4 images 5.5-5.6 s for 398 images, 8 images 5.8-6.5 s)
-    batch_size: PositiveInt = 4
+    #: images per backbone call; None: 4 on a CPU, where small batches keep activations in cache
+    #: (efficientnet_lite0, a one-thread worker per core on 2 cores: 4 images 5.5-5.6 s for 398
+    #: images, 8 images 5.8-6.5 s), 64 on a GPU
+    batch_size: PositiveInt | None = None
     #: processes that decode images and, for features, run the backbone on one thread each;
     #: None: one per core; 0 or 1: this process extracts features alone
     workers: NonNegativeInt | None = None
@@ -130,6 +131,8 @@ class Recipe(_Strict):
     #: features: the frozen backbone runs once and the head trains on its features;
     #: finetune: the backbone (or its ``finetune.unfreeze`` part) trains with the head
     strategy: Literal["features", "finetune"] = "features"
+    #: where the backbone runs: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N, mps
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dataset: DatasetConfig
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()

@@ -74,6 +74,7 @@ def run(
 
     from tlx import artifacts, cache, plugins, report
     from tlx.backbone import flip_averaged
+    from tlx.device import resolve
     from tlx.features import all_cached, extract
     from tlx.scores import Scores
     from tlx.train import Fit, fit_head, predict
@@ -107,13 +108,17 @@ def run(
         click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
     report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, info, splits)
 
+    # the device matters only where the backbone runs (a warm run does not look for a GPU)
+    device = resolve(recipe.device) if backbone is not None else None
+    if device is not None:
+        click.echo(f"device    {device} (recipe: device: {recipe.device})")
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
     if not features_only:
         from tlx.finetune import finetune
 
-        tuned = finetune(backbone, head, splits, recipe, on_epoch=report.print_epoch)
+        tuned = finetune(backbone, head, splits, recipe, device=device, on_epoch=report.print_epoch)
         fit = Fit([h.as_dict() for h in tuned.history], tuned.n_train, 0)
         scores = Scores.of(splits.classes, tuned.test_y, tuned.test_predicted)
         n_train, n_test, decode_skipped = tuned.n_train, len(tuned.test_y), tuned.skipped
@@ -122,13 +127,7 @@ def run(
         if backbone is not None and recipe.extract.flip:
             backbone = flip_averaged(backbone)
         train, test = extract(
-            [splits.train, splits.test],
-            backbone,
-            batch_size=recipe.extract.batch_size,
-            workers=recipe.extract.workers,
-            threads=recipe.extract.threads,
-            store=store,
-            on_bad_image=recipe.extract.on_bad_image,
+            [splits.train, splits.test], backbone, recipe.extract, device=device, store=store
         )
         extract_s = time.perf_counter() - t0
         report.print_features((splits.train.name, splits.test.name), (train, test), root)
