@@ -244,10 +244,11 @@ class FeatureBatches(Dataset):
     """Item ``k``: batch ``k`` of ``files`` decoded and through the backbone, in the process that asks.
 
     On a CPU each DataLoader worker runs the whole pipeline (decode, resize, backbone) for its batches
-    on its own core: the cores never wait for one another, as the threads of one backbone call do
-    at every layer, and decoding takes no core from a running backbone. Measured in one process on
-    2 cores, 398 images at batch 8: 5.4-5.5 s, against 6.6-6.8 s for workers that only decode beside
-    a two-thread backbone, and 4.2-4.4 s for that backbone alone on images decoded beforehand.
+    on its own core: the cores never wait for one another, as the threads of one backbone call do at
+    every layer, and a worker decodes between its own backbone calls, never preempting another's.
+    Measured in one process on 2 cores, 398 images at batch 8: 5.4-5.5 s, against 6.6-6.8 s for
+    workers that only decode beside a two-thread backbone, and 4.2-4.4 s for that backbone alone on
+    images decoded beforehand.
     Yields ``(features or None, indices, failures)``; only features cross between processes.
     """
 
