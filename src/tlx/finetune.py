@@ -109,7 +109,7 @@ def finetune(
     config, options = recipe.train, recipe.finetune
     trained = unfreeze(backbone.module, options.unfreeze)
     report.print_finetune_summary(backbone, head, recipe)
-    # channels-last is what the CPU convolution kernels are fastest with (about 1.5x when training)
+    # channels-last is what convolution kernels are fastest with (on a CPU about 1.5x when training)
     model = nn.Sequential(backbone.module, head).to(device, memory_format=torch.channels_last)
     decay = config.weight_decay
     groups = param_groups(backbone.module.named_parameters(), options.backbone_lr, decay)
