@@ -128,6 +128,17 @@ def replicate(data: Path, times: int, dest: Path) -> Path:
 # --- the parts that run in their own process ----------------------------------------------------------
 
 
+def built(name: str, pretrained: bool = True):
+    """The backbone ``name`` from the installed plugins, as ``tlx run`` builds it."""
+    from tlx import plugins
+    from tlx.backbone import create_backbone
+    from tlx.recipe import BackboneConfig
+
+    return create_backbone(
+        plugins.load().backbones.get(name, "backbone"), BackboneConfig(name=name, pretrained=pretrained)
+    )
+
+
 def floor(data: Path, min_s: float) -> dict:
     """The backbone's best forward throughput (images/s) on real images, whatever the layout.
 
@@ -138,15 +149,11 @@ def floor(data: Path, min_s: float) -> dict:
     """
     import torch
 
-    from tlx import plugins
-    from tlx.backbone import create_backbone
     from tlx.data import scan_imagefolder
     from tlx.features import ImageFiles, preprocessing, threads_set
-    from tlx.recipe import BackboneConfig, cpu_cores
+    from tlx.recipe import cpu_cores
 
-    backbone = create_backbone(
-        plugins.load().backbones.get(BACKBONE, "backbone"), BackboneConfig(name=BACKBONE)
-    )
+    backbone = built(BACKBONE)
     samples = scan_imagefolder(data, "train", "val").train.samples
     files = ImageFiles(samples[:32], preprocessing(backbone))
     images = torch.stack(
@@ -231,14 +238,8 @@ def tutorial(data: Path, epochs: int) -> dict:
     from torch.optim import lr_scheduler
     from torchvision import datasets, transforms
 
-    from tlx import plugins
-    from tlx.backbone import create_backbone
-    from tlx.recipe import BackboneConfig
-
     torch.manual_seed(0)
-    backbone = create_backbone(
-        plugins.load().backbones.get(BACKBONE, "backbone"), BackboneConfig(name=BACKBONE)
-    )
+    backbone = built(BACKBONE)
     size, mean, std = (
         backbone.data_config["input_size"][1],
         backbone.data_config["mean"],
@@ -317,19 +318,16 @@ def gpu(data: Path) -> dict:
     pass; and each backbone alone on a repeated batch of 64."""
     import torch
 
-    from tlx import plugins
-    from tlx.backbone import create_backbone
     from tlx.data import scan_imagefolder
     from tlx.features import extract
-    from tlx.recipe import BackboneConfig, ExtractConfig
+    from tlx.recipe import ExtractConfig
 
     cuda = torch.device("cuda")
     splits = scan_imagefolder(data, "train", "val")
     images = len(splits.train) + len(splits.test)
     result: dict = {"device": torch.cuda.get_device_name(cuda), "images": images}
     for name, pretrained in (("resnet18", False), (BACKBONE, True)):
-        entry = plugins.load().backbones.get(name, "backbone")
-        backbone = create_backbone(entry, BackboneConfig(name=name, pretrained=pretrained))
+        backbone = built(name, pretrained=pretrained)
         extract([splits.test], backbone, ExtractConfig(), device=cuda)  # cuDNN picks its kernels
         torch.cuda.synchronize()
         started = time.perf_counter()

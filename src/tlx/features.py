@@ -164,11 +164,10 @@ def _run_backbone(
     files = ImageFiles([(p, 0) for p in paths], preprocessing(backbone))
     module = backbone.module.to(memory_format=torch.channels_last)
     size = batch_size(settings.batch_size, device)
-    workers = cpu_cores() if settings.workers is None else settings.workers
     batches = (
-        on_cpu(module, files, size, workers)
+        on_cpu(module, files, size, settings.processes)
         if device.type == "cpu"
-        else on_device(module, files, size, workers, device)
+        else on_device(module, files, size, settings.processes, device)
     )
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
@@ -234,10 +233,14 @@ def on_device(
         for images, indices, failures in loader:
             out = None
             if images is not None:
-                batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                out = module(batch)
+                out = module(to_backbone(images, device))
                 out = out.cpu() if isinstance(out, torch.Tensor) else out
             yield out, indices, failures
+
+
+def to_backbone(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A decoded batch on ``device``, channels-last (what convolution kernels are fastest with)."""
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 class FeatureBatches(Dataset):

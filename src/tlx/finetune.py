@@ -21,9 +21,9 @@ from tlx import report
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing
+from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing, to_backbone
 from tlx.optim import Optimizer, make_loss, param_groups
-from tlx.recipe import Recipe, cpu_cores
+from tlx.recipe import Recipe
 from tlx.train import Epoch
 
 
@@ -132,7 +132,7 @@ def finetune(
                 continue
             labels = torch.tensor([splits.train.samples[i][1] for i in indices]).to(device)
             optimizer.zero_grad()
-            loss = loss_fn(model(_on(images, device)), labels)
+            loss = loss_fn(model(to_backbone(images, device)), labels)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(indices)
@@ -151,7 +151,7 @@ def finetune(
 def _loader(
     split: Split, transform: Callable, recipe: Recipe, batch_size: int, device: torch.device, *, shuffle: bool
 ) -> DataLoader:
-    workers = cpu_cores() if recipe.extract.workers is None else recipe.extract.workers
+    workers = recipe.extract.processes
     return DataLoader(
         ImageFiles(split.samples, transform),
         batch_size=batch_size,
@@ -163,11 +163,6 @@ def _loader(
         pin_memory=device.type == "cuda",
         worker_init_fn=yield_to_backbone,
     )
-
-
-def _on(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A decoded batch on ``device``, channels-last (what convolution kernels are fastest with)."""
-    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def _evaluate(
@@ -183,7 +178,7 @@ def _evaluate(
             if images is None:
                 continue
             truth.append(torch.tensor([split.samples[i][1] for i in indices]))
-            predicted.append(model(_on(images, device)).argmax(dim=1).cpu())
+            predicted.append(model(to_backbone(images, device)).argmax(dim=1).cpu())
     if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
     return torch.cat(truth), torch.cat(predicted)

@@ -125,6 +125,11 @@ class ExtractConfig(_Strict):
     #: average the features of each image and its mirror image (train, test and predict)
     flip: bool = False
 
+    @property
+    def processes(self) -> int:
+        """``workers`` as set, else one per CPU core."""
+        return cpu_cores() if self.workers is None else self.workers
+
 
 class Recipe(_Strict):
     seed: int = 0
