@@ -28,9 +28,9 @@ from torch import nn
 
 from tlx.backbone import Backbone
 from tlx.errors import TlxError
+from tlx.files import write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
-from tlx.report import write_json
 from tlx.scores import Scores
 
 HEAD_FILE = "head.safetensors"

@@ -26,11 +26,13 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tlx.files import write_atomic, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -81,17 +83,6 @@ def _versions(packages: Iterable[str]) -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "absent"
     return found
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _warn(message: str) -> None:
@@ -167,7 +158,7 @@ def remember_backbone(
     if record is None:
         return
     try:
-        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
+        write_json(record, asdict(info))
     except OSError as exc:
         _warn(f"cannot write {record} ({exc.strerror or exc})")
 
@@ -263,7 +254,7 @@ class FeatureStore:
         try:
             identity = self.folder / "identity.json"
             if not identity.is_file():
-                write_atomic(identity, lambda tmp: tmp.write_text(json.dumps(self.identity, indent=1)))
+                write_json(identity, self.identity)
             chunk = self.folder / f"{uuid.uuid4().hex}.safetensors"
             write_atomic(chunk, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as exc:

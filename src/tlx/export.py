@@ -13,7 +13,8 @@ from typing import Any, Literal
 import torch
 
 from tlx.artifacts import TrainedRun
-from tlx.report import describe_preprocessing, write_json
+from tlx.files import write_json
+from tlx.report import describe_preprocessing
 
 Format = Literal["onnx", "torchscript"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tlx.backbone import Backbone
 from tlx.data import Split
-from tlx.errors import TlxError
+from tlx.errors import TlxError, describe
 from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class ImageFiles(Dataset):
             with Image.open(path) as image:
                 return self.transform(image.convert("RGB")), index, ""
         except Exception as exc:  # PIL raises many types for damaged or foreign files
-            return None, index, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return None, index, describe(exc)
 
 
 def _collate(

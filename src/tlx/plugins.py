@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from tlx import __version__, hookspecs
+from tlx.errors import describe
 from tlx.registry import Registry
 
 GROUP = "tlx"
@@ -53,10 +54,6 @@ class Plugins:
         return (self.backbones, self.heads, self.datasets)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-
 @functools.cache
 def load() -> Plugins:
     """Import and register all plugins once per process."""
@@ -72,7 +69,7 @@ def load() -> Plugins:
             try:
                 pm.register(ep.load(), name=ep.name)
             except Exception as exc:  # a broken plugin must not break tlx
-                info.error = _describe(exc)
+                info.error = describe(exc)
 
     plugins = Plugins(Registry("backbone"), Registry("head"), Registry("dataset"), list(infos.values()))
     hooks = (pm.hook.register_backbones, pm.hook.register_heads, pm.hook.register_datasets)
@@ -81,7 +78,7 @@ def load() -> Plugins:
             try:
                 impl.function(register=registry.registrar(impl.plugin_name))
             except Exception as exc:
-                infos[impl.plugin_name].error = f"{hook.name} failed: {_describe(exc)}"
+                infos[impl.plugin_name].error = f"{hook.name} failed: {describe(exc)}"
     for info in infos.values():
         conflicts = [msg for r in plugins.registries() for msg in r.conflict_errors(info.name)]
         if conflicts and not info.error:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,13 +109,6 @@ def print_run_summary(metrics: dict[str, Any], scores: Scores, out: Path) -> Non
         + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
     )
     click.echo(f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ...")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a run killed while writing never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def print_finetune_summary(backbone: Backbone, head: Any, recipe: Recipe) -> None:

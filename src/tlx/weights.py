@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tlx.errors import TlxError
+from tlx.errors import TlxError, describe
 
 StateDict = dict[str, torch.Tensor]
 
@@ -35,8 +35,9 @@ def read_state_dict(path: Path, key: str = "backbone.weights") -> StateDict:
             "save a plain state dict with torch.save(model.state_dict(), ...) or use .safetensors"
         ) from None
     except Exception as exc:  # torch and safetensors raise many kinds for damaged files
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise TlxError(f"{key}: cannot read {path}: truncated or not a weights file ({reason})") from None
+        raise TlxError(
+            f"{key}: cannot read {path}: truncated or not a weights file ({describe(exc)})"
+        ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from tlx import hookimpl
 from tlx.backbone import Backbone
-from tlx.errors import TlxError
+from tlx.errors import TlxError, describe
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 LOCATION_KEYS = ("hf_hub_id", "hf_hub_filename", "url", "file")
@@ -96,10 +96,10 @@ def _read(record: Path) -> Any:
 
 
 def _write(record: Path, data: Any) -> None:
-    from tlx.cache import write_atomic
+    from tlx.files import write_json
 
     with contextlib.suppress(OSError):  # not remembered: the next run asks timm again
-        write_atomic(record, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"))
+        write_json(record, data)
 
 
 def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:
@@ -122,7 +122,7 @@ def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -
         except Exception as exc:  # hub and network errors come in many types
             raise TlxError(
                 f"backbone.pretrained: could not load pretrained weights for {name} from {where} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"({describe(exc)}); "
                 "pass --set backbone.weights=FILE"
             ) from None
         source = f"pretrained {where}" + (" (local cache)" if cached else "")
