@@ -101,3 +101,22 @@ def test_decoding_workers_run_at_the_lowest_priority() -> None:
     code = "import os; from tlx.finetune import yield_to_backbone; yield_to_backbone(0); print(os.nice(0))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "19"
+
+
+def test_logreg_fits_on_one_thread_without_importing_the_compiler() -> None:
+    code = """
+import sys, torch
+from tlx.features import Features
+from tlx.logreg import LogisticRegression, LogRegOptions
+seen = []
+class Spy(LogisticRegression):
+    def _solve(self, *args):
+        seen.append(torch.get_num_threads())
+        return super()._solve(*args)
+torch.manual_seed(0)
+x, y = torch.randn(40, 6), torch.arange(40) % 2
+Spy(6, 2, LogRegOptions(l2=[0.1, 1.0], cv=2)).fit(Features(x, y, []), None, class_weight=None, seed=0)
+print(sorted(set(seen)), "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[1]", "False"]

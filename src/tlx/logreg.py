@@ -3,19 +3,21 @@
 The L2 strength is chosen on the training split only: by the validation hold-out when there is one
 (``train.val_fraction``), otherwise by stratified k-fold cross-validation. The fitted model is a
 single ``nn.Linear`` with the standardization folded in, so it predicts from raw features like any head.
+The solver is SciPy's L-BFGS-B (torch's LBFGS class imports ``torch._dynamo`` when built).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 from torch.nn import functional as F
 
 from tlx.errors import TlxError
-from tlx.features import Features
+from tlx.features import Features, threads_set
 from tlx.folds import fold_ids
 
 #: L2 strengths tried by default: 1e-5 … 10 in half-decade steps (loss = mean CE + l2/2 · |W|²)
@@ -47,6 +49,12 @@ class LogisticRegression(nn.Module):
     def fit(
         self, train: Features, val: Features | None, *, class_weight: torch.Tensor | None, seed: int
     ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+        with threads_set(1):  # small matrices: more threads only add synchronisation
+            return self._fit(train, val, class_weight, seed)
+
+    def _fit(
+        self, train: Features, val: Features | None, class_weight: torch.Tensor | None, seed: int
+    ) -> tuple[list[dict[str, float]], dict[str, Any]]:
         x, y = train.x.double(), train.y
         mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False)
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
@@ -56,8 +64,11 @@ class LogisticRegression(nn.Module):
         if len(grid) == 1:
             rows, chosen = [{"l2": grid[0]}], {"l2": grid[0], "selected_by": "head.l2 (one value)"}
         else:
+            from tqdm import tqdm
+
             rows = [
-                {"l2": l2, "val_loss": self._score(l2, z, y, val, mean, std, weight, seed)} for l2 in grid
+                {"l2": l2, "val_loss": self._score(l2, z, y, val, mean, std, weight, seed)}
+                for l2 in tqdm(grid, desc="choosing head.l2", unit="l2", leave=False, dynamic_ncols=True)
             ]
             best = min(rows, key=lambda r: (r["val_loss"], -r["l2"]))  # ties: the stronger regularization
             where = "validation split" if val is not None else f"{self._folds(y)}-fold cross-validation"
@@ -104,29 +115,30 @@ class LogisticRegression(nn.Module):
     def _solve(
         self, z: torch.Tensor, y: torch.Tensor, l2: float, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Minimize mean cross-entropy + l2/2 · |W|² (bias unpenalized) by L-BFGS; float64, from zero."""
-        w = torch.zeros(self.num_classes, z.shape[1], dtype=torch.float64)
-        b = torch.zeros(self.num_classes, dtype=torch.float64)
-        optimizer = torch.optim.LBFGS(
-            [w, b],
-            max_iter=self.options.max_iter,
-            tolerance_grad=1e-7,
-            tolerance_change=1e-10,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
-        targets = F.one_hot(y, self.num_classes).double()
+        """Minimize mean cross-entropy + l2/2 · |W|² (bias unpenalized) by L-BFGS-B; float64, from zero."""
+        from scipy.optimize import minimize
+
+        n_classes, dim = self.num_classes, z.shape[1]
+        targets = F.one_hot(y, n_classes).double()
         sample_weight = weight[y] if weight is not None else torch.ones(len(y), dtype=torch.float64)
         sample_weight = (sample_weight / sample_weight.sum()).unsqueeze(1)
 
-        def closure() -> torch.Tensor:
+        def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
             """Loss and its gradient in closed form: cheaper than autograd for this small problem."""
-            logits = z @ w.T + b
-            log_p = torch.log_softmax(logits, dim=1)
+            flat = torch.from_numpy(params)
+            w, b = flat[: n_classes * dim].view(n_classes, dim), flat[n_classes * dim :]
+            log_p = torch.log_softmax(z @ w.T + b, dim=1)
             residual = sample_weight * (log_p.exp() - targets)
-            w.grad = residual.T @ z + l2 * w
-            b.grad = residual.sum(dim=0)
-            return -(sample_weight * targets * log_p).sum() + 0.5 * l2 * (w * w).sum()
+            loss = -(sample_weight * targets * log_p).sum() + 0.5 * l2 * (w * w).sum()
+            grad = torch.cat([(residual.T @ z + l2 * w).flatten(), residual.sum(dim=0)])
+            return loss.item(), grad.numpy()
 
-        optimizer.step(closure)
-        return w, b
+        solution = minimize(
+            loss_and_grad,
+            np.zeros(n_classes * (dim + 1)),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": self.options.max_iter, "gtol": 1e-7, "ftol": 1e-12, "maxcor": 20},
+        )
+        flat = torch.from_numpy(solution.x)
+        return flat[: n_classes * dim].view(n_classes, dim).clone(), flat[n_classes * dim :].clone()
