@@ -131,3 +131,78 @@ def test_run_still_works_beside_a_broken_plugin(
     assert result.returncode == 0, result.stderr
     assert "plugin 'tlx-broken5'" in result.stderr
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_train"] == 12
+
+
+MISSPELLED_HOOK = """
+import tlx
+from torch import nn
+
+@tlx.hookimpl
+def register_head(register):
+    register("never", lambda d, c, o: nn.Linear(d, c))
+"""
+
+UNKNOWN_ARGUMENT = """
+import tlx
+
+@tlx.hookimpl
+def register_heads(register, config):
+    pass
+"""
+
+FEWER_ARGUMENTS = """
+import tlx
+from torch import nn
+
+@tlx.hookimpl
+def register_heads():
+    pass
+"""
+
+OPTION_OF_ANOTHER_KIND = """
+import tlx
+from torch import nn
+
+@tlx.hookimpl
+def register_heads(register):
+    register("shaky", lambda d, c, o: nn.Linear(d, c), weight_files=lambda name, **kw: None)
+"""
+
+
+def test_misspelled_hook_is_an_error_naming_the_plugin_and_the_hooks(on_path, capsys) -> None:
+    on_path("tlx-typo", MISSPELLED_HOOK)
+    error = info("tlx-typo").error
+    assert "unknown hook 'register_head'" in error and "register_heads" in error
+    assert "plugin 'tlx-typo': unknown hook" in capsys.readouterr().err
+    assert "never" not in plugins.load().heads.entries
+    assert plugins.load().heads.get("linear", "head.type").plugin == "tlx.heads"
+
+
+def test_hook_asking_for_an_argument_tlx_lacks_is_reported(on_path) -> None:
+    on_path("tlx-greedy", UNKNOWN_ARGUMENT)
+    assert "{'config'}" in info("tlx-greedy").error
+
+
+def test_hook_is_called_with_only_the_arguments_it_declares(on_path) -> None:
+    on_path("tlx-frugal", FEWER_ARGUMENTS)
+    assert info("tlx-frugal").error is None
+
+
+def test_register_refuses_an_option_that_does_not_apply_to_the_kind(on_path) -> None:
+    on_path("tlx-shaky", OPTION_OF_ANOTHER_KIND)
+    assert "weight_files" in info("tlx-shaky").error and "head" in info("tlx-shaky").error
+
+
+def test_public_plugin_api_loads_lazily_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tlx; assert 'torch' not in sys.modules, 'import tlx imported torch';"
+        "from tlx import Backbone, Split, Splits, TlxError, hookimpl, load_into, read_state_dict;"
+        "from tlx import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles;"
+        "import tlx.backbone, tlx.data, tlx.errors, tlx.weights;"
+        "assert Backbone is tlx.backbone.Backbone and Splits is tlx.data.Splits;"
+        "assert TlxError is tlx.errors.TlxError and read_state_dict is tlx.weights.read_state_dict"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,12 +1,63 @@
-"""tlx: transfer learning from a YAML recipe — dataset, pretrained backbone, trainable head."""
+"""tlx: transfer learning from a YAML recipe — dataset, pretrained backbone, trainable head.
 
+The plugin API is importable from here; everything but ``hookimpl`` and ``TlxError`` loads on first
+use, so ``import tlx`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
+from tlx.errors import TlxError
 from tlx.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from tlx.backbone import Backbone
+    from tlx.data import Split, Splits
+    from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
+    from tlx.weights import StateDict, load_into, read_state_dict
 
 try:
     __version__ = version("tlx")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "hookimpl"]
+#: public name -> the module that defines it
+_LAZY = {
+    "Backbone": "tlx.backbone",
+    "Split": "tlx.data",
+    "Splits": "tlx.data",
+    "BackboneFactory": "tlx.registry",
+    "HeadFactory": "tlx.registry",
+    "DatasetFactory": "tlx.registry",
+    "WeightFiles": "tlx.registry",
+    "read_state_dict": "tlx.weights",
+    "StateDict": "tlx.weights",
+    "load_into": "tlx.weights",
+}
+
+__all__ = [
+    "Backbone",
+    "BackboneFactory",
+    "DatasetFactory",
+    "HeadFactory",
+    "Split",
+    "Splits",
+    "StateDict",
+    "TlxError",
+    "WeightFiles",
+    "__version__",
+    "hookimpl",
+    "load_into",
+    "read_state_dict",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

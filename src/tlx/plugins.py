@@ -21,6 +21,7 @@ from tlx.errors import describe
 from tlx.registry import Registry
 
 GROUP = "tlx"
+HOOKS = tuple(name for name in dir(hookspecs) if name.startswith("register_"))
 DISABLE_ENV = "TLX_DISABLE_PLUGIN_AUTOLOAD"
 DEFAULT_PLUGINS = {
     "tlx.timm": "tlx.default_plugins.timm_backbones",
@@ -68,15 +69,20 @@ def load() -> Plugins:
             info = infos.setdefault(ep.name, PluginInfo(ep.name, ep.dist.version if ep.dist else "?"))
             try:
                 pm.register(ep.load(), name=ep.name)
+            except pluggy.PluginValidationError as exc:  # a hookimpl asking for arguments tlx lacks
+                info.error = "; ".join(str(exc).splitlines())
             except Exception as exc:  # a broken plugin must not break tlx
                 info.error = describe(exc)
+    _unregister_unknown_hooks(pm, infos)
 
     plugins = Plugins(Registry("backbone"), Registry("head"), Registry("dataset"), list(infos.values()))
     hooks = (pm.hook.register_backbones, pm.hook.register_heads, pm.hook.register_datasets)
     for hook, registry in zip(hooks, plugins.registries()):
         for impl in hook.get_hookimpls():
+            # each implementation gets the arguments it declares, so a hook can gain arguments later
+            offered = {"register": registry.registrar(impl.plugin_name)}
             try:
-                impl.function(register=registry.registrar(impl.plugin_name))
+                impl.function(**{name: offered[name] for name in impl.argnames})
             except Exception as exc:
                 infos[impl.plugin_name].error = f"{hook.name} failed: {describe(exc)}"
     for info in infos.values():
@@ -90,3 +96,16 @@ def load() -> Plugins:
         if info.error:
             print(f"tlx: warning: plugin {info.name!r}: {info.error}", file=sys.stderr)
     return plugins
+
+
+def _unregister_unknown_hooks(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
+    """A plugin implementing a hook tlx does not have (``register_head``) is broken: record and drop it."""
+    while True:
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or "?"
+            unknown = str(exc).split(" in plugin ")[0]
+            infos[name].error = f"{unknown}; tlx's hooks are {', '.join(HOOKS)}"
+            pm.unregister(exc.plugin)

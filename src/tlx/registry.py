@@ -1,4 +1,4 @@
-"""Named registries of backbones, heads and datasets, filled by plugins."""
+"""Named registries of backbones, heads and datasets, filled by plugins; the factories' signatures."""
 
 from __future__ import annotations
 
@@ -6,11 +6,49 @@ import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
 from tlx.errors import TlxError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tlx.backbone import Backbone
+    from tlx.data import Splits
+
+
+class BackboneFactory(Protocol):
+    """Builds a frozen feature extractor; ``weights`` is a local state dict file to load, if given."""
+
+    def __call__(self, name: str, *, pretrained: bool, weights: Path | None) -> Backbone: ...
+
+
+class WeightFiles(Protocol):
+    """The files a backbone's weights would be loaded from, or None when that is not known."""
+
+    def __call__(self, name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None: ...
+
+
+class HeadFactory(Protocol):
+    """Builds a head mapping ``(N, in_features)`` features to ``(N, num_classes)`` logits."""
+
+    def __call__(self, in_features: int, num_classes: int, options: Any) -> nn.Module: ...
+
+
+class DatasetFactory(Protocol):
+    """Lists the labelled images of a dataset, from its validated options."""
+
+    def __call__(self, options: Any) -> Splits: ...
+
+
+#: the ``register`` keywords that apply to each kind of component
+KEYWORDS = {
+    "backbone": {"description", "matches", "catalog", "weight_files"},
+    "head": {"description", "options"},
+    "dataset": {"description", "options"},
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +70,7 @@ class Entry:
     options: type[BaseModel] | None = None
     matches: Callable[[str], bool] | None = None
     catalog: Callable[[], Iterable[str]] | None = None
-    weight_files: Callable[..., list[Path] | None] | None = None
+    weight_files: WeightFiles | None = None
 
 
 @dataclass
@@ -48,17 +86,14 @@ class Registry:
     def registrar(self, plugin: str) -> Callable[..., None]:
         """The ``register`` callable handed to one plugin's hook."""
 
-        def register(
-            name: str,
-            factory: Callable[..., Any],
-            *,
-            description: str = "",
-            options: type[BaseModel] | None = None,
-            matches: Callable[[str], bool] | None = None,
-            catalog: Callable[[], Iterable[str]] | None = None,
-            weight_files: Callable[..., list[Path] | None] | None = None,
-        ) -> None:
-            entry = Entry(name, factory, plugin, description, options, matches, catalog, weight_files)
+        def register(name: str, factory: Callable[..., Any], **keywords: Any) -> None:
+            stray = sorted(set(keywords) - KEYWORDS[self.kind])
+            if stray:
+                raise TypeError(
+                    f"register({name!r}): {', '.join(stray)} does not apply to a {self.kind}; "
+                    f"a {self.kind} takes {', '.join(sorted(KEYWORDS[self.kind]))}"
+                )
+            entry = Entry(name, factory, plugin, **keywords)
             if name in self.entries:
                 self.conflicts.setdefault(name, [self.entries[name].plugin]).append(plugin)
                 return

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tlx import hookimpl
-from tlx.backbone import Backbone
-from tlx.errors import TlxError
-from tlx.weights import StateDict, load_into, read_state_dict
+from tlx import Backbone, StateDict, TlxError, hookimpl, load_into, read_state_dict
 
 #: tlx name -> (timm architecture, weights package, its model-file class)
 VARIANTS = {
