@@ -278,3 +278,48 @@ def test_bad_image_policy_applies_to_finetuning(
     with pytest.raises(TlxError, match=r"extract.on_bad_image: cannot decode .*notes.jpg"):
         finetune_run(tmp_path, tiny_dataset, "strict", "extract.on_bad_image=error")
     assert finetune_run(tmp_path, tiny_dataset, "lenient")["skipped"][0]["path"].endswith("notes.jpg")
+
+
+def test_validation_split_early_stopping_keeps_the_best_epoch(tmp_path: Path, tiny_net: TinyNet) -> None:
+    root = make_imagefolder(tmp_path / "d", classes=2, per_class=(10, 3))
+    metrics = finetune_run(
+        tmp_path, root, "a", "train.epochs=6", "train.val_fraction=0.3", "train.patience=1", "train.lr=0.5"
+    )
+    assert (metrics["n_fit"], metrics["n_val"], metrics["n_train"]) == (14, 6, 20)
+    history = metrics["history"]
+    assert all("val_loss" in h and "val_accuracy" in h for h in history)
+    best = min(history, key=lambda h: h["val_loss"])
+    assert metrics["chosen"] == {"epochs": best["epoch"]}
+    assert metrics["test_accuracy"] == best["test_accuracy"]  # the kept weights are the best epoch's
+    if best["epoch"] < 6:
+        assert len(history) == best["epoch"] + 1  # stopped after one epoch without improvement
+
+
+def test_balanced_class_weights_weigh_the_finetuning_loss(tmp_path: Path, tiny_net: TinyNet) -> None:
+    root = make_imagefolder(tmp_path / "d", classes=2, per_class=(6, 3))
+    for image in sorted((root / "train" / "class1").iterdir())[:4]:
+        image.unlink()  # 6 against 2 images
+    plain = finetune_run(tmp_path, root, "a")["history"]
+    tiny_net.load_state_dict(snapshot(tiny_net))
+    weighted = finetune_run(tmp_path, root, "b", "train.class_weight=balanced")["history"]
+    assert plain[0]["train_loss"] != weighted[0]["train_loss"]
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("extract.flip=true", ["extract.flip", "strategy: finetune"]),
+        ("head.type=logreg", ["head.type: logreg", "strategy: finetune"]),
+    ],
+)
+def test_keys_that_cannot_apply_to_finetuning_are_refused(
+    override: str, words: list[str], tmp_path: Path, tiny_net: TinyNet
+) -> None:
+    with pytest.raises(TlxError) as caught:
+        finetune_run(tmp_path, tiny_dataset_for(tmp_path), "a", override)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def tiny_dataset_for(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "d", classes=2)

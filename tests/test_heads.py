@@ -6,14 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from tlx import plugins
+from tlx import plugins, validate_options
 from tlx.errors import TlxError
-from tlx.run import options
 
 
 def build(kind: str, **values: object) -> nn.Module:
     entry = plugins.load().heads.get(kind, "head.type")
-    return entry.factory(16, 3, options(entry, values, "head", "r.yaml"))
+    return entry.factory(16, 3, validate_options(entry, values, "head", "r.yaml"))
 
 
 def test_linear_head_maps_features_to_class_logits() -> None:

@@ -15,6 +15,7 @@ from tlx.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from tlx.backbone import Backbone
+    from tlx.components import validate_options
     from tlx.data import Split, Splits
     from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
     from tlx.weights import StateDict, load_into, read_state_dict
@@ -34,6 +35,7 @@ _LAZY = {
     "DatasetFactory": "tlx.registry",
     "WeightFiles": "tlx.registry",
     "read_state_dict": "tlx.weights",
+    "validate_options": "tlx.components",
     "StateDict": "tlx.weights",
     "load_into": "tlx.weights",
 }
@@ -52,6 +54,7 @@ __all__ = [
     "hookimpl",
     "load_into",
     "read_state_dict",
+    "validate_options",
 ]
 
 

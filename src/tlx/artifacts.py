@@ -146,9 +146,8 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
     """Rebuild a run's classifier; the backbone's weights must be those the head was trained on."""
     from safetensors import safe_open
 
-    from tlx import plugins
     from tlx.backbone import create_backbone, flip_averaged
-    from tlx.run import options
+    from tlx.components import resolve
     from tlx.weights import state_digest
 
     for name in (RECIPE_FILE, PROVENANCE_FILE, HEAD_FILE):
@@ -158,11 +157,8 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
             )
     recipe = load_recipe(folder / RECIPE_FILE, overrides)
     expected = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))["backbone"]["sha256"]
-    registry = plugins.load()
-    backbone_entry = registry.backbones.get(recipe.backbone.name, "backbone.name")
-    head_entry = registry.heads.get(recipe.head.type, "head.type")
-    head_options = options(head_entry, recipe.head.options, "head", str(folder / RECIPE_FILE))
-    backbone = create_backbone(backbone_entry, recipe.backbone)
+    parts = resolve(recipe, str(folder / RECIPE_FILE))
+    backbone = create_backbone(parts.backbone, recipe.backbone)
     digest = state_digest(backbone.module)
     if digest != expected:
         raise TlxError(
@@ -180,7 +176,7 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     classes = json.loads(metadata["classes"])
-    head = head_entry.factory(backbone.feature_dim, len(classes), head_options)
+    head = parts.head.factory(backbone.feature_dim, len(classes), parts.head_options)
     head.load_state_dict(state)
     head.eval()
     return TrainedRun(folder, recipe, backbone, head, classes)

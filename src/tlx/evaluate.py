@@ -12,12 +12,11 @@ from tlx.train import predict
 
 def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
     """Extract the test split of the run's (possibly overridden) dataset and score the head on it."""
-    from tlx import plugins
-    from tlx.run import options
+    from tlx.components import resolve as resolve_components
 
     recipe = run.recipe
-    entry = plugins.load().datasets.get(recipe.dataset.kind, "dataset.kind")
-    splits = entry.factory(options(entry, recipe.dataset.options, "dataset", str(run.folder / RECIPE_FILE)))
+    parts = resolve_components(recipe, str(run.folder / RECIPE_FILE))
+    splits = parts.dataset.factory(parts.dataset_options)
     if splits.classes != run.classes:
         raise TlxError(
             f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "

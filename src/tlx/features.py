@@ -52,9 +52,10 @@ class ImageFiles(Dataset):
             return None, index, describe(exc)
 
 
-def _collate(
+def collate(
     batch: list[tuple[torch.Tensor | None, int, str]],
 ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """Items of :class:`ImageFiles` as ``(images or None, their indices, (index, reason) failures)``."""
     images = [item[0] for item in batch if item[0] is not None]
     indices = [item[1] for item in batch if item[0] is not None]
     failures = [(item[1], item[2]) for item in batch if item[0] is None]
@@ -225,7 +226,7 @@ def on_device(
         files,
         batch_size=batch_size,
         num_workers=min(workers, -(-len(files) // batch_size)),
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
         in_order=False,
     )
@@ -248,10 +249,8 @@ class FeatureBatches(Dataset):
 
     On a CPU each DataLoader worker runs the whole pipeline (decode, resize, backbone) for its batches
     on its own core: the cores never wait for one another, as the threads of one backbone call do at
-    every layer, and a worker decodes between its own backbone calls, never preempting another's.
-    Measured in one process on 2 cores, 398 images at batch 8: 5.4-5.5 s, against 6.6-6.8 s for
-    workers that only decode beside a two-thread backbone, and 4.2-4.4 s for that backbone alone on
-    images decoded beforehand.
+    every layer, and a worker decodes between its own backbone calls, never preempting another's
+    (figures in bench/RESULTS.md).
     Yields ``(features or None, indices, failures)``; only features cross between processes.
     """
 
@@ -265,7 +264,7 @@ class FeatureBatches(Dataset):
 
     def __getitem__(self, k: int) -> tuple[Any, list[int], list[tuple[int, str]]]:
         stop = min(len(self.files), (k + 1) * self.batch_size)
-        images, indices, failures = _collate([self.files[i] for i in range(k * self.batch_size, stop)])
+        images, indices, failures = collate([self.files[i] for i in range(k * self.batch_size, stop)])
         if images is None:
             return None, indices, failures
         with torch.inference_mode():

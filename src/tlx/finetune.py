@@ -6,6 +6,7 @@ modules are in train mode and update theirs. The backbone and the head have thei
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,22 +18,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tlx import report
 from tlx.backbone import Backbone
-from tlx.data import Split, Splits
+from tlx.data import Split, Splits, stratified_split
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, _collate, enforce_bad_image_policy, preprocessing, to_backbone
+from tlx.features import ImageFiles, collate, enforce_bad_image_policy, preprocessing, to_backbone
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import Recipe
-from tlx.train import Epoch
+from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
 
 
 @dataclass
 class Finetuned:
-    """The outcome of fine-tuning: the epochs, the last test predictions, the undecodable images."""
+    """The outcome of fine-tuning: the epochs and choices, the kept epoch's test predictions, the
+    images that could not be decoded."""
 
-    history: list[Epoch]
-    n_train: int
+    fit: Fit
     test_y: torch.Tensor
     test_predicted: torch.Tensor
     skipped: list[tuple[Path, str]]
@@ -98,39 +98,57 @@ def finetune(
     recipe: Recipe,
     *,
     device: torch.device | None = None,
+    on_start: Callable[[Backbone, nn.Module, Recipe], None],
     on_epoch: Callable[[Epoch], None],
 ) -> Finetuned:
     """Train ``backbone.module`` (its unfrozen part) and ``head`` end to end on images of ``splits``.
 
-    Training runs on ``device`` (default the CPU); both modules are back on the CPU when it ends."""
+    ``train.val_fraction`` holds out part of each training class; with ``train.patience`` training
+    stops once the validation loss has not improved for that many epochs, and the weights of the best
+    validation epoch are kept. ``train.class_weight`` weighs the loss. Training runs on ``device``
+    (default the CPU); both modules are back on the CPU when it ends.
+    """
     from tlx.device import batch_size
 
+    if isinstance(head, ClosedFormHead):
+        raise TlxError(
+            f"head.type: {recipe.head.type} fits itself on fixed features and cannot be trained end to "
+            "end; with strategy: finetune use a head trained by gradient (linear, mlp)"
+        )
     device = device or torch.device("cpu")
     config, options = recipe.train, recipe.finetune
     trained = unfreeze(backbone.module, options.unfreeze)
-    report.print_finetune_summary(backbone, head, recipe)
-    # channels-last is what convolution kernels are fastest with (on a CPU about 1.5x when training)
+    on_start(backbone, head, recipe)
+    fit_split, val_split = _hold_out(splits, config.val_fraction, recipe.seed)
+    weight = None
+    if config.class_weight == "balanced":
+        weight = class_weights(torch.tensor([y for _, y in fit_split.samples]), len(splits.classes))
+    # channels-last is what convolution kernels are fastest with
     model = nn.Sequential(backbone.module, head).to(device, memory_format=torch.channels_last)
     decay = config.weight_decay
     groups = param_groups(backbone.module.named_parameters(), options.backbone_lr, decay)
     groups += param_groups(head.named_parameters(), config.lr, decay)
-    loss_fn = make_loss(config)
+    loss_fn = make_loss(config, weight.to(device) if weight is not None else None)
     train_transform = training_transform(backbone, options.augment)
-    train_loader = _loader(splits.train, train_transform, recipe, config.batch_size, device, shuffle=True)
-    test_size = batch_size(recipe.extract.batch_size, device)
-    test_loader = _loader(splits.test, preprocessing(backbone), recipe, test_size, device, shuffle=False)
+    train_loader = _loader(fit_split, train_transform, recipe, config.batch_size, device, shuffle=True)
+    eval_size = batch_size(recipe.extract.batch_size, device)
+    test_loader = _loader(splits.test, preprocessing(backbone), recipe, eval_size, device, shuffle=False)
+    val_loader = None
+    if val_split is not None:
+        val_loader = _loader(val_split, preprocessing(backbone), recipe, eval_size, device, shuffle=False)
     optimizer = Optimizer(groups, config, steps_per_epoch=len(train_loader))
     skipped: dict[Path, str] = {}
     history: list[Epoch] = []
+    best = BestEpoch(config.patience) if config.patience and val_loader is not None else None
     for epoch in range(1, config.epochs + 1):
         set_modes(backbone.module, trained, head)
         total, n_train = 0.0, 0
         for images, indices, failures in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
-            skipped |= {splits.train.samples[i][0]: reason for i, reason in failures}
+            skipped |= {fit_split.samples[i][0]: reason for i, reason in failures}
             enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
             if images is None:
                 continue
-            labels = torch.tensor([splits.train.samples[i][1] for i in indices]).to(device)
+            labels = torch.tensor([fit_split.samples[i][1] for i in indices]).to(device)
             optimizer.zero_grad()
             loss = loss_fn(model(to_backbone(images, device)), labels)
             loss.backward()
@@ -139,13 +157,37 @@ def finetune(
             n_train += len(indices)
         if not n_train:
             raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
-        test_y, test_predicted = _evaluate(model, test_loader, splits.test, skipped, device)
+        test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
+        test_predicted = test_logits.argmax(dim=1)
+        val_scores: tuple[float | None, float | None] = (None, None)
+        if val_loader is not None:
+            val_y, val_logits = _evaluate(model, val_loader, val_split, skipped, device)
+            val_loss = loss_fn(val_logits.to(device), val_y.to(device)).item()
+            val_scores = (val_loss, (val_logits.argmax(dim=1) == val_y).double().mean().item())
         enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
-        record = Epoch(epoch, total / n_train, (test_y == test_predicted).double().mean().item())
+        record = Epoch(epoch, total / n_train, (test_y == test_predicted).double().mean().item(), *val_scores)
         history.append(record)
         on_epoch(record)
+        keep = lambda y=test_y, p=test_predicted: (copy.deepcopy(model.state_dict()), y, p)  # noqa: E731
+        if best is not None and best.update(record, keep):
+            break
+    chosen = {}
+    if best is not None:
+        state, test_y, test_predicted = best.kept
+        model.load_state_dict(state)
+        chosen = {"epochs": best.epoch}
     model.eval().cpu()
-    return Finetuned(history, n_train, test_y, test_predicted, sorted(skipped.items()))
+    n_val = len(val_split) if val_split else 0
+    fit = Fit([h.as_dict() for h in history], n_train, n_val, chosen)
+    return Finetuned(fit, test_y, test_predicted, sorted(skipped.items()))
+
+
+def _hold_out(splits: Splits, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """(fit, validation): ``fraction`` of each training class held out, by seed; no validation at 0."""
+    if not fraction:
+        return splits.train, None
+    fit, val = stratified_split(splits.train.samples, splits.classes, fraction, seed, "train.val_fraction")
+    return Split(splits.train.name, fit), Split("validation", val)
 
 
 def _loader(
@@ -159,7 +201,7 @@ def _loader(
         generator=torch.Generator().manual_seed(recipe.seed) if shuffle else None,
         num_workers=workers,
         persistent_workers=workers > 0,
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
         worker_init_fn=yield_to_backbone,
     )
@@ -168,20 +210,20 @@ def _loader(
 def _evaluate(
     model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """True and predicted classes of the images of ``split`` that could be decoded."""
+    """True classes and logits of the images of ``split`` that could be decoded (on the CPU)."""
     model.eval()
     truth: list[torch.Tensor] = []
-    predicted: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
     with torch.inference_mode():
         for images, indices, failures in loader:
             skipped |= {split.samples[i][0]: reason for i, reason in failures}
             if images is None:
                 continue
             truth.append(torch.tensor([split.samples[i][1] for i in indices]))
-            predicted.append(model(to_backbone(images, device)).argmax(dim=1).cpu())
+            logits.append(model(to_backbone(images, device)).float().cpu())
     if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
-    return torch.cat(truth), torch.cat(predicted)
+    return torch.cat(truth), torch.cat(logits)
 
 
 def yield_to_backbone(_: int) -> None:
@@ -189,7 +231,7 @@ def yield_to_backbone(_: int) -> None:
 
     Where the backbone's threads already use every core, a worker that preempts one of them stalls
     the others at the end of each layer; at the lowest priority a worker decodes in the gaps
-    instead (measured on 2 cores: 1.04-1.08 x the backbone-only time, against 1.14-1.25 x).
+    instead (bench/RESULTS.md has the figures).
     Spare cores still run the workers at full speed.
     """
     if hasattr(os, "nice"):

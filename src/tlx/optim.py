@@ -34,8 +34,8 @@ class Optimizer:
 
     The arithmetic is torch's own (``torch.optim.sgd.sgd`` and ``torch.optim.adamw.adamw``, the functions
     behind ``torch.optim.SGD`` and ``AdamW``): this class keeps their state and the learning rate.
-    The classes themselves import ``torch._dynamo`` when first built, about 1 s, a third of the
-    start-up budget of a run whose features are all cached.
+    The classes themselves import ``torch._dynamo`` when first built, which a run whose features
+    are all cached cannot afford.
     """
 
     def __init__(self, groups: list[dict[str, object]], config: TrainConfig, steps_per_epoch: int) -> None:

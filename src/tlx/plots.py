@@ -1,7 +1,7 @@
 """The two figures of a run: training curves and the confusion matrix (matplotlib, Agg backend, PNG).
 
 They are drawn by a helper process (:class:`Painter`), started when a command starts: it imports
-matplotlib (about 0.4 s) while the command imports torch and trains, so on a machine with a
+matplotlib while the command imports torch and trains, so on a machine with a
 spare core the figures cost only their drawing.
 """
 
@@ -79,7 +79,7 @@ def _serve() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the first figure loads fonts and the renderer (about 0.1 s): do it before the job arrives
+    # the first figure loads fonts and the renderer: do it before the job arrives
     figure = plt.figure(figsize=(1, 1))
     figure.text(0.5, 0.5, "0.5")
     figure.savefig(io.BytesIO(), format="png")
@@ -99,7 +99,7 @@ def _serve() -> None:
         print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
         sys.stdout.flush()
         os._exit(1)
-    os._exit(0)  # the files are closed: skip the interpreter's teardown (0.1-0.2 s with matplotlib)
+    os._exit(0)  # the files are closed: skip the interpreter's teardown
 
 
 def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -> None:
@@ -113,7 +113,7 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
     if history and "epoch" in history[0]:
         epochs = [h["epoch"] for h in history]
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-        # fixed margins: the labels are known, and a layout engine doubles the drawing time (0.1 s)
+        # fixed margins: the labels are known, and a layout engine doubles the drawing time
         fig.subplots_adjust(left=0.07, right=0.99, bottom=0.12, top=0.92, wspace=0.2)
         loss_ax.plot(epochs, [h["train_loss"] for h in history], marker=".", label="train")
         if "val_loss" in history[0]:

@@ -111,9 +111,8 @@ class FinetuneConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    #: images per backbone call; None: 4 on a CPU, where small batches keep activations in cache
-    #: (efficientnet_lite0, a one-thread worker per core on 2 cores: 4 images 5.5-5.6 s for 398
-    #: images, 8 images 5.8-6.5 s), 64 on a GPU
+    #: images per backbone call; None: 4 on a CPU, where small batches keep activations in cache,
+    #: 64 on a GPU (bench/RESULTS.md)
     batch_size: PositiveInt | None = None
     #: processes that decode images and, for features, run the backbone on one thread each;
     #: None: one per core; 0 or 1: this process extracts features alone
@@ -145,6 +144,16 @@ class Recipe(_Strict):
     #: validated only when given, so that it can be refused with strategy: features
     finetune: FinetuneConfig = FinetuneConfig()
     extract: ExtractConfig = ExtractConfig()
+
+    @model_validator(mode="after")
+    def _flip_only_on_features(self) -> Recipe:
+        if self.strategy == "finetune" and self.extract.flip:
+            raise PydanticCustomError(
+                "strategy",
+                "extract.flip averages fixed features and does not apply to strategy: finetune "
+                "(its training augmentation already flips); remove extract.flip",
+            )
+        return self
 
     @field_validator("finetune")
     @classmethod

@@ -1,4 +1,7 @@
-"""What a run prints and writes: the data summary, the epoch lines, ``metrics.json``."""
+"""What a run shows on the terminal: the data summary, the backbone, one line per epoch, the scores.
+
+:class:`Console` is the callbacks a run reports through; the steps themselves print nothing.
+"""
 
 from __future__ import annotations
 
@@ -15,29 +18,91 @@ from tlx.scores import Scores
 from tlx.train import Epoch
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from tlx.backbone import Backbone
 
 
-def print_data_summary(splits: Splits, kind: str) -> None:
-    """Images per split and class, in a small table."""
-    click.echo(f"dataset   {kind}: {splits.source}")
-    names = ["split", "images", *splits.classes]
-    widths = [max(len(n), 6) for n in names]
-    click.echo("  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
-    for split in (splits.train, splits.test):
-        row = [split.name, str(len(split)), *map(str, split.class_counts(len(splits.classes)))]
-        click.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
-    click.echo(f"  {describe_balance(splits)}")
-    for split in (splits.train, splits.test):
-        for path, reason in split.skipped:
-            click.echo(f"  skipped {path}: {reason}")
-    for name, count in zip(splits.classes, splits.test.class_counts(len(splits.classes))):
-        if count == 0:
-            click.echo(
-                f"warning: class {name!r} has no images in split {splits.test.name!r}; "
-                "its test accuracy cannot be measured",
-                err=True,
-            )
+class Console:
+    """The terminal's view of a run: ``run()`` and the training loops call these, in this order."""
+
+    def data(self, splits: Splits, kind: str) -> None:
+        """Images per split and class, in a small table."""
+        click.echo(f"dataset   {kind}: {splits.source}")
+        names = ["split", "images", *splits.classes]
+        widths = [max(len(n), 6) for n in names]
+        click.echo("  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
+        for split in (splits.train, splits.test):
+            row = [split.name, str(len(split)), *map(str, split.class_counts(len(splits.classes)))]
+            click.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        click.echo(f"  {describe_balance(splits)}")
+        for split in (splits.train, splits.test):
+            for path, reason in split.skipped:
+                click.echo(f"  skipped {path}: {reason}")
+        for name, count in zip(splits.classes, splits.test.class_counts(len(splits.classes))):
+            if count == 0:
+                click.echo(
+                    f"warning: class {name!r} has no images in split {splits.test.name!r}; "
+                    "its test accuracy cannot be measured",
+                    err=True,
+                )
+
+    def backbone(self, recipe: Recipe, plugin: str, info: BackboneInfo, splits: Splits) -> None:
+        """Where the weights came from, the preprocessing, and the image tensor shapes."""
+        if not recipe.backbone.pretrained:
+            click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+        cfg = info.data_config
+        _, height, width = cfg["input_size"]
+        click.echo(f"backbone  {recipe.backbone.name} [plugin {plugin}]: {info.weights}")
+        click.echo(f"  weights sha256 {info.sha256[:16]}; preprocessing {describe_preprocessing(cfg)}")
+        shapes = "  ".join(f"{s.name} {len(s)}×3×{height}×{width}" for s in (splits.train, splits.test))
+        click.echo(f"images    {shapes}")
+
+    def features(self, names: tuple[str, str], features: tuple[Features, Features], folder: Path) -> None:
+        """Feature shapes per split, how many came from the cache (``folder``), the images left out."""
+        shapes = "  ".join(f"{name} {f.x.shape[0]}×{f.x.shape[1]}" for name, f in zip(names, features))
+        cached = sum(f.cached for f in features)
+        click.echo(f"features  {shapes}  ({cached} from the cache in {folder})")
+        for f in features:
+            for path, reason in f.skipped:
+                click.echo(f"  skipped {path}: {reason}")
+
+    def epoch(self, record: Epoch) -> None:
+        click.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
+
+    def finetune(self, backbone: Backbone, head: nn.Module, recipe: Recipe) -> None:
+        """What fine-tuning trains, at which learning rates, with which augmentation."""
+        options, train = recipe.finetune, recipe.train
+        module = backbone.module
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in module.parameters())
+        head_n = sum(p.numel() for p in head.parameters())
+        which = "all" if options.unfreeze == "all" else ", ".join(options.unfreeze)
+        _, height, _ = backbone.data_config["input_size"]
+        augment = f"random resized crop {height} and flip" if options.augment else "none"
+        click.echo(
+            f"finetune  unfreeze {which}: {trained:,} of {total:,} backbone parameters at lr "
+            f"{options.backbone_lr:g}, head {head_n:,} at lr {train.lr:g}; {train.optimizer}, "
+            f"schedule {train.schedule}; augmentation {augment}"
+        )
+
+    def done(self, metrics: dict[str, Any], scores: Scores, out: Path) -> None:
+        """The end of a run: the per-class table, final accuracy, the weakest class, where the files are."""
+        print_scores(scores)
+        chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items())
+        weakest = scores.weakest()
+        click.echo(
+            f"test accuracy {metrics['test_accuracy']:.2%} on {metrics['n_test']} images"
+            + (f" ({chosen})" if chosen else "")
+            + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
+        )
+        click.echo(
+            f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ..."
+        )
+
+    def device(self, device: torch.device, configured: str) -> None:
+        click.echo(f"device    {device} (recipe: device: {configured})")
 
 
 def describe_balance(splits: Splits) -> str:
@@ -53,16 +118,6 @@ def describe_balance(splits: Splits) -> str:
     )
 
 
-def print_backbone_summary(name: str, plugin: str, info: BackboneInfo, splits: Splits) -> None:
-    """Where the weights came from, the preprocessing, and the image tensor shapes."""
-    cfg = info.data_config
-    _, height, width = cfg["input_size"]
-    click.echo(f"backbone  {name} [plugin {plugin}]: {info.weights}")
-    click.echo(f"  weights sha256 {info.sha256[:16]}; preprocessing {describe_preprocessing(cfg)}")
-    shapes = "  ".join(f"{s.name} {len(s)}×3×{height}×{width}" for s in (splits.train, splits.test))
-    click.echo(f"images    {shapes}")
-
-
 def describe_preprocessing(cfg: dict[str, Any]) -> str:
     _, height, _ = cfg["input_size"]
     resize = int(height / cfg.get("crop_pct", 1.0))
@@ -74,19 +129,6 @@ def describe_preprocessing(cfg: dict[str, Any]) -> str:
     )
 
 
-def print_features(split_names: tuple[str, str], features: tuple[Features, Features], cache: Path) -> None:
-    shapes = "  ".join(f"{name} {f.x.shape[0]}×{f.x.shape[1]}" for name, f in zip(split_names, features))
-    cached = sum(f.cached for f in features)
-    click.echo(f"features  {shapes}  ({cached} from the cache in {cache})")
-    for f in features:
-        for path, reason in f.skipped:
-            click.echo(f"  skipped {path}: {reason}")
-
-
-def print_epoch(record: Epoch) -> None:
-    click.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
-
-
 def print_scores(scores: Scores) -> None:
     """The per-class table: precision, recall, F1, support."""
     width = max(8, *(len(c) for c in scores.classes))
@@ -96,33 +138,3 @@ def print_scores(scores: Scores) -> None:
             f"  {row['class']:<{width}}  {row['precision']:9.2%}  {row['recall']:6.2%}  {row['f1']:5.2%}"
             f"  {row['support']:7d}"
         )
-
-
-def print_run_summary(metrics: dict[str, Any], scores: Scores, out: Path) -> None:
-    """The end of a run: the per-class table, final accuracy, the weakest class, where the files are."""
-    print_scores(scores)
-    chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items())
-    weakest = scores.weakest()
-    click.echo(
-        f"test accuracy {metrics['test_accuracy']:.2%} on {metrics['n_test']} images"
-        + (f" ({chosen})" if chosen else "")
-        + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
-    )
-    click.echo(f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ...")
-
-
-def print_finetune_summary(backbone: Backbone, head: Any, recipe: Recipe) -> None:
-    """What fine-tuning trains, at which learning rates, with which augmentation."""
-    options, train = recipe.finetune, recipe.train
-    module = backbone.module
-    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    head_n = sum(p.numel() for p in head.parameters())
-    which = "all" if options.unfreeze == "all" else ", ".join(options.unfreeze)
-    _, height, _ = backbone.data_config["input_size"]
-    augment = f"random resized crop {height} and flip" if options.augment else "none"
-    click.echo(
-        f"finetune  unfreeze {which}: {trained:,} of {total:,} backbone parameters at lr "
-        f"{options.backbone_lr:g}, head {head_n:,} at lr {train.lr:g}; {train.optimizer}, "
-        f"schedule {train.schedule}; augmentation {augment}"
-    )

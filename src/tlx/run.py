@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-from pydantic import BaseModel, ConfigDict
-
 from tlx import __version__
+from tlx.components import Components, resolve
 from tlx.errors import TlxError
 from tlx.plots import Painter
-from tlx.recipe import Recipe, validate
-from tlx.registry import Entry
+from tlx.recipe import Recipe
+from tlx.report import Console
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from tlx.backbone import Backbone
-    from tlx.cache import BackboneInfo
+    from tlx.cache import BackboneInfo, FeatureStore
+    from tlx.data import Splits
+    from tlx.scores import Scores
+    from tlx.train import Fit
 
 
 def default_out_dir(recipe_path: Path) -> Path:
@@ -47,168 +52,104 @@ def prepare_out_dir(out: Path) -> None:
         ) from None
 
 
-class NoOptions(BaseModel):
-    """The options of a component that takes none: any key is unknown."""
+@dataclass
+class Outcome:
+    """What either strategy produced: the trained head, its fit and scores, and what it cost."""
 
-    model_config = ConfigDict(extra="forbid")
-
-
-def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> Any:
-    """Validate a component's own recipe keys with the model its plugin registered."""
-    return validate(entry.options or NoOptions, values, source=source, prefix=section)
+    head: nn.Module
+    fit: Fit
+    scores: Scores
+    n_train: int
+    n_test: int
+    #: images that could not be decoded, with the reason
+    skipped: list[tuple[Path, str]]
+    #: features read from the cache, and computed by the backbone
+    cached: int
+    computed: int
+    extract_s: float
+    train_s: float
+    #: the trained backbone (fine-tuning only): saved with the run
+    tuned: nn.Module | None = None
 
 
 def run(
-    recipe: Recipe, source: str, out: Path, cache_dir: Path | None = None, painter: Painter | None = None
+    recipe: Recipe,
+    source: str,
+    out: Path,
+    cache_dir: Path | None = None,
+    painter: Painter | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
-    Features come from the cache under ``cache_dir`` (default :func:`tlx.cache.cache_dir`) where they
-    are there; when all are, the backbone is not even built. ``painter`` draws the figures (default:
-    one started now; start it earlier to hide its start-up).
+    Steps: resolve the components, list the dataset, recall the backbone (building it only when some
+    feature is not cached, or to fine-tune it), train the head, score it on the test split, write the
+    run folder. ``painter`` draws the figures (start it early to hide its start-up); ``console`` shows
+    progress (default: the terminal).
     """
     if painter is None:
         with Painter() as own:
-            return run(recipe, source, out, cache_dir, own)
-    import torch
+            return run(recipe, source, out, cache_dir, own, console)
+    from tlx import artifacts, cache
 
-    from tlx import artifacts, cache, plugins, report
-    from tlx.backbone import flip_averaged
-    from tlx.device import resolve
-    from tlx.features import all_cached, extract
-    from tlx.scores import Scores
-    from tlx.train import Fit, fit_head, predict
-
+    console = console or Console()
     started = time.perf_counter()
-    registry = plugins.load()
-    dataset_entry = registry.datasets.get(recipe.dataset.kind, "dataset.kind")
-    dataset_options = options(dataset_entry, recipe.dataset.options, "dataset", source)
-    backbone_entry = registry.backbones.get(recipe.backbone.name, "backbone.name")
-    head_entry = registry.heads.get(recipe.head.type, "head.type")
-    head_options = options(head_entry, recipe.head.options, "head", source)
+    parts = resolve(recipe, source)
     prepare_out_dir(out)
-
     random.seed(recipe.seed)
+    splits = parts.dataset.factory(parts.dataset_options)
+    console.data(splits, recipe.dataset.kind)
     root = cache.cache_dir(cache_dir)
-    version = next((p.version for p in registry.plugins if p.name == backbone_entry.plugin), "?")
-    # a backbone seen before (same weights files) is built only if some feature is not cached;
-    # fine-tuning trains it, so it is always built
-    features_only = recipe.strategy == "features"
-    info = cache.recall_backbone(root, backbone_entry, recipe.backbone, version) if features_only else None
-    backbone = None
-    if info is None:
-        backbone, info = build_backbone(recipe, backbone_entry, root, version)
-    splits = dataset_entry.factory(dataset_options)
-    report.print_data_summary(splits, recipe.dataset.kind)
-    store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
-    if backbone is None and not all_cached([splits.train, splits.test], store):
-        backbone, info = build_backbone(recipe, backbone_entry, root, version)
-        store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
-    if not recipe.backbone.pretrained:
-        click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
-    report.print_backbone_summary(recipe.backbone.name, backbone_entry.plugin, info, splits)
-
-    # the device matters only where the backbone runs (a warm run does not look for a GPU)
-    device = resolve(recipe.device) if backbone is not None else None
-    if device is not None:
-        click.echo(f"device    {device} (recipe: device: {recipe.device})")
-    t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    head = head_entry.factory(info.feature_dim, len(splits.classes), head_options)
-    if not features_only:
-        from tlx.finetune import finetune
-
-        tuned = finetune(backbone, head, splits, recipe, device=device, on_epoch=report.print_epoch)
-        fit = Fit([h.as_dict() for h in tuned.history], tuned.n_train, 0)
-        scores = Scores.of(splits.classes, tuned.test_y, tuned.test_predicted)
-        n_train, n_test, decode_skipped = tuned.n_train, len(tuned.test_y), tuned.skipped
-        extract_s, train_s, n_cached = 0.0, time.perf_counter() - t0, 0
+    backbone, info, store = recall_or_build(recipe, parts, root, splits)
+    console.backbone(recipe, parts.backbone.plugin, info, splits)
+    device = _device(recipe, backbone, console)
+    if recipe.strategy == "features":
+        outcome = train_on_features(recipe, parts, splits, backbone, info, store, device, console)
     else:
-        if backbone is not None and recipe.extract.flip:
-            backbone = flip_averaged(backbone)
-        train, test = extract(
-            [splits.train, splits.test], backbone, recipe.extract, device=device, store=store
-        )
-        extract_s = time.perf_counter() - t0
-        report.print_features((splits.train.name, splits.test.name), (train, test), root)
-
-        t0 = time.perf_counter()
-        fit = fit_head(
-            head,
-            train,
-            test,
-            recipe.train,
-            n_classes=len(splits.classes),
-            seed=recipe.seed,
-            on_epoch=report.print_epoch,
-        )
-        train_s = time.perf_counter() - t0
-        scores = Scores.of(splits.classes, test.y, predict(head, test))
-        n_train, n_test, decode_skipped = len(train.y), len(test.y), train.skipped + test.skipped
-        n_cached = train.cached + test.cached
-
-    backbone_info = {
-        "name": recipe.backbone.name,
-        "plugin": backbone_entry.plugin,
-        "weights": info.weights,
-        "sha256": info.sha256,
-    }
-    metrics = {
-        "test_accuracy": scores.accuracy,
-        "per_class": scores.per_class(),
-        "confusion": scores.confusion,
-        "history": fit.history,
-        "chosen": fit.chosen,
-        "classes": splits.classes,
-        "class_counts": {s.name: s.class_counts(len(splits.classes)) for s in (splits.train, splits.test)},
-        "strategy": recipe.strategy,
-        "n_train": n_train,
-        "n_fit": fit.n_fit,
-        "n_val": fit.n_val,
-        "n_test": n_test,
-        "feature_dim": info.feature_dim,
-        "backbone": backbone_info,
-        "head": recipe.head.type,
-        "seed": recipe.seed,
-        "skipped": [
-            {"path": str(path), "reason": reason}
-            for path, reason in (*splits.train.skipped, *splits.test.skipped, *decode_skipped)
-        ],
-        "features": {
-            "cached": n_cached,
-            "computed": len(splits.train) + len(splits.test) - n_cached if features_only else 0,
-            "cache_dir": str(root),
-        },
-        "seconds": {
-            "extract": round(extract_s, 3),
-            "train": round(train_s, 3),
-            "total": round(time.perf_counter() - started, 3),
-        },
-        "tlx_version": __version__,
-    }
+        outcome = finetune_end_to_end(recipe, parts, splits, backbone, info, device, console)
+    metrics = metrics_of(recipe, parts, splits, info, outcome, root, time.perf_counter() - started)
     try:
         artifacts.write_run(
             out,
-            resolved=artifacts.resolved_recipe(recipe, dataset_options, head_options),
-            provenance=artifacts.provenance(backbone_info),
+            resolved=artifacts.resolved_recipe(recipe, parts.dataset_options, parts.head_options),
+            provenance=artifacts.provenance(metrics["backbone"]),
             metrics=metrics,
-            head=head,
-            scores=scores,
-            chosen=fit.chosen,
+            head=outcome.head,
+            scores=outcome.scores,
+            chosen=outcome.fit.chosen,
             painter=painter,
-            tuned_backbone=None if features_only else backbone.module,
+            tuned_backbone=outcome.tuned,
         )
     except OSError as exc:
         raise TlxError(
             f"--out: cannot write the run folder {out} ({exc.strerror or exc}); free space there"
         ) from None
-    report.print_run_summary(metrics, scores, out)
+    console.done(metrics, outcome.scores, out)
     return metrics
 
 
-def build_backbone(
-    recipe: Recipe, entry: Entry, root: Path, plugin_version: str
-) -> tuple[Backbone, BackboneInfo]:
+def recall_or_build(
+    recipe: Recipe, parts: Components, root: Path, splits: Splits
+) -> tuple[Backbone | None, BackboneInfo, FeatureStore]:
+    """The backbone's info and feature store; the backbone itself only where it must run.
+
+    A backbone seen before (same weights files) whose features of every image are cached is not built
+    (nor its weights hashed); fine-tuning trains it, so it is always built.
+    """
+    from tlx import cache
+    from tlx.features import all_cached
+
+    if recipe.strategy == "features":
+        info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
+        if info is not None:
+            store = cache.FeatureStore(root, feature_identity(recipe, parts, info))
+            if all_cached([splits.train, splits.test], store):
+                return None, info, store
+    backbone, info = build_backbone(recipe, parts, root)
+    return backbone, info, cache.FeatureStore(root, feature_identity(recipe, parts, info))
+
+
+def build_backbone(recipe: Recipe, parts: Components, root: Path) -> tuple[Backbone, BackboneInfo]:
     """Build the backbone and hash its weights; the digest is remembered per weights file.
 
     A later run whose features are all cached then neither builds nor hashes the model; a changed
@@ -220,18 +161,167 @@ def build_backbone(
     from tlx.backbone import create_backbone
 
     torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
-    backbone = create_backbone(entry, recipe.backbone)
+    backbone = create_backbone(parts.backbone, recipe.backbone)
     info = cache.BackboneInfo.of(backbone)
-    cache.remember_backbone(root, entry, recipe.backbone, plugin_version, info)
+    cache.remember_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version, info)
     return backbone, info
 
 
-def feature_identity(recipe: Recipe, plugin: str, version: str, info: BackboneInfo) -> dict[str, Any]:
+def feature_identity(recipe: Recipe, parts: Components, info: BackboneInfo) -> dict[str, Any]:
     """The cache namespace: every recipe key that can change a feature (new keys count by default)."""
     from tlx.cache import namespace_identity
 
-    backbone = {"plugin": [plugin, version], **recipe.backbone.model_dump(mode="json", exclude={"weights"})}
+    backbone = {
+        "plugin": [parts.backbone.plugin, parts.backbone_version],
+        **recipe.backbone.model_dump(mode="json", exclude={"weights"}),
+    }
     pixels = recipe.extract.model_dump(
         mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image"}
     )
     return namespace_identity(backbone, info, pixels)
+
+
+def _device(recipe: Recipe, backbone: Backbone | None, console: Console) -> torch.device | None:
+    """Where the backbone runs; None when it does not run (a warm run does not look for a GPU)."""
+    from tlx.device import resolve as resolve_device
+
+    if backbone is None:
+        return None
+    device = resolve_device(recipe.device)
+    console.device(device, recipe.device)
+    return device
+
+
+def train_on_features(
+    recipe: Recipe,
+    parts: Components,
+    splits: Splits,
+    backbone: Backbone | None,
+    info: BackboneInfo,
+    store: FeatureStore,
+    device: torch.device | None,
+    console: Console,
+) -> Outcome:
+    """Features of every image (from the cache, else through the frozen backbone), then the head on them."""
+    import torch
+
+    from tlx.backbone import flip_averaged
+    from tlx.features import extract
+    from tlx.scores import Scores
+    from tlx.train import fit_head, predict
+
+    t0 = time.perf_counter()
+    if backbone is not None and recipe.extract.flip:
+        backbone = flip_averaged(backbone)
+    train, test = extract([splits.train, splits.test], backbone, recipe.extract, device=device, store=store)
+    extract_s = time.perf_counter() - t0
+    console.features((splits.train.name, splits.test.name), (train, test), store.folder)
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
+    fit = fit_head(
+        head,
+        train,
+        test,
+        recipe.train,
+        n_classes=len(splits.classes),
+        seed=recipe.seed,
+        on_epoch=console.epoch,
+    )
+    cached = train.cached + test.cached
+    return Outcome(
+        head,
+        fit,
+        Scores.of(splits.classes, test.y, predict(head, test)),
+        n_train=len(train.y),
+        n_test=len(test.y),
+        skipped=train.skipped + test.skipped,
+        cached=cached,
+        computed=len(splits.train) + len(splits.test) - cached,
+        extract_s=extract_s,
+        train_s=time.perf_counter() - t0,
+    )
+
+
+def finetune_end_to_end(
+    recipe: Recipe,
+    parts: Components,
+    splits: Splits,
+    backbone: Backbone | None,
+    info: BackboneInfo,
+    device: torch.device | None,
+    console: Console,
+) -> Outcome:
+    """The backbone (its ``finetune.unfreeze`` part) and the head trained together on the images."""
+    import torch
+
+    from tlx.finetune import finetune
+    from tlx.scores import Scores
+
+    assert backbone is not None  # recall_or_build always builds the backbone to fine-tune it
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
+    tuned = finetune(
+        backbone, head, splits, recipe, device=device, on_start=console.finetune, on_epoch=console.epoch
+    )
+    return Outcome(
+        head,
+        tuned.fit,
+        Scores.of(splits.classes, tuned.test_y, tuned.test_predicted),
+        n_train=tuned.fit.n_fit + tuned.fit.n_val,
+        n_test=len(tuned.test_y),
+        skipped=tuned.skipped,
+        cached=0,
+        computed=0,
+        extract_s=0.0,
+        train_s=time.perf_counter() - t0,
+        tuned=backbone.module,
+    )
+
+
+def metrics_of(
+    recipe: Recipe,
+    parts: Components,
+    splits: Splits,
+    info: BackboneInfo,
+    outcome: Outcome,
+    root: Path,
+    seconds: float,
+) -> dict[str, Any]:
+    """``metrics.json``: the scores, the training history and choices, the counts, where time went."""
+    scores = outcome.scores
+    return {
+        "test_accuracy": scores.accuracy,
+        "per_class": scores.per_class(),
+        "confusion": scores.confusion,
+        "history": outcome.fit.history,
+        "chosen": outcome.fit.chosen,
+        "classes": splits.classes,
+        "class_counts": {s.name: s.class_counts(len(splits.classes)) for s in (splits.train, splits.test)},
+        "strategy": recipe.strategy,
+        "n_train": outcome.n_train,
+        "n_fit": outcome.fit.n_fit,
+        "n_val": outcome.fit.n_val,
+        "n_test": outcome.n_test,
+        "feature_dim": info.feature_dim,
+        "backbone": {
+            "name": recipe.backbone.name,
+            "plugin": parts.backbone.plugin,
+            "weights": info.weights,
+            "sha256": info.sha256,
+        },
+        "head": recipe.head.type,
+        "seed": recipe.seed,
+        "skipped": [
+            {"path": str(path), "reason": reason}
+            for path, reason in (*splits.train.skipped, *splits.test.skipped, *outcome.skipped)
+        ],
+        "features": {"cached": outcome.cached, "computed": outcome.computed, "cache_dir": str(root)},
+        "seconds": {
+            "extract": round(outcome.extract_s, 3),
+            "train": round(outcome.train_s, 3),
+            "total": round(seconds, 3),
+        },
+        "tlx_version": __version__,
+    }

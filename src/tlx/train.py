@@ -59,6 +59,23 @@ class Fit:
     chosen: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class BestEpoch:
+    """Early stopping: the epoch with the lowest validation loss so far, and what was kept of it."""
+
+    patience: int
+    epoch: int = 0
+    loss: float = math.inf
+    kept: Any = None
+
+    def update(self, record: Epoch, keep: Callable[[], Any]) -> bool:
+        """Note ``record`` (``keep()`` is stored if it is the best yet); True once patience has run out."""
+        assert record.val_loss is not None
+        if record.val_loss < self.loss:
+            self.epoch, self.loss, self.kept = record.epoch, record.val_loss, keep()
+        return record.epoch - self.epoch >= self.patience
+
+
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     """``balanced`` weights: n / (n_classes · n_c), so every class weighs the same in the loss."""
     counts = torch.bincount(y, minlength=n_classes).float()
@@ -82,13 +99,12 @@ def fit_head(
     if isinstance(head, ClosedFormHead):
         rows, chosen = head.fit(fit, val, class_weight=weight, seed=seed)
         return Fit(rows, len(fit.y), n_val, chosen)
-    history = train_head(head, fit, test, config, seed=seed, on_epoch=on_epoch, val=val, weight=weight)
-    chosen = {"epochs": min(history, key=_val_loss).epoch} if config.patience else {}
+    best = BestEpoch(config.patience) if config.patience and val is not None else None
+    history = train_head(
+        head, fit, test, config, seed=seed, on_epoch=on_epoch, val=val, weight=weight, best=best
+    )
+    chosen = {"epochs": best.epoch} if best else {}
     return Fit([h.as_dict() for h in history], len(fit.y), n_val, chosen)
-
-
-def _val_loss(record: Epoch) -> float:
-    return record.val_loss if record.val_loss is not None else float("inf")
 
 
 def train_head(
@@ -101,12 +117,13 @@ def train_head(
     on_epoch: Callable[[Epoch], None],
     val: Features | None = None,
     weight: torch.Tensor | None = None,
+    best: BestEpoch | None = None,
 ) -> list[Epoch]:
     """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``.
 
     The head's small operations run on one thread; more only add overhead (same numbers).
-    With ``val`` and ``config.patience``, training stops once the validation loss has not improved for
-    ``patience`` epochs, and the head keeps the weights of its best validation epoch.
+    With ``val`` and ``best``, training stops once the validation loss has not improved for
+    ``best.patience`` epochs, and the head keeps the weights of its best validation epoch.
     """
     generator = torch.Generator().manual_seed(seed)
     n = len(train.y)
@@ -114,7 +131,6 @@ def train_head(
     optimizer = Optimizer(groups, config, steps_per_epoch=math.ceil(n / config.batch_size))
     loss_fn = make_loss(config, weight)
     history: list[Epoch] = []
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
     with threads_set(1):
         for epoch in range(1, config.epochs + 1):
             head.train()
@@ -131,13 +147,10 @@ def train_head(
             record = Epoch(epoch, total / n, accuracy(head, test), *val_scores)
             history.append(record)
             on_epoch(record)
-            if config.patience and record.val_loss is not None:
-                if best is None or record.val_loss < best[0]:
-                    best = (record.val_loss, copy.deepcopy(head.state_dict()))
-                elif epoch - min(history, key=_val_loss).epoch >= config.patience:
-                    break
+            if best is not None and best.update(record, lambda: copy.deepcopy(head.state_dict())):
+                break
     if best is not None:
-        head.load_state_dict(best[1])
+        head.load_state_dict(best.kept)
     return history
 
 

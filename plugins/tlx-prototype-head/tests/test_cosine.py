@@ -9,12 +9,11 @@ import torch
 from click.testing import CliRunner
 from tlx_prototype_head import CosineHead, CosineOptions
 
-from tlx import plugins
+from tlx import plugins, validate_options
 from tlx.cli import cli
 from tlx.errors import TlxError
 from tlx.features import Features
 from tlx.recipe import TrainConfig
-from tlx.run import options
 from tlx.train import train_head
 
 
@@ -71,7 +70,7 @@ def test_it_learns_classes_told_apart_by_direction_not_length() -> None:
     x = length * (directions[y] + 0.1 * torch.randn(60, 4, generator=g))
     torch.manual_seed(0)
     entry = plugins.load().heads.get("cosine", "head.type")
-    head = entry.factory(4, 2, options(entry, {"scale": 10}, "head", "r.yaml"))
+    head = entry.factory(4, 2, validate_options(entry, {"scale": 10}, "head", "r.yaml"))
     history = train_head(
         head, Features(x[:40], y[:40], []), Features(x[40:], y[40:], []), TrainConfig(epochs=15, lr=0.05),
         seed=0, on_epoch=lambda e: None,
@@ -83,6 +82,6 @@ def test_it_learns_classes_told_apart_by_direction_not_length() -> None:
 def test_options_are_validated_with_their_key() -> None:
     entry = plugins.load().heads.get("cosine", "head.type")
     with pytest.raises(TlxError, match=r"head.scale: Input should be greater than 0"):
-        options(entry, {"scale": 0}, "head", "r.yaml")
+        validate_options(entry, {"scale": 0}, "head", "r.yaml")
     with pytest.raises(TlxError, match=r"unknown key head.scales; did you mean head.scale"):
-        options(entry, {"scales": 3}, "head", "r.yaml")
+        validate_options(entry, {"scales": 3}, "head", "r.yaml")

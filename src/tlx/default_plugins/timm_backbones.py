@@ -74,7 +74,7 @@ def _weights_location(name: str) -> SimpleNamespace | None:
     return SimpleNamespace(**known[name]) if known[name] else None
 
 
-# Importing timm takes about 2 s: what a run whose features are all cached needs from it (is a name
+# Importing timm takes seconds: what a run whose features are all cached needs from it (is a name
 # a timm model, where are its weights) is remembered per timm version in tlx's default cache folder
 # ($TLX_CACHE_DIR, else the user cache; a plugin does not see --cache-dir). Unwritable: timm is asked
 # every time, which is only slower.
