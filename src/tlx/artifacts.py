@@ -161,7 +161,9 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
     registry = plugins.load()
     backbone_entry = registry.backbones.get(recipe.backbone.name, "backbone.name")
     head_entry = registry.heads.get(recipe.head.type, "head.type")
-    head_options = options(head_entry, recipe.head.options, "head", str(folder / RECIPE_FILE))
+    head_options = options(
+        head_entry, recipe.head.options, "head", str(folder / RECIPE_FILE), recipe.set_keys
+    )
     backbone = create_backbone(backbone_entry, recipe.backbone)
     digest = state_digest(backbone.module)
     if digest != expected:

@@ -17,7 +17,9 @@ def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
 
     recipe = run.recipe
     entry = plugins.load().datasets.get(recipe.dataset.kind, "dataset.kind")
-    splits = entry.factory(options(entry, recipe.dataset.options, "dataset", str(run.folder / RECIPE_FILE)))
+    splits = entry.factory(
+        options(entry, recipe.dataset.options, "dataset", str(run.folder / RECIPE_FILE), recipe.set_keys)
+    )
     if splits.classes != run.classes:
         raise TlxError(
             f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "

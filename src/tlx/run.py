@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,9 +54,14 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def options(entry: Entry, values: dict[str, Any], section: str, source: str) -> Any:
-    """Validate a component's own recipe keys with the model its plugin registered."""
-    return validate(entry.options or NoOptions, values, source=source, prefix=section)
+def options(
+    entry: Entry, values: dict[str, Any], section: str, source: str, set_keys: Collection[str] = ()
+) -> Any:
+    """Validate a component's own recipe keys with the model its plugin registered.
+
+    ``set_keys`` (:attr:`Recipe.set_keys`): an error in a key given with ``--set`` names that ``--set``.
+    """
+    return validate(entry.options or NoOptions, values, source=source, prefix=section, set_keys=set_keys)
 
 
 def run(
@@ -82,10 +88,10 @@ def run(
     started = time.perf_counter()
     registry = plugins.load()
     dataset_entry = registry.datasets.get(recipe.dataset.kind, "dataset.kind")
-    dataset_options = options(dataset_entry, recipe.dataset.options, "dataset", source)
+    dataset_options = options(dataset_entry, recipe.dataset.options, "dataset", source, recipe.set_keys)
     backbone_entry = registry.backbones.get(recipe.backbone.name, "backbone.name")
     head_entry = registry.heads.get(recipe.head.type, "head.type")
-    head_options = options(head_entry, recipe.head.options, "head", source)
+    head_options = options(head_entry, recipe.head.options, "head", source, recipe.set_keys)
     prepare_out_dir(out)
 
     random.seed(recipe.seed)
