@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,14 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def validate_options(entry: Entry, values: dict[str, Any], section: str, source: str) -> Any:
-    """Validate a component's own recipe keys with the model its plugin registered."""
-    return validate(entry.options or NoOptions, values, source=source, prefix=section)
+def validate_options(
+    entry: Entry, values: dict[str, Any], section: str, source: str, set_keys: Collection[str] = ()
+) -> Any:
+    """Validate a component's own recipe keys with the model its plugin registered.
+
+    ``set_keys`` (:attr:`Recipe.set_keys`): an error in a key given with ``--set`` names that ``--set``.
+    """
+    return validate(entry.options or NoOptions, values, source=source, prefix=section, set_keys=set_keys)
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,9 @@ def resolve(recipe: Recipe, source: str) -> Components:
     version = next((p.version for p in registry.plugins if p.name == backbone.plugin), "?")
     return Components(
         dataset,
-        validate_options(dataset, recipe.dataset.options, "dataset", source),
+        validate_options(dataset, recipe.dataset.options, "dataset", source, recipe.set_keys),
         backbone,
         version,
         head,
-        validate_options(head, recipe.head.options, "head", source),
+        validate_options(head, recipe.head.options, "head", source, recipe.set_keys),
     )

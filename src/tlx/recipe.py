@@ -1,18 +1,23 @@
 """Recipes: YAML files validated with pydantic, with ``--set KEY=VALUE`` overrides.
 
 Relative paths in a recipe (``dataset.root``, ``backbone.weights``) are taken from the current
-working directory, like paths given on the command line.
+working directory and ``~`` is the home folder, as with paths given on the command line.
+
+The loader is bounded (:data:`MAX_BYTES`, :data:`MAX_VALUES`, :data:`MAX_DEPTH`) so that a small
+document cannot expand into a huge one: a recipe is a few hundred bytes.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,6 +25,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -27,7 +33,30 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from tlx.errors import TlxError
+from tlx.errors import TlxError, shorten
+
+#: the largest recipe file in bytes, and the longest ``--set`` value in characters
+MAX_BYTES = 1 << 20
+#: the most values (mappings, lists and scalars) in a recipe or a ``--set`` value; each use of an
+#: alias counts the values of its anchor again, as the loaded data holds them
+MAX_VALUES = 10_000
+#: the deepest nesting of mappings and lists (and of the parts of a ``--set`` key)
+MAX_DEPTH = 32
+#: the largest seed: random, torch and a signed 64-bit integer all take 0 .. 2**63 - 1
+MAX_SEED = 2**63 - 1
+
+
+def _expand_user(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded to that home folder, as a shell does."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        user = shorten(path.parts[0])
+        raise ValueError(f"cannot expand {user}: no home folder known for that user") from None
+
+
+#: a path option: ``~`` is the home folder; plugins use it for their own path options too
+UserPath = Annotated[Path, AfterValidator(_expand_user)]
 
 
 def cpu_cores() -> int:
@@ -56,7 +85,7 @@ class DatasetConfig(_Open):
 class BackboneConfig(_Strict):
     name: str
     pretrained: bool = True
-    weights: Path | None = None
+    weights: UserPath | None = None
 
 
 class HeadConfig(_Open):
@@ -131,7 +160,7 @@ class ExtractConfig(_Strict):
 
 
 class Recipe(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     #: features: the frozen backbone runs once and the head trains on its features;
     #: finetune: the backbone (or its ``finetune.unfreeze`` part) trains with the head
     strategy: Literal["features", "finetune"] = "features"
@@ -144,6 +173,12 @@ class Recipe(_Strict):
     #: validated only when given, so that it can be refused with strategy: features
     finetune: FinetuneConfig = FinetuneConfig()
     extract: ExtractConfig = ExtractConfig()
+    _set_keys: frozenset[str] = PrivateAttr(frozenset())
+
+    @property
+    def set_keys(self) -> frozenset[str]:
+        """The keys given with ``--set``: a later check of a plugin's options blames them, not the file."""
+        return self._set_keys
 
     @model_validator(mode="after")
     def _flip_only_on_features(self) -> Recipe:
@@ -169,18 +204,92 @@ def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is a one-line :class:`TlxError`."""
     data = read_yaml(path)
     set_keys = apply_overrides(data, overrides)
-    return validate(Recipe, data, source=str(path), set_keys=set_keys)
+    recipe = validate(Recipe, data, source=str(path), set_keys=set_keys)
+    recipe._set_keys = frozenset(set_keys)
+    return recipe
+
+
+class _Limit(Exception):
+    """A document past one of the loader's bounds, at ``line`` (1-based); ``problem`` says what to do."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(line, problem)
+        self.line, self.problem = line, problem
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops while composing at :data:`MAX_DEPTH` or :data:`MAX_VALUES`.
+
+    Each use of an alias adds the values of its anchor, so that nested aliases ("billion laughs")
+    are refused after reading a few hundred bytes rather than expanded in memory; an alias inside
+    its own anchor (an endless value) is refused too.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._sizes: dict[int, int] = {}  # values of each finished node, by id, for its aliases
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            anchor = self.anchors.get(event.anchor)
+            if anchor is not None:
+                if id(anchor) not in self._sizes:
+                    name = shorten(event.anchor, 40)
+                    raise _Limit(line, f"alias *{name} is inside its own anchor, an endless value; remove it")
+                self._count(self._sizes[id(anchor)], line)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Limit(line, f"nested more than {MAX_DEPTH} levels deep; a recipe needs three or four")
+        before = self._values
+        self._count(1, line)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._sizes[id(node)] = self._values - before
+        return node
+
+    def _count(self, values: int, line: int) -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            raise _Limit(
+                line,
+                f"more than {MAX_VALUES} values, each use of an alias counting as a copy of its anchor; "
+                "a recipe needs a few dozen",
+            )
+
+
+def _parse(text: str) -> Any:
+    """``text`` as plain YAML data, within the loader's bounds (:class:`_Limit` past them)."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in the recipe file ``path``, read within the loader's bounds."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_BYTES + 1)  # no more: the file may be huge, or endless
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise TlxError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TlxError(f"{path}: cannot read the recipe ({exc})") from None
+    if len(raw) > MAX_BYTES:
+        raise TlxError(
+            f"{path}: larger than {MAX_BYTES} bytes, the most a recipe may have; "
+            "is it the right file? (a recipe is a few hundred bytes)"
+        )
     try:
-        data = yaml.safe_load(text)
+        data = _parse(text)
+    except _Limit as exc:
+        raise TlxError(f"{path}: line {exc.line}: {exc.problem}") from None
     except yaml.constructor.ConstructorError as exc:
         tag = f" {exc.problem.split('tag ')[-1]}" if exc.problem and "tag" in exc.problem else ""
         raise TlxError(
@@ -209,17 +318,29 @@ def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...]) -> set[str
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise TlxError(f"--set {item!r}: expected KEY=VALUE, for example --set train.epochs=5")
+            raise TlxError(
+                f"--set {shorten(repr(item))}: expected KEY=VALUE, for example --set train.epochs=5"
+            )
+        shown = shorten(".".join(parts))
+        if len(parts) > MAX_DEPTH:
+            raise TlxError(f"--set {shown}: a key of more than {MAX_DEPTH} parts; recipe keys have a few")
+        if len(raw) > MAX_BYTES:
+            raise TlxError(
+                f"--set {shown}: the value is longer than {MAX_BYTES} characters, the most a --set "
+                "may give; a recipe value is a few"
+            )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = _parse(raw) if raw.strip() else raw
+        except _Limit as exc:
+            raise TlxError(f"--set {shown}: {exc.problem}") from None
         except yaml.YAMLError:
-            value = raw
+            value = raw  # not YAML: the text itself, as for a path with odd characters
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise TlxError(f"--set {item!r}: {where} is a value, not a section with keys")
+                where = shorten(".".join(parts[: depth + 1]))
+                raise TlxError(f"--set {shown}: {where} is a value, not a section with keys")
             node = child
         node[parts[-1]] = value
         keys.add(".".join(parts))
@@ -227,11 +348,17 @@ def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...]) -> set[str
 
 
 def validate(
-    model: type[BaseModel], data: Any, *, source: str, prefix: str = "", set_keys: set[str] = frozenset()
+    model: type[BaseModel],
+    data: Any,
+    *,
+    source: str,
+    prefix: str = "",
+    set_keys: Collection[str] = frozenset(),
 ) -> Any:
     """Validate ``data`` with ``model``; the first error becomes a one-line :class:`TlxError`.
 
-    ``prefix`` is the key path of ``data`` inside the recipe (``head`` for head options).
+    ``prefix`` is the key path of ``data`` inside the recipe (``head`` for head options); an error
+    at, under or above a key in ``set_keys`` names that ``--set`` rather than ``source``.
     """
     try:
         return model.model_validate(data)
@@ -240,12 +367,13 @@ def validate(
         first = errors[0]
         loc = [str(p) for p in first["loc"]]
         key = ".".join(([prefix] if prefix else []) + loc)
-        where = f"--set {key}" if key in set_keys else source
+        where = _blame(key, set_keys, source)
+        key = shorten(key)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         if first["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=1, cutoff=0.5)
             hint = (
-                f"; did you mean {'.'.join(([prefix] if prefix else []) + loc[:-1] + close)}?"
+                f"; did you mean {shorten('.'.join(([prefix] if prefix else []) + loc[:-1] + close))}?"
                 if close
                 else ""
             )
@@ -253,8 +381,16 @@ def validate(
         if first["type"] == "missing":
             raise TlxError(f"{where}: missing required key {key}{more}") from None
         got = first.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        shown = f" (got {shorten(repr(got))})" if not isinstance(got, dict) else ""
         raise TlxError(f"{where}: {key}: {first['msg']}{shown}{more}") from None
+
+
+def _blame(key: str, set_keys: Collection[str], source: str) -> str:
+    """``--set K`` for the set key ``K`` that is ``key`` or contains or lies under it, else ``source``."""
+    related = [
+        k for k in set_keys if key and (k == key or f"{key}.".startswith(f"{k}.") or k.startswith(f"{key}."))
+    ]
+    return f"--set {shorten(min(related, key=lambda k: (k != key, k)))}" if related else source
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
