@@ -74,6 +74,7 @@ def run(
 
     from tlx import artifacts, cache, plugins, report
     from tlx.backbone import flip_averaged
+    from tlx.data import check_out_dir, check_overlap
     from tlx.device import resolve
     from tlx.features import all_cached, extract
     from tlx.scores import Scores
@@ -99,6 +100,9 @@ def run(
     if info is None:
         backbone, info = build_backbone(recipe, backbone_entry, root, version)
     splits = dataset_entry.factory(dataset_options)
+    check_out_dir(splits, out)
+    for warning in check_overlap(splits):
+        click.echo(f"warning: {warning}", err=True)
     report.print_data_summary(splits, recipe.dataset.kind)
     store = cache.FeatureStore(root, feature_identity(recipe, backbone_entry.plugin, version, info))
     if backbone is None and not all_cached([splits.train, splits.test], store):

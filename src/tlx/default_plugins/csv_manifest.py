@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from tlx import hookimpl
-from tlx.data import Splits, scan_manifests
+from tlx.data import Splits, UserPath, scan_manifests
 
 
 class ManifestOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    manifest: Path
+    manifest: UserPath
     #: a second manifest for testing; without it, test_fraction of each class is held out of manifest
-    test_manifest: Path | None = None
+    test_manifest: UserPath | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
 

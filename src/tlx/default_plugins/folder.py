@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from tlx import hookimpl
-from tlx.data import Splits, scan_class_folder
+from tlx.data import Splits, UserPath, scan_class_folder
 
 
 class FolderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: Path
+    root: UserPath
     #: share of each class held out for testing
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict
 
 from tlx import hookimpl
-from tlx.data import Splits, download_and_unpack, scan_imagefolder
+from tlx.data import Splits, UserPath, download_and_unpack, scan_imagefolder
 
 
 class ImageFolderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: Path
+    root: UserPath
     train: str = "train"
     test: str = "val"
     url: str | None = None
