@@ -32,6 +32,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlx.data import DECODING
 from tlx.files import write_atomic, write_json
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ def namespace_identity(
     """Everything but the image that decides a feature; ``pixels`` holds other preprocessing options."""
     return {
         "format": FORMAT,
+        "decoding": DECODING,
         "backbone": backbone,
         "weights_sha256": info.sha256,
         "feature_dim": info.feature_dim,

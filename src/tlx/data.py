@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import random
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlx.errors import TlxError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: torchvision's image extensions, plus GIF (decoded and converted to RGB like the rest)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 )
+
+#: how :func:`load_image` turns a file into pixels; part of the feature cache's namespace, so a change
+#: here is a new namespace and no feature decoded the old way is reused
+DECODING = "exif-transposed; 16-bit and 32-bit integer grey /257, float grey x255; then RGB"
+
+#: why a file outside the dataset root (a link, a manifest path with ``..`` or absolute) is left out
+OUTSIDE_ROOT = "links outside the dataset root"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,132 @@ class Splits:
     train: Split
     test: Split
     source: str
+    #: the folders the dataset reads images from, for :func:`check_out_dir`
+    roots: tuple[Path, ...] = ()
+
+
+def load_image(path: Path) -> Image.Image:
+    """The image in ``path`` as 8-bit RGB, upright: one decoder for extraction, fine-tuning and predict.
+
+    The EXIF orientation is applied (cameras store portrait photos sideways with a tag). 16-bit and
+    32-bit integer grey (Pillow's ``I;16*`` and ``I`` modes, 0-65535) and float grey (``F``, 0-1) are
+    scaled to 0-255, which Pillow's ``convert("RGB")`` would clip to nearly white; values outside
+    those ranges raise ``ValueError``. An image over Pillow's decompression-bomb warning limit raises
+    ``DecompressionBombError``, as one over its hard limit does, instead of printing a warning.
+    """
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                ImageOps.exif_transpose(image, in_place=True)
+                if image.mode in ("I", "F") or image.mode.startswith("I;"):
+                    return _grey_to_8_bits(image)
+                return image.convert("RGB")
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
+
+
+def _grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """A high-bit-depth grey image as 8-bit RGB, its full range (0-65535, or 0-1 for floats) to 0-255."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" else 65535.0
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if not (low >= 0 and high <= top):  # NaN fails too
+        raise ValueError(
+            f"{image.mode} pixel values span {low:g}..{high:g}, outside 0..{top:g}; "
+            "save the image with 8 or 16 bits per channel"
+        )
+    return Image.fromarray(np.rint(pixels * (255 / top)).astype(np.uint8)).convert("RGB")
+
+
+def check_out_dir(splits: Splits, out: Path) -> None:
+    """Refuse a run folder inside a folder the dataset reads: its figures would be scanned as images."""
+    target = out.resolve()
+    for root in splits.roots:
+        if target.is_relative_to(root.resolve()):
+            raise TlxError(
+                f"--out: {out} is inside the dataset folder {root}; the run's images would become "
+                "training images of the next run; choose a folder outside the dataset"
+            )
+
+
+def check_overlap(splits: Splits) -> list[str]:
+    """Refuse an image file in both splits; warnings for repeated files and identical test images.
+
+    The same file (through links too) in train and test is a TlxError: the head would be tested on
+    images it trained on. Different files with the same bytes (SHA-256) are a warning, as is a file
+    listed twice in one split; they may be deliberate. Only files whose size occurs in both splits
+    are read and hashed: different sizes cannot hold the same bytes.
+    """
+    (train, train_repeats), (test, test_repeats) = map(_files_by_identity, (splits.train, splits.test))
+    both = [path for identity, (path, _) in test.items() if identity in train]
+    if both:
+        raise TlxError(
+            f"dataset: {len(both)} image file(s) are in both split {splits.train.name!r} and split "
+            f"{splits.test.name!r} (first: {both[0]}); testing on training images overstates the "
+            "test accuracy; list each image in one split only"
+        )
+    messages = []
+    for split, repeats in ((splits.train, train_repeats), (splits.test, test_repeats)):
+        if repeats:
+            messages.append(
+                f"split {split.name!r} lists {repeats} image file(s) again; every listing counts as "
+                "one more image in training and scoring; list each image once"
+            )
+    same = _same_content(train, test)
+    if same:
+        test_path, train_path = same[0]
+        messages.append(
+            f"{len(same)} image(s) of split {splits.test.name!r} have the same content as an image of "
+            f"split {splits.train.name!r} (first: {test_path} and {train_path}); they overstate the "
+            "test accuracy; remove the copies from one split"
+        )
+    return messages
+
+
+def _files_by_identity(split: Split) -> tuple[dict[tuple[int, int], tuple[Path, int]], int]:
+    """The distinct files of ``split`` by (device, inode), each with its path and size; and how many
+    listings repeat a file listed before."""
+    files: dict[tuple[int, int], tuple[Path, int]] = {}
+    repeats = 0
+    for path, _ in split.samples:
+        with contextlib.suppress(OSError):  # gone since the scan: decoding reports it
+            st = path.stat()
+            repeats += (st.st_dev, st.st_ino) in files
+            files.setdefault((st.st_dev, st.st_ino), (path, st.st_size))
+    return files, repeats
+
+
+def _same_content(
+    train: dict[tuple[int, int], tuple[Path, int]], test: dict[tuple[int, int], tuple[Path, int]]
+) -> list[tuple[Path, Path]]:
+    """Pairs (test file, a train file with the same SHA-256), for the test files that have one."""
+    by_size: dict[int, list[Path]] = {}
+    for path, size in train.values():
+        by_size.setdefault(size, []).append(path)
+    digests: dict[Path, str | None] = {}
+
+    def sha256(path: Path) -> str | None:
+        if path not in digests:
+            try:
+                with path.open("rb") as file:
+                    digests[path] = hashlib.file_digest(file, "sha256").hexdigest()
+            except OSError:
+                digests[path] = None
+        return digests[path]
+
+    pairs = []
+    for path, size in test.values():
+        twins = {sha256(p): p for p in by_size.get(size, ())}
+        digest = sha256(path) if twins else None
+        if digest is not None and digest in twins:
+            pairs.append((path, twins[digest]))
+    return pairs
 
 
 def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
@@ -67,9 +208,10 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
         )
     return Splits(
         classes=classes,
-        train=_scan_split(train_dir, classes, root),
-        test=_scan_split(test_dir, classes, root),
+        train=_scan_split(train_dir, classes, root, every_class=True),
+        test=_scan_split(test_dir, classes, root, every_class=False),
         source=str(root),
+        roots=(root,),
     )
 
 
@@ -89,13 +231,14 @@ def scan_class_folder(root: Path, test_fraction: float, seed: int) -> Splits:
     if not root.is_dir():
         raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
     classes = class_folders(root, "dataset.root")
-    images = _scan_split(root, classes, root)
+    images = _scan_split(root, classes, root, every_class=True)
     train, test = stratified_split(images.samples, classes, test_fraction, seed, "dataset.root")
     return Splits(
         classes,
         Split("train", train, images.skipped),
         Split("test", test),
         source=f"{root} (test_fraction {test_fraction:g}, split_seed {seed})",
+        roots=(root,),
     )
 
 
@@ -122,51 +265,69 @@ def stratified_split(
     return train, test
 
 
-def read_manifest(path: Path, key: str) -> list[tuple[Path, str]]:
-    """Rows of a CSV manifest with a header ``path,label``; relative paths are taken from the CSV's folder."""
+def read_manifest(path: Path, key: str) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Rows ``(image, label)`` of a CSV manifest with a header ``path,label``, and the rows left out.
+
+    Relative paths are taken from the CSV's folder, which is the dataset root: a path that leads
+    out of it (``..``, absolute, a link) is left out, as links out of an image folder are.
+    """
+    rows = []
+    start = 1  # the line where the row being read begins: where an unclosed quote opened
     try:
-        with path.open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            rows = [(reader.line_num, row) for row in reader]
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file, strict=True)
             columns = reader.fieldnames or []
+            start = reader.line_num + 1
+            for row in reader:
+                rows.append((start, row))
+                start = reader.line_num + 1
     except FileNotFoundError:
         raise TlxError(f"{key}: manifest {path} not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
+        problem = "a quoted field is never closed" if "end of data" in str(exc) else str(exc)
+        raise TlxError(f"{key}: {path} line {start}: {problem}; fix the CSV quoting") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise TlxError(f"{key}: cannot read manifest {path} ({exc})") from None
     if not {"path", "label"} <= set(columns):
         raise TlxError(
             f"{key}: {path} has columns {', '.join(columns) or 'none'}; a manifest starts with the "
             "header line path,label"
         )
-    entries = []
+    entries, skipped = [], []
+    root = path.parent.resolve()
     for line, row in rows:
         file, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         if not file or not label:
             raise TlxError(f"{key}: {path} line {line}: needs both a path and a label")
         image = path.parent / file
-        if not image.is_file():
+        if not image.resolve().is_relative_to(root):
+            skipped.append((image, OUTSIDE_ROOT))
+        elif not image.is_file():
             raise TlxError(f"{key}: {path} line {line}: image {image} not found")
-        entries.append((image, label))
+        else:
+            entries.append((image, label))
     if not entries:
-        raise TlxError(f"{key}: manifest {path} lists no images")
-    return entries
+        outside = f" inside its folder {path.parent} ({len(skipped)} lie outside it)" if skipped else ""
+        raise TlxError(f"{key}: manifest {path} lists no images{outside}")
+    return entries, skipped
 
 
 def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: int) -> Splits:
     """Splits from a CSV manifest and a test manifest, or one manifest split by ``test_fraction``."""
-    rows = read_manifest(train, "dataset.manifest")
+    rows, skipped = read_manifest(train, "dataset.manifest")
     classes = sorted({label for _, label in rows})
     if len(classes) < 2:
         raise TlxError(f"dataset.manifest: {train} has {len(classes)} label(s); a classifier needs two")
     index = {name: k for k, name in enumerate(classes)}
     samples = [(image, index[label]) for image, label in rows]
+    test_skipped: list[tuple[Path, str]] = []
     if test is None:
         train_samples, test_samples = stratified_split(
             samples, classes, test_fraction, seed, "dataset.manifest"
         )
         source = f"{train} (test_fraction {test_fraction:g}, split_seed {seed})"
     else:
-        test_rows = read_manifest(test, "dataset.test_manifest")
+        test_rows, test_skipped = read_manifest(test, "dataset.test_manifest")
         unknown = sorted({label for _, label in test_rows} - set(classes))
         if unknown:
             raise TlxError(
@@ -175,7 +336,13 @@ def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: i
             )
         train_samples, test_samples = samples, [(image, index[label]) for image, label in test_rows]
         source = f"{train}, {test}"
-    return Splits(classes, Split("train", train_samples), Split("test", test_samples), source)
+    return Splits(
+        classes,
+        Split("train", train_samples, tuple(skipped)),
+        Split("test", test_samples, tuple(test_skipped)),
+        source,
+        roots=tuple(dict.fromkeys(m.parent for m in (train, test) if m is not None)),
+    )
 
 
 def _split_dir(root: Path, name: str, key: str) -> Path:
@@ -189,7 +356,9 @@ def _split_dir(root: Path, name: str, key: str) -> Path:
     return path
 
 
-def _scan_split(split_dir: Path, classes: list[str], root: Path) -> Split:
+def _scan_split(split_dir: Path, classes: list[str], root: Path, *, every_class: bool) -> Split:
+    """The images under ``split_dir/<class>/``; with ``every_class``, a class without any is an error
+    (the head would have a class it never saw trained)."""
     samples: list[tuple[Path, int]] = []
     skipped: list[tuple[Path, str]] = []
     real_root = root.resolve()
@@ -197,13 +366,19 @@ def _scan_split(split_dir: Path, classes: list[str], root: Path) -> Split:
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
+        found = len(samples)
         for path in sorted(class_dir.rglob("*")):
             if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             if not path.resolve().is_relative_to(real_root):
-                skipped.append((path, "links outside the dataset root"))
+                skipped.append((path, OUTSIDE_ROOT))
             elif path.is_file():
                 samples.append((path, label))
+        if every_class and found == len(samples):
+            raise TlxError(
+                f"dataset: class folder {class_dir} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            )
     if not samples:
         raise TlxError(
             f"dataset: split folder {split_dir} holds no images "
@@ -213,10 +388,31 @@ def _scan_split(split_dir: Path, classes: list[str], root: Path) -> Split:
 
 
 def download_and_unpack(url: str, root: Path, timeout: float = 10.0) -> None:
-    """Download a zip archive and unpack it so that its top folder becomes ``root``."""
+    """Download a zip archive and unpack it so that its top folder becomes ``root``.
+
+    Folders created for ``root`` are removed again when the download or the archive fails.
+    """
+    with _removed_on_failure(root.parent):
+        _download_and_unpack(url, root, timeout)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove those that are still empty if the block fails."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for created in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise
+
+
+def _download_and_unpack(url: str, root: Path, timeout: float) -> None:
     from tqdm import tqdm
 
-    root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".tlx-download-") as tmp:
         archive = Path(tmp) / "archive.zip"
         try:
@@ -234,9 +430,15 @@ def download_and_unpack(url: str, root: Path, timeout: float = 10.0) -> None:
             ) from None
         unpacked = Path(tmp) / "unpacked"
         try:
+            unpacked.mkdir()
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(unpacked)
         except zipfile.BadZipFile:
             raise TlxError(f"dataset.url: {url} is not a zip archive") from None
         tops = [p for p in unpacked.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+        if not tops:
+            raise TlxError(
+                f"dataset.url: the zip archive {url} is empty; pass --set dataset.root=PATH to a "
+                "local copy of the dataset"
+            )
         shutil.move(str(tops[0] if len(tops) == 1 and tops[0].is_dir() else unpacked), root)

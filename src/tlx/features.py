@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tlx.backbone import Backbone
-from tlx.data import Split
+from tlx.data import Split, load_image
 from tlx.errors import TlxError, describe
 from tlx.recipe import ExtractConfig, cpu_cores
 
@@ -34,7 +34,8 @@ class Features:
 
 
 class ImageFiles(Dataset):
-    """Decodes and preprocesses one image per item; a file that cannot be decoded yields its reason."""
+    """Decodes (:func:`tlx.data.load_image`) and preprocesses one image per item; a file that cannot
+    be decoded yields its reason."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor]):
         self.samples = samples
@@ -46,8 +47,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
         path = self.samples[index][0]
         try:
-            with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), index, ""
+            return self.transform(load_image(path)), index, ""
         except Exception as exc:  # PIL raises many types for damaged or foreign files
             return None, index, describe(exc)
 
@@ -85,12 +85,18 @@ def extract(
     does it all on ``settings.threads`` threads. On an accelerator the workers decode and this
     process runs the backbone. New features are written to ``store`` chunk by chunk as they come.
     ``backbone`` may be None when :func:`all_cached` is true. An image that cannot be decoded is left
-    out and listed (``settings.on_bad_image: skip``) or stops the run.
+    out and listed (``settings.on_bad_image: skip``) or stops the run. An image listed several times
+    (same key) goes through the backbone once; every listing gets its features.
     """
     paths = [path for split in splits for path, _ in split.samples]
     keys = [_key(path) for path in paths]
     cached, failed = store.get([k for k in keys if k]) if store else ({}, {})
-    todo = [n for n, key in enumerate(keys) if key not in cached and key not in failed]
+    # the first listing of each image not in the cache; a later listing of it takes its result
+    first: dict[str, int] = {}
+    todo = []
+    for n, key in enumerate(keys):
+        if key is None or (key not in cached and key not in failed and first.setdefault(key, n) == n):
+            todo.append(n)
     reasons = {n: failed[key] for n, key in enumerate(keys) if key in failed}
     computed: dict[int, torch.Tensor] = {}
     if todo:
@@ -101,6 +107,13 @@ def extract(
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
+        for n, key in enumerate(keys):
+            source = first.get(key) if key else None
+            if source is not None and source != n:
+                if source in computed:
+                    computed[n] = computed[source]
+                else:
+                    reasons[n] = reasons[source]
     enforce_bad_image_policy([(paths[n], reasons[n]) for n in sorted(reasons)], settings.on_bad_image)
 
     results = []

@@ -101,6 +101,9 @@ class Console:
             f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ..."
         )
 
+    def warning(self, text: str) -> None:
+        click.echo(f"warning: {text}", err=True)
+
     def device(self, device: torch.device, configured: str) -> None:
         click.echo(f"device    {device} (recipe: device: {configured})")
 

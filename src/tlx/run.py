@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlx import __version__
 from tlx.components import Components, resolve
+from tlx.data import check_out_dir, check_overlap
 from tlx.errors import TlxError
 from tlx.plots import Painter
 from tlx.recipe import Recipe
@@ -95,10 +96,13 @@ def run(
     console = console or Console()
     started = time.perf_counter()
     parts = resolve(recipe, source)
-    prepare_out_dir(out)
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
+    check_out_dir(splits, out)
+    prepare_out_dir(out)
     console.data(splits, recipe.dataset.kind)
+    for warning in check_overlap(splits):
+        console.warning(warning)
     root = cache.cache_dir(cache_dir)
     backbone, info, store = recall_or_build(recipe, parts, root, splits)
     console.backbone(recipe, parts.backbone.plugin, info, splits)
