@@ -1,7 +1,9 @@
-"""The feature cache: hits run no backbone, changed images are recomputed alone, crashes lose nothing."""
+"""The feature cache: hits run no backbone, changed images are recomputed alone, crashes lose nothing,
+damaged or vanished entries are recomputed, and `tlx cache clear` removes only what tlx wrote."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -12,7 +14,10 @@ from torch import nn
 
 from tlx import cache, plugins
 from tlx.backbone import Backbone
-from tlx.recipe import load_recipe
+from tlx.data import scan_imagefolder
+from tlx.errors import TlxError
+from tlx.features import extract
+from tlx.recipe import ExtractConfig, load_recipe
 from tlx.run import run
 
 from .conftest import make_imagefolder, write_recipe
@@ -207,11 +212,13 @@ def test_cache_info_and_clear(tmp_path: Path, data: Path, colours: Factory, invo
     other = tmp_path / "other"
     (other / "keep.txt").parent.mkdir()
     (other / "keep.txt").write_text("not tlx's")
-    assert invoke("cache", "clear", "--cache-dir", other).exit_code == 0
+    refused = invoke("cache", "clear", "--cache-dir", other)
+    assert refused.exit_code == 2 and "is not a tlx cache" in refused.output
     assert (other / "keep.txt").exists(), "clear removes only what tlx stored"
 
     cleared = invoke("cache", "clear")
     assert cleared.exit_code == 0 and "cleared" in cleared.output
+    assert not cache.cache_dir().exists(), "a cache holding only tlx's files is removed whole"
     assert "0 entries" in invoke("cache", "info").output
     assert tlx_run(tmp_path, data, "b")["features"]["computed"] == 18
 
@@ -241,3 +248,178 @@ def test_full_disk_while_writing_warns_and_leaves_no_partial_chunk(
     assert "No space left on device" in capsys.readouterr().err
     features = cache.cache_dir() / "features"
     assert not [p for p in features.rglob("*") if p.suffix in {".safetensors", ".tmp"}]
+
+
+# --- integrity: no wrong numbers from a damaged, stale or vanished cache --------------------------------
+
+SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def chunks() -> list[Path]:
+    return sorted((cache.cache_dir() / "features").rglob("*.safetensors"))
+
+
+def test_clear_removes_only_what_tlx_wrote(tmp_path: Path, data: Path, colours: Factory, invoke) -> None:
+    tlx_run(tmp_path, data, "a")
+    root = cache.cache_dir()
+    assert (root / "CACHEDIR.TAG").read_text().startswith(SIGNATURE + "\n"), "the cache is tagged"
+    mine = [root / "notes.txt", root / "features" / "photo.jpg", chunks()[0].parent / "extra.bin"]
+    for path in mine:
+        path.write_text("the user's")
+    cleared = invoke("cache", "clear")
+    assert cleared.exit_code == 0, cleared.output
+    assert all(path.read_text() == "the user's" for path in mine)
+    assert not chunks() and not (root / "backbones").exists() and not (root / "CACHEDIR.TAG").exists()
+
+    elsewhere = tmp_path / "pictures"
+    (elsewhere / "features").mkdir(parents=True)
+    (elsewhere / "features" / "holiday.jpg").write_text("a photo")
+    refused = invoke("cache", "clear", "--cache-dir", elsewhere)
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1
+    assert f"tlx: error: cache: {elsewhere} is not a tlx cache" in refused.output
+    assert (elsewhere / "features" / "holiday.jpg").exists()
+
+
+def test_a_folder_with_other_files_is_not_tagged_and_an_untagged_cache_is_still_cleared(
+    tmp_path: Path, data: Path, colours: Factory, invoke
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "thesis.tex").write_text("months of work")
+    tlx_run(tmp_path, data, "a", cache_dir=shared)
+    assert not (shared / "CACHEDIR.TAG").exists(), "backup tools would skip thesis.tex"
+    assert tlx_run(tmp_path, data, "b", cache_dir=shared)["features"]["cached"] == 18
+
+    cleared = invoke("cache", "clear", "--cache-dir", shared)  # recognised by tlx's own files
+    assert cleared.exit_code == 0 and "cleared" in cleared.output
+    assert sorted(p.name for p in shared.iterdir()) == ["thesis.tex"]
+
+
+def test_clear_reports_what_it_really_freed(
+    tmp_path: Path, data: Path, colours: Factory, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tlx_run(tmp_path, data, "a")
+    before = chunks()
+    real_unlink = os.unlink
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    refused = invoke("cache", "clear")
+    assert refused.exit_code == 2 and "freed" not in refused.output
+    assert "nothing was removed" in refused.output and "Permission denied" in refused.output
+    assert chunks() == before
+
+    def chunks_read_only(path, *args, **kwargs):
+        if str(path).endswith(".safetensors"):
+            read_only(path)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", chunks_read_only)
+    others = [p for p in cache.own_files(cache.cache_dir()) if p not in before]
+    partly = invoke("cache", "clear")
+    assert partly.exit_code == 0 and "1 files could not be removed" in partly.stderr
+    assert f"cleared {len(others)} files" in partly.stdout
+    assert chunks() == before and not any(p.exists() for p in others)
+
+
+def test_flipped_bytes_in_a_chunk_are_recomputed_with_one_warning(
+    tmp_path: Path, data: Path, colours: Factory, capsys: pytest.CaptureFixture
+) -> None:
+    first = tlx_run(tmp_path, data, "a")
+    (chunk,) = chunks()
+    raw = bytearray(chunk.read_bytes())
+    raw[-7] ^= 0x40  # one bit of one feature
+    chunk.write_bytes(bytes(raw))
+    capsys.readouterr()
+
+    second = tlx_run(tmp_path, data, "b")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"tlx: warning: cache: deleted damaged chunk {chunk} (checksum mismatch); their images are recomputed"
+    ]
+    assert second["features"]["computed"] == 18 and second["history"] == first["history"]
+    third = tlx_run(tmp_path, data, "c")
+    assert "warning" not in capsys.readouterr().err, "the damaged chunk is gone, not reported again"
+    assert third["features"]["cached"] == 18
+
+
+def test_a_cached_chunk_with_nan_is_not_served(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    info = cache.BackboneInfo("0" * 64, 2, CONFIG, "test")
+    store = cache.FeatureStore(tmp_path, cache.namespace_identity({"name": "x"}, info, {}))
+    store.put(["k1", "k2"], torch.tensor([[1.0, float("nan")], [3.0, 4.0]]), {"k3": "broken file"})
+    fresh = cache.FeatureStore(tmp_path, store.identity)
+    assert fresh.missing(["k1", "k2", "k3"]) == ["k1", "k2", "k3"]
+    assert "(non-finite features)" in capsys.readouterr().err
+    assert not list(store.folder.glob("*.safetensors"))
+
+
+def test_a_chunk_without_checksum_is_not_trusted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    info = cache.BackboneInfo("0" * 64, 2, CONFIG, "test")
+    store = cache.FeatureStore(tmp_path, cache.namespace_identity({"name": "x"}, info, {}))
+    store.folder.mkdir(parents=True)
+    meta = {"keys": '["k1"]', "failed": "{}"}
+    save_file({"features": torch.ones(1, 2)}, str(store.folder / f"{'a' * 32}.safetensors"), metadata=meta)
+    assert store.get(["k1"]) == ({}, {})
+    assert "(no checksum)" in capsys.readouterr().err
+
+
+def test_backbone_returning_nan_stops_the_run_naming_the_images(
+    tmp_path: Path, data: Path, colours: Factory
+) -> None:
+    colours.weights.write_text("nan")
+    with pytest.raises(TlxError, match=r"NaN or infinite features for .*0\.jpg and 1 more") as raised:
+        tlx_run(tmp_path, data, "a")
+    assert str(colours.weights) in str(raised.value), "the backbone is named by its weights"
+    assert not chunks(), "nothing non-finite is cached"
+
+
+def test_image_rewritten_with_the_same_size_and_mtime_is_recomputed(
+    tmp_path: Path, data: Path, colours: Factory
+) -> None:
+    image = data / "train" / "class0" / "0.jpg"
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(image, format="BMP")  # same size whatever the colour
+    tlx_run(tmp_path, data, "a")
+    st = image.stat()
+    Image.new("RGB", (48, 48), (0, 0, 255)).save(image, format="BMP")
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = tlx_run(tmp_path, data, "b")
+    assert second["features"]["computed"] == 1 and (colours.built, colours.seen) == (2, 1)
+
+
+def test_chunk_removed_between_lookup_and_read_is_recomputed(
+    tmp_path: Path, data: Path, colours: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tlx_run(tmp_path, data, "a")
+    real_index = cache.FeatureStore._load_index
+
+    def index_then_clear(store: cache.FeatureStore) -> dict:
+        index = real_index(store)
+        for chunk in chunks():  # as a concurrent `tlx cache clear` would
+            chunk.unlink()
+        return index
+
+    monkeypatch.setattr(cache.FeatureStore, "_load_index", index_then_clear)
+    metrics = tlx_run(tmp_path, data, "b")
+    assert metrics["features"]["computed"] == 18 and colours.built == 2
+
+
+def test_features_missing_without_a_backbone_is_a_one_line_error(tmp_path: Path, data: Path) -> None:
+    scanned = scan_imagefolder(data, "train", "val")
+    info = cache.BackboneInfo("0" * 64, 3, CONFIG, "test")
+    store = cache.FeatureStore(tmp_path, cache.namespace_identity({"name": "x"}, info, {}))
+    with pytest.raises(TlxError, match="run the command again"):
+        extract([scanned.train, scanned.test], None, ExtractConfig(workers=0), store=store)
+
+
+def test_cache_files_get_the_umask_mode(tmp_path: Path, data: Path, colours: Factory) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    tlx_run(tmp_path, data, "a")
+    files = [p for p in cache.cache_dir().rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".safetensors", ".json", ".TAG"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}  # 0o644 under umask 022

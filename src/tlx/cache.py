@@ -2,14 +2,19 @@
 
 Layout under the cache folder (``--cache-dir``, ``TLX_CACHE_DIR``, or the user cache directory)::
 
+    CACHEDIR.TAG                             marks the folder as tlx's cache (bford.info/cachedir)
     features/<namespace>/identity.json       what the namespace stands for (backbone, weights, pixels)
     features/<namespace>/<uuid>.safetensors  one chunk: features (n, D) float32, image keys in metadata
     backbones/<key>.json                     a backbone's weights SHA-256, feature size and data config
+    timm/<kind>-<version>.json               what the timm plugin remembers (names, weights files)
 
 A *namespace* hashes everything that changes a feature except the image: the backbone recipe keys,
 the SHA-256 of the weights actually loaded, the preprocessing config and the library versions that
-decode and transform the pixels. An image's key hashes its absolute path, size and mtime, so a
-changed or added image misses and only it is recomputed.
+decode and transform the pixels. An image's key hashes its absolute path, size, mtime, ctime and
+inode, so a changed or added image misses and only it is recomputed.
+
+Each chunk carries the SHA-256 of its keys and feature bytes; a chunk that does not match, holds a
+non-finite value or cannot be read is deleted and its images are recomputed.
 
 Chunks are written to a temporary file and renamed, and never changed afterwards: a run killed
 mid-extraction keeps every finished chunk, and concurrent runs never see half a file (no lock is
@@ -22,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import sys
 import time
 import uuid
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlx.data import DECODING
+from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
 
 if TYPE_CHECKING:
@@ -44,7 +50,7 @@ if TYPE_CHECKING:
 
 ENV = "TLX_CACHE_DIR"
 #: bumped whenever the stored layout or the meaning of a key changes
-FORMAT = 1
+FORMAT = 2
 #: images buffered before a chunk is written: what a killed run can lose at most
 CHUNK_IMAGES = 256
 #: temporary files older than this were left by a killed run and are removed
@@ -71,9 +77,13 @@ def digest(data: Any) -> str:
 
 
 def image_key(path: Path) -> str:
-    """The identity of one image file: absolute path, size and modification time."""
+    """The identity of one image file: absolute path, size, mtime, ctime and inode.
+
+    ctime changes with any write or ``touch`` (even one that restores the mtime) and the inode with a
+    file replaced by another, so an image rewritten in place with its old size and mtime still misses.
+    """
     st = path.stat()
-    return digest([os.path.abspath(path), st.st_size, st.st_mtime_ns])[:32]
+    return digest([os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])[:32]
 
 
 def _versions(packages: Iterable[str]) -> dict[str, str]:
@@ -159,6 +169,7 @@ def remember_backbone(
     if record is None:
         return
     try:
+        tag(root)
         write_json(record, asdict(info))
     except OSError as exc:
         _warn(f"cannot write {record} ({exc.strerror or exc})")
@@ -183,22 +194,34 @@ def namespace_identity(
     }
 
 
+#: where a key's cached result lives: its chunk, and its row there or the reason it failed to decode
+Location = tuple[Path, int | str]
+
+
 class FeatureStore:
-    """The cached features of one namespace: look up images by key, add chunks of new ones."""
+    """The cached features of one namespace: look up images by key, add chunks of new ones.
+
+    A chunk is read whole and verified (see :func:`_read_chunk`) before any of its images counts as
+    cached, so a damaged or vanished chunk is a set of misses, never wrong features or a traceback.
+    """
 
     def __init__(self, root: Path, identity: dict[str, Any]) -> None:
+        self.root = root
         self.folder = root / "features" / digest(identity)[:32]
         self.identity = identity
-        #: image key -> (chunk file, row), or (None, reason) for an image that could not be decoded
-        self._index: dict[str, tuple[Path | None, int | str]] | None = None
+        #: image key -> where its features (or decoding failure) are, from the chunks' metadata
+        self._index: dict[str, Location] | None = None
+        #: verified chunks not yet served by :meth:`get`
+        self._tables: dict[Path, torch.Tensor] = {}
         self._writable = True
 
-    def _load_index(self) -> dict[str, tuple[Path | None, int | str]]:
+    def _load_index(self) -> dict[str, Location]:
         if self._index is not None:
             return self._index
         from safetensors import safe_open
 
-        index: dict[str, tuple[Path | None, int | str]] = {}
+        index: dict[str, Location] = {}
+        damaged: list[tuple[Path, str]] = []
         chunks = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
         for chunk in chunks:
             try:
@@ -208,40 +231,56 @@ class FeatureStore:
                 failed = json.loads(meta.get("failed", "{}"))
             except FileNotFoundError:  # removed by a concurrent `tlx cache clear`
                 continue
-            except Exception as exc:  # damaged from outside: its images are recomputed
-                _warn(f"ignoring unreadable chunk {chunk} ({type(exc).__name__})")
+            except Exception as exc:  # damaged from outside: safetensors and json raise many types
+                damaged.append((chunk, f"unreadable: {type(exc).__name__}"))
                 continue
             index.update({key: (chunk, row) for row, key in enumerate(keys)})
-            index.update({key: (None, reason) for key, reason in failed.items()})
+            index.update({key: (chunk, str(reason)) for key, reason in failed.items()})
         self._index = index
+        _discard(damaged)
+        return index
+
+    def _verified(self, keys: Iterable[str]) -> dict[str, Location]:
+        """The index, once every chunk that holds one of ``keys`` is read and verified.
+
+        A chunk that vanished since the index was read is dropped quietly, a damaged one is deleted
+        (see :func:`_discard`).
+        """
+        index = self._load_index()
+        wanted = {index[key][0] for key in keys if key in index} - self._tables.keys()
+        damaged: list[tuple[Path, str]] = []
+        for chunk in sorted(wanted):
+            table, problem = _read_chunk(chunk)
+            if table is not None:
+                self._tables[chunk] = table
+                continue
+            for key in [key for key, (where, _) in index.items() if where == chunk]:
+                del index[key]
+            if problem is not None:
+                damaged.append((chunk, problem))
+        _discard(damaged)
         return index
 
     def missing(self, keys: Iterable[str]) -> list[str]:
-        """The keys that have neither features nor a recorded decoding failure."""
-        index = self._load_index()
+        """The keys that have neither verified features nor a recorded decoding failure."""
+        keys = list(keys)
+        index = self._verified(keys)
         return [key for key in keys if key not in index]
 
     def get(self, keys: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Features of the cached ``keys`` (by key), and the reasons of those that failed to decode."""
-        from safetensors.torch import load_file
-
-        index = self._load_index()
-        by_chunk: dict[Path, list[tuple[str, int]]] = {}
+        """Verified features of the cached ``keys``, and the reasons of those that failed to decode."""
+        index = self._verified(keys)
+        found: dict[str, torch.Tensor] = {}
         failed: dict[str, str] = {}
         for key in keys:
-            chunk, where = index.get(key, (None, None))
-            if chunk is not None:
-                by_chunk.setdefault(chunk, []).append((key, int(where)))
-            elif where is not None:
-                failed[key] = str(where)
-        found: dict[str, torch.Tensor] = {}
-        for chunk, rows in by_chunk.items():
-            try:
-                table = load_file(str(chunk))["features"]
-            except Exception as exc:  # removed or damaged since the index was read
-                _warn(f"ignoring unreadable chunk {chunk} ({type(exc).__name__})")
+            if key not in index:
                 continue
-            found.update({key: table[row] for key, row in rows})
+            chunk, where = index[key]
+            if isinstance(where, str):
+                failed[key] = where
+            else:
+                found[key] = self._tables[chunk][where]
+        self._tables.clear()  # served: the rows hold what is still needed
         return found, failed
 
     def put(self, keys: list[str], features: torch.Tensor, failed: dict[str, str]) -> None:
@@ -251,21 +290,23 @@ class FeatureStore:
         from safetensors.torch import save_file
 
         self._cleanup_tmp()
+        table = features.detach().float().contiguous()
         meta = {"keys": json.dumps(keys), "failed": json.dumps(failed)}
-        tensors = {"features": features.detach().float().contiguous()}
+        meta["sha256"] = _chunk_digest(meta["keys"], meta["failed"], table)
         try:
+            tag(self.root)
             identity = self.folder / "identity.json"
             if not identity.is_file():
                 write_json(identity, self.identity)
             chunk = self.folder / f"{uuid.uuid4().hex}.safetensors"
-            write_atomic(chunk, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            write_atomic(chunk, lambda tmp: save_file({"features": table}, str(tmp), metadata=meta))
         except OSError as exc:
             self._writable = False
             _warn(f"cannot write to {self.folder} ({exc.strerror or exc}); features are not cached")
             return
         if self._index is not None:
             self._index.update({key: (chunk, row) for row, key in enumerate(keys)})
-            self._index.update({key: (None, reason) for key, reason in failed.items()})
+            self._index.update({key: (chunk, reason) for key, reason in failed.items()})
 
     def _cleanup_tmp(self) -> None:
         if not self.folder.is_dir():
@@ -277,7 +318,97 @@ class FeatureStore:
                     tmp.unlink()
 
 
-# --- tlx cache info / clear ---------------------------------------------------------------------------
+def _discard(damaged: list[tuple[Path, str]]) -> None:
+    """Delete damaged chunks (so each is reported once, not at every run), with one warning line."""
+    for chunk, _ in damaged:
+        with contextlib.suppress(OSError):
+            chunk.unlink()
+    if damaged:
+        first, problem = damaged[0]
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        _warn(f"deleted damaged chunk {first} ({problem}){more}; their images are recomputed")
+
+
+def _chunk_digest(keys: str, failed: str, table: torch.Tensor) -> str:
+    """SHA-256 of a chunk's keys, decoding failures and feature bytes (what a flipped bit changes)."""
+    h = hashlib.sha256()
+    for part in (keys, failed):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(table.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_chunk(chunk: Path) -> tuple[torch.Tensor | None, str | None]:
+    """A chunk's features once verified, else None and why (None too when the file is gone).
+
+    Verified: the file parses, its checksum matches, its rows match its keys and every value is finite.
+    """
+    import numpy
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(chunk), framework="pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor("features")
+        keys = json.loads(meta["keys"])
+    except FileNotFoundError:
+        return None, None
+    except Exception as exc:  # damaged from outside: safetensors and json raise many types
+        return None, f"unreadable: {type(exc).__name__}"
+    if "sha256" not in meta:
+        return None, "no checksum"
+    if table.dtype != torch.float32 or table.dim() != 2 or (keys and table.shape[0] != len(keys)):
+        return None, f"features of shape {tuple(table.shape)} for {len(keys)} images"
+    if _chunk_digest(meta["keys"], meta.get("failed", "{}"), table) != meta["sha256"]:
+        return None, "checksum mismatch"
+    if not numpy.isfinite(table.numpy()).all():  # numpy: torch's threads cost more than the check here
+        return None, "non-finite features"
+    return table, None
+
+
+# --- the cache folder: its tag, tlx cache info / clear -------------------------------------------------
+
+TAG = "CACHEDIR.TAG"
+#: a Cache Directory Tagging Specification tag (bford.info/cachedir): backup tools skip the folder
+TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by tlx (its feature cache).\n"
+    "# For information about cache directory tags, see: https://bford.info/cachedir/\n"
+)
+_HEX = "[0-9a-f]{32}"
+_TMP = rf"\.{_HEX}\.tmp"
+#: every file tlx writes in its cache, relative to the cache folder (a temporary one included)
+OWN_FILE = re.compile(
+    rf"{_TMP}"
+    rf"|features/{_HEX}/(identity\.json|{_HEX}\.safetensors|{_TMP})"
+    rf"|backbones/({_HEX}\.json|{_TMP})"
+    rf"|timm/((architectures|weights)-[\w.+-]+\.json|{_TMP})"
+)
+OWN_FOLDERS = ("features", "backbones", "timm")
+
+
+def tag(root: Path) -> None:
+    """Mark ``root`` as tlx's cache, unless it is marked or holds other files than tlx's.
+
+    A folder that already holds other files is never tagged: backup tools would skip those files.
+    """
+    if (root / TAG).is_file():
+        return
+    if root.is_dir() and any(
+        p.name not in (TAG, *OWN_FOLDERS) and not re.fullmatch(_TMP, p.name) for p in root.iterdir()
+    ):
+        return
+    write_atomic(root / TAG, lambda tmp: tmp.write_text(TAG_TEXT, encoding="utf-8"))
+
+
+def _tagged(root: Path) -> bool:
+    """Whether ``root`` holds the cache directory tag tlx writes."""
+    try:
+        return (root / TAG).read_text(encoding="utf-8", errors="replace") == TAG_TEXT
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -313,19 +444,70 @@ def summary(root: Path) -> tuple[list[NamespaceSummary], int]:
         except (OSError, ValueError, KeyError, TypeError):
             name = "?"
         namespaces.append(NamespaceSummary(folder, name, len(keys), len(chunks), _size(folder)))
-    return namespaces, _size(features) + _size(root / "backbones")
+    return namespaces, sum(_size(root / name) for name in OWN_FOLDERS)
 
 
-def clear(root: Path) -> int:
-    """Remove what tlx stored under ``root`` (and ``root`` if that leaves it empty); returns bytes freed.
+@dataclass(frozen=True)
+class Cleared:
+    """What :func:`clear` did: bytes and files really removed, and the files it could not remove."""
 
-    Only tlx's own folders are removed, so a mistaken ``--cache-dir`` never deletes other files.
+    freed: int
+    removed: int
+    failed: list[tuple[Path, str]]
+
+
+def own_files(root: Path) -> list[Path]:
+    """The files under ``root`` that tlx wrote (by name and place), the tag excluded."""
+    found = [p for p in root.iterdir() if re.fullmatch(_TMP, p.name)]
+    for name in OWN_FOLDERS:
+        for path in (root / name).rglob("*") if (root / name).is_dir() else []:
+            if OWN_FILE.fullmatch(path.relative_to(root).as_posix()):
+                found.append(path)
+    return sorted(found)
+
+
+def clear(root: Path) -> Cleared:
+    """Remove the files tlx wrote under ``root``, then the folders that leaves empty.
+
+    Only files with tlx's own names in tlx's own places are removed, so another program's or the
+    user's files survive even inside ``features/``. A folder with other contents that is neither
+    tagged (:func:`tag`) nor holds any such file is refused: it is not a tlx cache. A cache from
+    before the tag is recognised by its files alone.
     """
-    freed = 0
-    for name in ("features", "backbones"):
-        folder = root / name
-        freed += _size(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        root.rmdir()
-    return freed
+    if not root.exists():
+        return Cleared(0, 0, [])
+    if not root.is_dir():
+        raise TlxError(f"cache: {root} is not a folder; pass the cache folder as --cache-dir")
+    try:
+        files = own_files(root)
+    except OSError as exc:
+        raise TlxError(f"cache: cannot read {root} ({exc.strerror or exc}); check its permissions") from None
+    tagged = _tagged(root)
+    if not files and not tagged and any(root.iterdir()):
+        raise TlxError(
+            f"cache: {root} is not a tlx cache (no {TAG} written by tlx, no tlx cache files); "
+            "nothing was removed: check --cache-dir or $TLX_CACHE_DIR"
+        )
+    freed, removed, failed = 0, 0, []
+    for file in files:
+        try:
+            size = file.stat().st_size
+            file.unlink()
+        except FileNotFoundError:  # removed meanwhile by another `tlx cache clear`
+            continue
+        except OSError as exc:
+            failed.append((file, exc.strerror or describe(exc)))
+            continue
+        freed += size
+        removed += 1
+    folders = [p for name in OWN_FOLDERS for p in (root / name).glob("*") if p.is_dir()]
+    for folder in [*folders, *(root / name for name in OWN_FOLDERS)]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: a folder that still holds files keeps them
+    if tagged and not failed:
+        with contextlib.suppress(OSError):
+            (root / TAG).unlink()
+    if tagged or removed:
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only if empty: the user's files keep their folder
+    return Cleared(freed, removed, failed)

@@ -111,11 +111,18 @@ def info(cache_dir: Path | None) -> None:
 @cache.command()
 @CACHE_DIR
 def clear(cache_dir: Path | None) -> None:
-    """Delete every cached feature (the next run recomputes them)."""
+    """Delete every cached feature (the next run recomputes them); only files tlx wrote are removed."""
     from tlx import cache as feature_cache
 
     root = feature_cache.cache_dir(cache_dir)
-    click.echo(f"cache {root}: cleared, {_mib(feature_cache.clear(root))} freed")
+    done = feature_cache.clear(root)
+    if done.failed:
+        path, reason = done.failed[0]
+        problem = f"{len(done.failed)} files could not be removed (first: {path}: {reason})"
+        if not done.removed:
+            raise TlxError(f"cache {root}: nothing was removed: {problem}; check the folder's permissions")
+        click.echo(f"tlx: warning: cache: {problem}", err=True)
+    click.echo(f"cache {root}: cleared {done.removed} files, {_mib(done.freed)} freed")
 
 
 def _mib(n: int) -> str:

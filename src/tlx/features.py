@@ -100,8 +100,11 @@ def extract(
     reasons = {n: failed[key] for n, key in enumerate(keys) if key in failed}
     computed: dict[int, torch.Tensor] = {}
     if todo:
-        if backbone is None:
-            raise RuntimeError("extract: images are missing from the cache and no backbone was given")
+        if backbone is None:  # changed, or their chunk removed, since the caller checked all_cached
+            raise TlxError(
+                f"cache: the features of {len(todo)} images (first: {paths[todo[0]]}) changed or were "
+                "removed from the cache while this run read it; run the command again to recompute them"
+            )
         new, new_failures = _run_backbone(
             backbone, [paths[n] for n in todo], [keys[n] for n in todo], settings, device, store
         )
@@ -205,7 +208,7 @@ def _run_backbone(
                 if keys[j]:
                     pending_failed[keys[j]] = reason
             if indices:
-                _check_output(out, backbone, len(indices))
+                _check_output(out, backbone, [paths[j] for j in indices])
                 for j, row in zip(indices, out.float()):
                     features[j] = row
                     if keys[j]:
@@ -295,10 +298,20 @@ def threads_set(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _check_output(out: Any, backbone: Backbone, n: int) -> None:
+def _check_output(out: Any, backbone: Backbone, paths: list[Path]) -> None:
+    """Refuse a batch's output that is not (n, feature_dim) finite features: it would train silently wrong."""
+    n = len(paths)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, backbone.feature_dim):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TlxError(
             f"backbone.name: the backbone returned {shape} for a batch of {n} images, "
             f"not pooled features of shape ({n}, {backbone.feature_dim})"
+        )
+    finite = torch.isfinite(out).all(dim=1)
+    if not finite.all():
+        bad = [path for path, ok in zip(paths, finite.tolist()) if not ok]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise TlxError(
+            f"backbone.name: the backbone ({backbone.weights}) returned NaN or infinite features for "
+            f"{bad[0]}{more}; its weights may be damaged: check backbone.weights or use another backbone"
         )
