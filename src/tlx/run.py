@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,31 +19,6 @@ from tlx.registry import Entry
 if TYPE_CHECKING:
     from tlx.backbone import Backbone
     from tlx.cache import BackboneInfo
-
-
-def default_out_dir(recipe_path: Path) -> Path:
-    """A new folder ``runs/<timestamp>-<recipe name>``."""
-    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{recipe_path.stem}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out`` before any heavy work; refuse to overwrite an earlier run."""
-    if (out / "metrics.json").exists():
-        raise TlxError(f"--out: {out} already holds a run (metrics.json); choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tlx-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise TlxError(
-            f"--out: cannot write to {out} ({exc.strerror or exc}); choose another folder"
-        ) from None
 
 
 class NoOptions(BaseModel):
@@ -86,7 +60,7 @@ def run(
     backbone_entry = registry.backbones.get(recipe.backbone.name, "backbone.name")
     head_entry = registry.heads.get(recipe.head.type, "head.type")
     head_options = options(head_entry, recipe.head.options, "head", source)
-    prepare_out_dir(out)
+    artifacts.prepare_out_dir(out)
 
     random.seed(recipe.seed)
     root = cache.cache_dir(cache_dir)
