@@ -21,7 +21,6 @@ import contextlib
 import csv
 import fcntl
 import io
-import itertools
 import json
 import os
 import platform
@@ -59,18 +58,18 @@ def new_run_folder(recipe_path: Path, parent: Path = Path("runs")) -> Path:
     second never share one.
     """
     base = parent / f"{datetime.now():%Y%m%d-%H%M%S}-{recipe_path.stem}"
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count(1):
-            out = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            with contextlib.suppress(FileExistsError):
-                out.mkdir()
-                return out
-    except OSError as exc:
-        raise TlxError(
-            f"cannot create a run folder in {parent} ({exc.strerror or exc}); pass --out FOLDER"
-        ) from None
-    raise AssertionError("unreachable")  # itertools.count never ends
+    out, n = base, 1
+    while True:
+        try:
+            out.mkdir(parents=True)  # the parents as with exist_ok; the folder itself must be new
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise TlxError(
+                f"cannot create a run folder in {parent} ({exc.strerror or exc}); pass --out FOLDER"
+            ) from None
 
 
 def refuse_finished(out: Path) -> None:
