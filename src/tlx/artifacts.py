@@ -10,14 +10,24 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 - ``backbone.safetensors`` the trained backbone, for ``strategy: finetune`` only
 - ``per_class.csv``    precision, recall, F1 and support of each class on the test split
 - ``curves.png``, ``confusion.png``
+
+Every file is written atomically (:func:`tlx.files.write_atomic`): a reader never sees half of one. While
+a run lives it holds ``.tlx-run.lock`` in its folder, so a second run cannot write into the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import io
 import json
+import os
 import platform
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +37,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from tlx.backbone import Backbone
-from tlx.errors import TlxError
-from tlx.files import write_json
+from tlx.errors import TlxError, describe, shorten
+from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
 from tlx.scores import Scores
@@ -37,6 +47,104 @@ HEAD_FILE = "head.safetensors"
 RECIPE_FILE = "recipe.yaml"
 PROVENANCE_FILE = "provenance.json"
 TUNED_BACKBONE_FILE = "backbone.safetensors"
+METRICS_FILE = "metrics.json"
+LOCK_FILE = ".tlx-run.lock"
+
+
+def new_run_folder(recipe_path: Path, parent: Path = Path("runs")) -> Path:
+    """Create ``parent/<timestamp>-<recipe name>``, or with ``-2``, ``-3``… where that is taken.
+
+    ``mkdir`` without ``exist_ok`` either creates the folder or fails: two runs started in the same
+    second never share one.
+    """
+    base = parent / f"{datetime.now():%Y%m%d-%H%M%S}-{recipe_path.stem}"
+    out, n = base, 1
+    while True:
+        try:
+            out.mkdir(parents=True)  # the parents as with exist_ok; the folder itself must be new
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise TlxError(
+                f"cannot create a run folder in {parent} ({exc.strerror or exc}); pass --out FOLDER"
+            ) from None
+
+
+def refuse_finished(out: Path) -> None:
+    """A folder that holds a finished run (``metrics.json``) is never written into again."""
+    if (out / METRICS_FILE).exists():
+        raise TlxError(f"--out: {out} already holds a run ({METRICS_FILE}); choose another folder")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` before any heavy work; refuse to overwrite an earlier run or an unwritable folder."""
+    refuse_finished(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise TlxError(
+            f"--out: cannot write to {out} ({exc.strerror or exc}); choose another folder"
+        ) from None
+
+
+@contextlib.contextmanager
+def run_folder(out: Path | None, recipe_path: Path) -> Iterator[Path]:
+    """Hold a run folder for a run's life: ``out``, else a new one (:func:`new_run_folder`).
+
+    The folder is locked (``flock`` on :data:`LOCK_FILE`), so a second run given the same ``--out`` is
+    refused while this one lives; the OS drops the lock when the process ends, even by ``kill -9``.
+    A run that stops before writing anything leaves no folder it created.
+    """
+    created = out is None or not out.exists()
+    folder = new_run_folder(recipe_path) if out is None else out
+    try:
+        prepare_out_dir(folder)
+        with _locked(folder):
+            refuse_finished(folder)  # a run that held the folder may have finished meanwhile
+            yield folder
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder/LOCK_FILE``; removed when released."""
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as exc:
+            raise TlxError(
+                f"--out: cannot write to {folder} ({exc.strerror or exc}); choose another folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise TlxError(
+                f"--out: {folder} is in use by another tlx run (process {holder or '?'}); "
+                "wait for it to end or choose another folder"
+            ) from None
+        # the holder before us removes the file as it ends: hold the file that is at the path
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 def resolved_recipe(recipe: Recipe, dataset_options: BaseModel, head_options: BaseModel) -> dict[str, Any]:
@@ -86,8 +194,6 @@ def write_run(
     A fine-tuned backbone is saved too (``backbone.safetensors``): its weights are no longer the
     pretrained ones the recipe names. ``painter`` draws the figures.
     """
-    from safetensors.torch import save_file
-
     write_recipe(out / RECIPE_FILE, resolved)
     write_json(out / PROVENANCE_FILE, provenance)
     write_head(
@@ -98,33 +204,42 @@ def write_run(
         feature_dim=metrics["feature_dim"],
     )
     if tuned_backbone is not None:
-        state = {k: v.detach().contiguous() for k, v in tuned_backbone.state_dict().items()}
-        save_file(state, str(out / TUNED_BACKBONE_FILE))
+        write_tensors(out / TUNED_BACKBONE_FILE, tuned_backbone)
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
     painter.draw(out, metrics["history"], chosen, scores)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
+
+
+def write_tensors(path: Path, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """A module's state as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def write_head(path: Path, head: nn.Module, *, classes: list[str], head_type: str, feature_dim: int) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     metadata = {"classes": json.dumps(classes), "head": head_type, "feature_dim": str(feature_dim)}
-    save_file(state, str(path), metadata=metadata)
+    write_tensors(path, head, metadata)
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """A CSV with one column per key (the union, in first-seen order)."""
+    """A CSV with one column per key (the union, in first-seen order), atomically."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def write_recipe(path: Path, resolved: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 @dataclass
@@ -143,9 +258,10 @@ class TrainedRun:
 
 
 def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
-    """Rebuild a run's classifier; the backbone's weights must be those the head was trained on."""
-    from safetensors import safe_open
+    """Rebuild a run's classifier; the backbone's weights must be those the head was trained on.
 
+    A run file that is unreadable, truncated, edited or not finite is a :class:`TlxError` naming it.
+    """
     from tlx.backbone import create_backbone, flip_averaged
     from tlx.components import resolve
     from tlx.weights import state_digest
@@ -156,7 +272,8 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
                 f"{folder}: not a finished tlx run folder ({name} is missing); pass the --out of tlx run"
             )
     recipe = load_recipe(folder / RECIPE_FILE, overrides)
-    expected = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))["backbone"]["sha256"]
+    expected = backbone_digest(folder / PROVENANCE_FILE)
+    state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
     backbone = create_backbone(parts.backbone, recipe.backbone)
     digest = state_digest(backbone.module)
@@ -167,16 +284,71 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
             "or train a new run"
         )
     if (folder / TUNED_BACKBONE_FILE).is_file():
-        from safetensors.torch import load_file
-
-        backbone.module.load_state_dict(load_file(str(folder / TUNED_BACKBONE_FILE)))
+        tuned, _ = read_tensors(folder / TUNED_BACKBONE_FILE)
+        load_state(backbone.module, tuned, folder / TUNED_BACKBONE_FILE, f"backbone {recipe.backbone.name}")
     elif recipe.extract.flip:
         backbone = flip_averaged(backbone)
-    with safe_open(str(folder / HEAD_FILE), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    classes = json.loads(metadata["classes"])
     head = parts.head.factory(backbone.feature_dim, len(classes), parts.head_options)
-    head.load_state_dict(state)
+    load_state(head, state, folder / HEAD_FILE, f"{recipe.head.type} head of {folder / RECIPE_FILE}")
     head.eval()
     return TrainedRun(folder, recipe, backbone, head, classes)
+
+
+def backbone_digest(path: Path) -> str:
+    """The SHA-256 of the backbone weights a run used, from its ``provenance.json``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+        raise TlxError(f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote") from None
+    backbone = data.get("backbone") if isinstance(data, dict) else None
+    digest = backbone.get("sha256") if isinstance(backbone, dict) else None
+    if not isinstance(digest, str):
+        raise TlxError(f"{path}: holds no backbone.sha256; restore the file the run wrote")
+    return digest
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; an unreadable or truncated one is a TlxError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a mapping)
+    except (OSError, SafetensorError) as exc:
+        raise TlxError(
+            f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote or train a new run"
+        ) from None
+
+
+def read_head(path: Path, head_type: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A run's head state and class names; refused if not finite or of another type than ``head_type``."""
+    state, metadata = read_tensors(path)
+    try:
+        classes = json.loads(metadata["classes"])
+    except (KeyError, ValueError):
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise TlxError(f"{path}: holds no class names; restore the file the run wrote or train a new run")
+    saved = metadata.get("head", head_type)
+    if saved != head_type:
+        raise TlxError(
+            f"{path.with_name(RECIPE_FILE)}: head.type is {head_type}, but {path.name} holds a {saved} head; "
+            f"set head.type: {saved} again"
+        )
+    if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
+        raise TlxError(f"{path}: the head's weights are not finite (NaN or infinity); train a new run")
+    return state, classes
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``state`` into ``module``; tensors that do not fit are a TlxError naming both sides."""
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    held = {k: tuple(v.shape) for k, v in state.items()}
+    if wanted != held:
+        in_file = shorten(", ".join(f"{k} {list(s)}" for k, s in held.items() if wanted.get(k) != s), 80)
+        needed = shorten(", ".join(f"{k} {list(s)}" for k, s in wanted.items() if held.get(k) != s), 80)
+        raise TlxError(
+            f"{path}: does not fit the {what} (the file has {in_file or 'no other tensors'}; it needs "
+            f"{needed or 'no other tensors'}); restore the run's files as the run wrote them"
+        )
+    module.load_state_dict(state)

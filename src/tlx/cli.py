@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,36 @@ class UserError(click.ClickException):
         click.echo(f"tlx: error: {self.format_message()}", err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a run stops as on Ctrl-C, its cleanup included."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 class Group(click.Group):
+    """Turns a :class:`TlxError` into one line and exit code 2, Ctrl-C into 130 and SIGTERM into 143."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
         try:
             return super().invoke(ctx)
         except TlxError as exc:
             raise UserError(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Leave at once: half-built data loaders would print tracebacks while being collected.
-            # Whatever a run writes is written atomically, so nothing needs cleaning up.
-            click.echo("tlx: interrupted", err=True)
+            # Whatever a run writes is written atomically; an empty run folder is removed on the way here.
+            terminated = isinstance(exc, Terminated)
+            click.echo("tlx: terminated" if terminated else "tlx: interrupted", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 CACHE_DIR = click.option(
@@ -74,20 +92,13 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     from tlx.plots import Painter
 
     with Painter() as painter:  # first: it imports matplotlib while this process imports the rest
+        from tlx.artifacts import run_folder
         from tlx.recipe import load_recipe
-        from tlx.run import default_out_dir
         from tlx.run import run as run_recipe
 
         loaded = load_recipe(recipe, overrides)
-        target = out or default_out_dir(recipe)
-        created = not target.exists()
-        try:
+        with run_folder(out, recipe) as target:  # locked for the run; removed if the run leaves it empty
             run_recipe(loaded, str(recipe), target, cache_dir, painter)
-        except BaseException:
-            if created:
-                with contextlib.suppress(OSError):
-                    target.rmdir()  # a run that stopped before writing anything leaves no empty folder
-            raise
 
 
 @cli.group()
@@ -153,7 +164,13 @@ def predict_(run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool) 
 
 @cli.command("eval")
 @RUN_DIR
-@OVERRIDES
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a dataset.*, extract.* or device key of the run's recipe, e.g. dataset.root=OTHER.",
+)
 @click.option(
     "--json", "as_json", is_flag=True, help="Print accuracy, per-class scores and confusion as JSON."
 )
@@ -161,8 +178,9 @@ def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     """Score the classifier of RUN_DIR on a test split, e.g. --set dataset.root=OTHER (same classes)."""
     from tlx import report
     from tlx.artifacts import load_run
-    from tlx.evaluate import evaluate
+    from tlx.evaluate import check_overrides, evaluate
 
+    check_overrides(overrides)
     scores, test = evaluate(load_run(run_dir, overrides))
     skipped = [{"path": str(p), "reason": r} for p, r in test.skipped]
     if as_json:

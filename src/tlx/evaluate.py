@@ -9,6 +9,20 @@ from tlx.features import Features, extract
 from tlx.scores import Scores
 from tlx.train import predict
 
+#: the recipe sections an evaluation uses: which images, how they become features, where the backbone runs
+EVAL_KEYS = ("dataset", "extract", "device")
+
+
+def check_overrides(overrides: tuple[str, ...]) -> None:
+    """Refuse a ``--set`` that cannot change an evaluation (the head is trained already)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in EVAL_KEYS:
+            raise TlxError(
+                f"--set {key}: eval uses only dataset.*, extract.* and device keys, the run's head is "
+                f"trained already; drop it, or train a new run with tlx run --set {key}=..."
+            )
+
 
 def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
     """Extract the test split of the run's (possibly overridden) dataset and score the head on it."""

@@ -6,14 +6,17 @@ The model takes a normalized image batch ``image`` (N, 3, H, W), float32, and re
 
 from __future__ import annotations
 
+import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from tlx.artifacts import TrainedRun
-from tlx.files import write_json
+from tlx.errors import TlxError, describe
+from tlx.files import write_atomic, write_json
 from tlx.report import describe_preprocessing
 
 Format = Literal["onnx", "torchscript"]
@@ -39,11 +42,15 @@ def preprocessing(run: TrainedRun) -> dict[str, Any]:
 
 
 def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
-    """Write the model to ``output`` and its preprocessing beside it; returns the preprocessing path."""
+    """Write the model to ``output`` and its preprocessing beside it; returns the preprocessing path.
+
+    Both files are written atomically: a failed export (unwritable folder, full disk) leaves no
+    truncated model, and is a :class:`TlxError` naming the file.
+    """
     model = run.model()
     _, height, width = run.backbone.data_config["input_size"]
     example = torch.zeros(2, 3, height, width)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(output.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
         if fmt == "onnx":
@@ -56,10 +63,43 @@ def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
                 dynamo=True,
                 verbose=False,
             )
-            program.save(str(output))
+            write: Callable[[Path], None] = lambda tmp: program.save(str(tmp))  # noqa: E731
         else:
+            # serialized here, written by Python: torch's own file writer aborts the process on a
+            # full disk (an uncaught C++ exception) instead of raising
+            buffer = io.BytesIO()
             with torch.no_grad():
-                torch.jit.trace(model, example).save(str(output))
+                torch.jit.save(torch.jit.trace(model, example), buffer)
+            write = lambda tmp: tmp.write_bytes(buffer.getvalue())  # noqa: E731
     meta = preprocessing_path(output)
-    write_json(meta, preprocessing(run))
+    try:
+        write_atomic(output, write)
+    except OSError as exc:
+        raise unwritable(output, exc) from None
+    try:
+        write_json(meta, preprocessing(run))
+    except OSError as exc:
+        raise unwritable(meta, exc) from None
     return meta
+
+
+def unwritable(path: Path, exc: OSError) -> TlxError:
+    return TlxError(
+        f"--output: cannot write {path} ({exc.strerror or describe(exc)}); choose another folder or free "
+        "space there"
+    )
+
+
+def make_folder(folder: Path) -> None:
+    """Create the folder of ``--output`` before the export's work; a file in the way is a TlxError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise TlxError(
+            f"--output: {folder} cannot be a folder, a file of that name or above it is in the way; "
+            "choose another path"
+        ) from None
+    except OSError as exc:
+        raise TlxError(
+            f"--output: cannot create {folder} ({exc.strerror or exc}); choose another path"
+        ) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tlx
+from tlx.files import write_atomic
 
 if TYPE_CHECKING:
     from tlx.scores import Scores
@@ -140,7 +141,7 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
         ax.set_title(f"model selection ({chosen.get('selected_by', '')})")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -162,7 +163,7 @@ def confusion_matrix(classes: list[str], confusion: list[list[int]], path: Path,
     ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

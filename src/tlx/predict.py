@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tlx.artifacts import TrainedRun
+from tlx.artifacts import HEAD_FILE, TrainedRun
 from tlx.data import IMAGE_EXTENSIONS, Split
 from tlx.device import resolve
 from tlx.errors import TlxError
@@ -39,7 +39,8 @@ def predict(
 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
     """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped.
 
-    Images go through the run's backbone with its recipe's ``extract`` settings and ``device``."""
+    Images go through the run's backbone with its recipe's ``extract`` settings and ``device``; a NaN
+    probability is an error, never a printed ``nan%``."""
     files = image_files(paths)
     split = Split("predict", [(p, 0) for p in files])
     (features,) = extract([split], run.backbone, run.recipe.extract, device=resolve(run.recipe.device))
@@ -47,6 +48,13 @@ def predict(
     kept = [p for p in files if p not in skipped]
     with torch.inference_mode():
         probabilities = torch.softmax(run.head(features.x), dim=1)
+    finite = probabilities.isfinite().all(dim=1)
+    if not finite.all():
+        first = kept[int(finite.logical_not().nonzero()[0])]
+        raise TlxError(
+            f"{run.folder / HEAD_FILE}: the classifier gives NaN for {first} (its features or the head are "
+            "not finite); train a new run"
+        )
     top = probabilities.topk(min(top_k, len(run.classes)), dim=1)
     results = []
     for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,31 +25,6 @@ if TYPE_CHECKING:
     from tlx.data import Splits
     from tlx.scores import Scores
     from tlx.train import Fit
-
-
-def default_out_dir(recipe_path: Path) -> Path:
-    """A new folder ``runs/<timestamp>-<recipe name>``."""
-    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{recipe_path.stem}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out`` before any heavy work; refuse to overwrite an earlier run."""
-    if (out / "metrics.json").exists():
-        raise TlxError(f"--out: {out} already holds a run (metrics.json); choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tlx-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise TlxError(
-            f"--out: cannot write to {out} ({exc.strerror or exc}); choose another folder"
-        ) from None
 
 
 @dataclass
@@ -99,7 +73,7 @@ def run(
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
     check_out_dir(splits, out)
-    prepare_out_dir(out)
+    artifacts.prepare_out_dir(out)
     console.data(splits, recipe.dataset.kind)
     for warning in check_overlap(splits):
         console.warning(warning)
