@@ -335,7 +335,7 @@ def test_flipped_bytes_in_a_chunk_are_recomputed_with_one_warning(
     capsys.readouterr()
 
     second = tlx_run(tmp_path, data, "b")
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: cache" in line]
     assert warnings == [
         f"tlx: warning: cache: deleted damaged chunk {chunk} (checksum mismatch); their images are recomputed"
     ]

@@ -92,9 +92,12 @@ def test_digest_changes_with_the_weights() -> None:
         {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
     ],
 )
-def test_offline_reference_recipe_stops_with_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+def test_offline_reference_recipe_stops_with_one_line(
+    tmp_path: Path, env: dict[str, str], hymenoptera: Path
+) -> None:
     env = {**env, "HF_HUB_CACHE": str(tmp_path / "hub"), "TORCH_HOME": str(tmp_path / "torch")}
-    result = run_tlx("run", "recipes/hymenoptera.yaml", "--out", tmp_path / "out", env=env)
+    root = f"dataset.root={hymenoptera}"
+    result = run_tlx("run", "recipes/hymenoptera.yaml", "--set", root, "--out", tmp_path / "out", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
