@@ -341,7 +341,7 @@ def test_flipped_bytes_in_a_chunk_are_recomputed_with_one_warning(
     ]
     assert second["features"]["computed"] == 18 and second["history"] == first["history"]
     third = tlx_run(tmp_path, data, "c")
-    assert "warning" not in capsys.readouterr().err, "the damaged chunk is gone, not reported again"
+    assert "warning: cache" not in capsys.readouterr().err, "the damaged chunk is gone, not reported again"
     assert third["features"]["cached"] == 18
 
 
