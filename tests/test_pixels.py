@@ -151,11 +151,19 @@ def test_an_empty_train_class_folder_is_refused(tmp_path: Path) -> None:
         scan_class_folder(folder, 0.2, 0)
 
 
-def test_out_inside_the_dataset_is_refused(tlx_run, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("dataset", "inside"),
+    [
+        ("{{root: {root}}}", "val/class0/run"),
+        ("{{root: {root}}}", "train/run"),  # where a new class folder would be
+        ("{{kind: folder, root: {root}/train}}", "train/run"),
+    ],
+)
+def test_out_inside_the_dataset_is_refused(tlx_run, tmp_path: Path, dataset: str, inside: str) -> None:
     root = make_imagefolder(tmp_path / "d", classes=2)
-    out = root / "val" / "class0" / "run"
-    result = tlx_run(f"{{root: {root}}}", out)
-    assert_user_error(result, "--out", str(out), f"inside the dataset folder {root}")
+    out = root / inside
+    result = tlx_run(dataset.format(root=root), out)
+    assert_user_error(result, "--out", str(out), "inside the dataset folder")
     assert not out.exists()
 
 

@@ -78,9 +78,9 @@ def test_bad_recipe_documents(case: str, tmp_path: Path, invoke) -> None:
         ("extract.batch_size=-1", ["--set extract.batch_size", "greater than 0"]),
         ("train.epochs", ["expected KEY=VALUE"]),
         ("train.nonsense=1", ["unknown key train.nonsense"]),
-        ("backbone.name=resnet81", ["unknown backbone 'resnet81'", "resnet18"]),
-        ("head.type=linaer", ["unknown head 'linaer'", "linear"]),
-        ("dataset.kind=imagefolders", ["unknown dataset 'imagefolders'", "imagefolder"]),
+        ("backbone.name=resnet81", ["--set backbone.name: unknown backbone 'resnet81'", "resnet18"]),
+        ("head.type=linaer", ["--set head.type: unknown head 'linaer'", "linear"]),
+        ("dataset.kind=imagefolders", ["--set dataset.kind: unknown dataset 'imagefolders'", "imagefolder"]),
         ("extract.on_bad_image=ignore", ["extract.on_bad_image", "'skip' or 'error'"]),
     ],
 )

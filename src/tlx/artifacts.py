@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from tlx.backbone import Backbone
+from tlx.data import RUN_MARKER
 from tlx.errors import TlxError, describe, shorten
 from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
@@ -48,7 +49,7 @@ RECIPE_FILE = "recipe.yaml"
 PROVENANCE_FILE = "provenance.json"
 TUNED_BACKBONE_FILE = "backbone.safetensors"
 METRICS_FILE = "metrics.json"
-LOCK_FILE = ".tlx-run.lock"
+LOCK_FILE = RUN_MARKER
 
 
 def new_run_folder(recipe_path: Path, parent: Path = Path("runs")) -> Path:

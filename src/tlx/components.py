@@ -45,9 +45,13 @@ class Components:
 def resolve(recipe: Recipe, source: str) -> Components:
     """Look up every component ``recipe`` names and validate its options; ``source`` names the recipe."""
     registry = plugins.load()
-    dataset = registry.datasets.get(recipe.dataset.kind, "dataset.kind")
-    backbone = registry.backbones.get(recipe.backbone.name, "backbone.name")
-    head = registry.heads.get(recipe.head.type, "head.type")
+
+    def key(name: str) -> str:  # a name given with --set is blamed on it
+        return f"--set {name}" if name in recipe.set_keys else name
+
+    dataset = registry.datasets.get(recipe.dataset.kind, key("dataset.kind"))
+    backbone = registry.backbones.get(recipe.backbone.name, key("backbone.name"))
+    head = registry.heads.get(recipe.head.type, key("head.type"))
     version = next((p.version for p in registry.plugins if p.name == backbone.plugin), "?")
     return Components(
         dataset,

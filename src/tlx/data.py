@@ -31,6 +31,9 @@ IMAGE_EXTENSIONS = frozenset(
 #: here is a new namespace and no feature decoded the old way is reused
 DECODING = "exif-transposed; 16-bit and 32-bit integer grey /257, float grey x255; then RGB"
 
+#: a folder holding this file is a tlx run in progress (its lock), never a class folder of a dataset
+RUN_MARKER = ".tlx-run.lock"
+
 #: why a file outside the dataset root (a link, a manifest path with ``..`` or absolute) is left out
 OUTSIDE_ROOT = "links outside the dataset root"
 
@@ -196,11 +199,7 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
         raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
     train_dir, test_dir = _split_dir(root, train, "train"), _split_dir(root, test, "test")
     classes = class_folders(train_dir, "dataset.train")
-    extra = sorted(
-        p.name
-        for p in test_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in classes
-    )
+    extra = sorted(p.name for p in _subfolders(test_dir) if p.name not in classes)
     if extra:
         raise TlxError(
             f"dataset.test: {test_dir} has class folder(s) {', '.join(extra)} that the train split "
@@ -215,9 +214,18 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
     )
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders in ``folder`` that may be classes: not hidden, not a run folder being written."""
+    return [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and not (p / RUN_MARKER).exists()
+    ]
+
+
 def class_folders(folder: Path, key: str) -> list[str]:
     """The sorted names of the class folders in ``folder``; at least two."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in _subfolders(folder))
     if len(classes) < 2:
         raise TlxError(
             f"{key}: {folder} has {len(classes)} class folder(s); a classifier needs at "
