@@ -209,10 +209,13 @@ def export_(run_dir: Path, fmt: str, output: Path | None) -> None:
     click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
 
 
-@cli.command("list")
+@cli.group("list", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def list_(as_json: bool) -> None:
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
     """Show registered backbones, heads and datasets, and the installed plugins."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tlx.plugins import load
 
     loaded = load()
@@ -243,6 +246,39 @@ def list_(as_json: bool) -> None:
     for p in listing["plugins"]:
         status = f"ERROR {p['error']}" if p["error"] else ("built-in" if p["builtin"] else "ok")
         click.echo(f"  {p['name']:<28} {p['version']:<24} {status}")
+
+
+@list_.command("backbones")
+@click.argument("pattern", default="*")
+@click.option(
+    "--pretrained", is_flag=True, help="List pretrained weights (resnet18.tv_in1k), each offline or not."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, plugin[, offline]}.")
+@click.pass_context
+def list_backbones(ctx: click.Context, pattern: str, pretrained: bool, as_json: bool) -> None:
+    """Backbone names matching PATTERN, and their plugins.
+
+    PATTERN takes wildcards as timm.list_models does ('resnet*', '*vit*'). With --pretrained, the
+    names with pretrained weights (resnet18.tv_in1k), each offline (its weights on this machine: the
+    local hub cache, a plugin's package, a file) or to be downloaded.
+    """
+    from tlx.plugins import load
+
+    found = load().backbones.search(pattern, pretrained=pretrained)
+    if as_json or ctx.parent.params["as_json"]:  # type: ignore[union-attr]
+        keys = ("name", "plugin", "offline") if pretrained else ("name", "plugin")
+        click.echo(json.dumps([{key: getattr(f, key) for key in keys} for f in found], indent=2))
+        return
+    if not found:
+        hint = "" if set("*?[") & set(pattern) else f"; try '*{pattern}*'"
+        click.echo(f"no backbone matches {pattern!r}{hint}", err=True)
+        return
+    where = {True: "offline", False: "download", None: "unknown"}
+    for f in found:
+        click.echo(f"{f.name:<40} {f.plugin:<24} {where[f.offline] if pretrained else ''}".rstrip())
+    if pretrained:
+        here = sum(f.offline is True for f in found)
+        click.echo(f"{len(found)} pretrained backbones, {here} offline (weights on this machine)")
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ def register_backbones(register):
 
     ``register(name, factory, weight_files=fn)`` with ``fn(name, *, pretrained, weights)`` returning
     the files the weights are loaded from (None: not known) lets a run whose features are all cached
-    skip building the backbone.
+    skip building the backbone, and tells ``tlx list backbones --pretrained`` whether the weights are
+    on this machine (``offline=fn(name)`` answers instead where that is cheaper). A family
+    (``matches=``) may give ``search=fn(pattern, *, pretrained)`` for the names it lists.
     """
 
 

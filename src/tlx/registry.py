@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,12 @@ class WeightFiles(Protocol):
     def __call__(self, name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None: ...
 
 
+class Search(Protocol):
+    """A family's names matching an fnmatch ``pattern``; with ``pretrained``, its pretrained tagged names."""
+
+    def __call__(self, pattern: str, *, pretrained: bool) -> Iterable[str]: ...
+
+
 class HeadFactory(Protocol):
     """Builds a head mapping ``(N, in_features)`` features to ``(N, num_classes)`` logits."""
 
@@ -45,7 +53,7 @@ class DatasetFactory(Protocol):
 
 #: the ``register`` keywords that apply to each kind of component
 KEYWORDS = {
-    "backbone": {"description", "matches", "catalog", "weight_files"},
+    "backbone": {"description", "matches", "catalog", "search", "weight_files", "offline"},
     "head": {"description", "options"},
     "dataset": {"description", "options"},
 }
@@ -56,7 +64,10 @@ class Entry:
     """One registered component.
 
     ``matches`` makes the entry a *family* that claims every name it accepts (timm's models);
-    ``catalog`` lists a family's names for ``tlx list`` and for suggestions.
+    ``catalog`` lists a family's names for ``tlx list`` and for suggestions; ``search(pattern, *,
+    pretrained)`` finds a family's names for ``tlx list backbones`` (default: ``catalog`` filtered),
+    pretrained tags (``resnet18.tv_in1k``) when asked. ``offline(name)`` says whether a name's
+    pretrained weights are on this machine now, where ``weight_files`` cannot answer it cheaply.
     ``options`` is a pydantic model validating the component's recipe keys.
     ``weight_files(name, *, pretrained, weights)`` (backbones only) lists the files that decide the
     weights the factory would load, or returns None when they are not known (random initialisation):
@@ -70,7 +81,47 @@ class Entry:
     options: type[BaseModel] | None = None
     matches: Callable[[str], bool] | None = None
     catalog: Callable[[], Iterable[str]] | None = None
+    search: Search | None = None
     weight_files: WeightFiles | None = None
+    offline: Callable[[str], bool] | None = None
+
+    def names(self, pattern: str, *, pretrained: bool) -> list[str]:
+        """This entry's backbone names matching ``pattern`` (fnmatch wildcards)."""
+        if self.matches is None:
+            return [self.name] if fnmatch.fnmatch(self.name, pattern) else []
+        if self.search is not None:
+            return list(self.search(pattern, pretrained=pretrained))
+        return fnmatch.filter(self.catalog(), pattern) if self.catalog else []
+
+    def weights_offline(self, name: str) -> bool | None:
+        """Whether ``name``'s pretrained weights are on this machine now; None when the entry cannot tell.
+
+        The entry's ``offline`` callable decides; without one, they are when ``weight_files`` names
+        files and every one exists (a hub cache entry, a plugin package's file).
+        """
+        if self.offline is not None:
+            return self.offline(name)
+        if self.weight_files is None:
+            return None
+        try:
+            files = self.weight_files(name, pretrained=True, weights=None)
+        except TlxError:  # e.g. the package that carries the weights is not installed
+            return False
+        return bool(files) and all(Path(f).is_file() for f in files)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A backbone name found by :meth:`Registry.search`; ``offline`` only when pretrained tags were asked."""
+
+    name: str
+    plugin: str
+    offline: bool | None = None
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting ``resnet18`` before ``resnet101``, as ``timm.list_models`` does."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
 @dataclass
@@ -127,6 +178,22 @@ class Registry:
         if self.broken_plugins:
             hint += f" (plugins that failed to load: {', '.join(self.broken_plugins)})"
         raise TlxError(f"{key}: unknown {self.kind} {name!r}{hint}; `tlx list` shows what is registered")
+
+    def search(self, pattern: str = "*", *, pretrained: bool = False) -> list[Found]:
+        """Names matching ``pattern``, each with the plugin :meth:`get` resolves it to, naturally sorted.
+
+        With ``pretrained``, families give their pretrained tags and each name says whether its weights
+        are on this machine now (:meth:`Entry.weights_offline`).
+        """
+        found: dict[str, Entry] = {}
+        named_first = sorted(self.entries.values(), key=lambda e: e.matches is not None)  # as get() resolves
+        for entry in named_first:
+            for name in entry.names(pattern or "*", pretrained=pretrained):
+                found.setdefault(name, entry)
+        return [
+            Found(name, entry.plugin, entry.weights_offline(name) if pretrained else None)
+            for name, entry in sorted(found.items(), key=lambda item: _natural(item[0]))
+        ]
 
     def known_names(self) -> list[str]:
         """Every name the registry can resolve, families expanded."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import socket
@@ -27,7 +28,9 @@ def register_backbones(register):
         description="any timm model name, with a pretrained tag if wanted (resnet18.tv_in1k)",
         matches=_is_timm_model,
         catalog=_architectures,
+        search=_search,
         weight_files=_weight_files,
+        offline=_weights_here,
     )
 
 
@@ -46,6 +49,31 @@ def _architectures() -> list[str]:
         names = timm.list_models()
         _write(record, names)
     return names
+
+
+def _search(pattern: str, *, pretrained: bool) -> list[str]:
+    """``timm.list_models(pattern, pretrained=...)``; architectures alone come from the record."""
+    if not pretrained:
+        return fnmatch.filter(_architectures(), pattern)
+    import timm
+
+    return timm.list_models(pattern, pretrained=True)
+
+
+def _weights_here(name: str) -> bool:
+    """Whether ``name``'s pretrained weights are on this machine: a file, or the hub or torch hub cache.
+
+    ``_weight_files`` answers this too, but remembers each name on disk for the next run's start-up;
+    a listing asks for hundreds of names, so it asks timm directly.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.file:
+        return Path(cfg.file).is_file()
+    return _cached_file(cfg) is not None
 
 
 def _weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[Path] | None:
