@@ -1,7 +1,8 @@
 """tlx: transfer learning from a YAML recipe — dataset, pretrained backbone, trainable head.
 
-The plugin API is importable from here; everything but ``hookimpl`` and ``TlxError`` loads on first
-use, so ``import tlx`` does not import torch.
+The Python API (``fit``, ``load``, ``Run``, ``Classifier``, ``Recipe``) and the plugin API are
+importable from here; everything but ``hookimpl`` and ``TlxError`` loads on first use, so
+``import tlx`` does not import torch.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from tlx.errors import TlxError
 from tlx.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from tlx.api import Classifier, Run, fit, load
     from tlx.backbone import Backbone
     from tlx.components import validate_options
     from tlx.data import Split, Splits
+    from tlx.recipe import Recipe
     from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
     from tlx.weights import StateDict, load_into, read_state_dict
 
@@ -27,6 +30,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 #: public name -> the module that defines it
 _LAZY = {
+    "fit": "tlx.api",
+    "load": "tlx.api",
+    "Run": "tlx.api",
+    "Classifier": "tlx.api",
+    "Recipe": "tlx.recipe",
     "Backbone": "tlx.backbone",
     "Split": "tlx.data",
     "Splits": "tlx.data",
@@ -43,15 +51,20 @@ _LAZY = {
 __all__ = [
     "Backbone",
     "BackboneFactory",
+    "Classifier",
     "DatasetFactory",
     "HeadFactory",
+    "Recipe",
+    "Run",
     "Split",
     "Splits",
     "StateDict",
     "TlxError",
     "WeightFiles",
     "__version__",
+    "fit",
     "hookimpl",
+    "load",
     "load_into",
     "read_state_dict",
     "validate_options",

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlx import notices
 from tlx.data import DECODING
 from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
@@ -97,7 +97,7 @@ def _versions(packages: Iterable[str]) -> dict[str, str]:
 
 
 def _warn(message: str) -> None:
-    print(f"tlx: warning: cache: {message}", file=sys.stderr)
+    notices.warn(f"cache: {message}")
 
 
 # --- backbones: the weights digest without building the model ---------------------------------------

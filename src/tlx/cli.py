@@ -89,16 +89,9 @@ RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
 @CACHE_DIR
 def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
     """Run RECIPE: extract features once (or read them from the cache), train the head, write metrics.json."""
-    from tlx.plots import Painter
+    from tlx.api import fit
 
-    with Painter() as painter:  # first: it imports matplotlib while this process imports the rest
-        from tlx.artifacts import run_folder
-        from tlx.recipe import load_recipe
-        from tlx.run import run as run_recipe
-
-        loaded = load_recipe(recipe, overrides)
-        with run_folder(out, recipe) as target:  # locked for the run; removed if the run leaves it empty
-            run_recipe(loaded, str(recipe), target, cache_dir, painter)
+    fit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
 
 
 @cli.group()

@@ -69,8 +69,11 @@ class Splits:
     roots: tuple[Path, ...] = ()
 
 
-def load_image(path: Path) -> Image.Image:
-    """The image in ``path`` as 8-bit RGB, upright: one decoder for extraction, fine-tuning and predict.
+def load_image(source: Path | Image.Image) -> Image.Image:
+    """The image in ``source`` as 8-bit RGB, upright: one decoder for extraction, fine-tuning and predict.
+
+    ``source`` is a file, or an image already in memory (the Python API's classifier takes both),
+    which is converted by the same rules as a file and left unchanged itself.
 
     The EXIF orientation is applied (cameras store portrait photos sideways with a tag). 16-bit and
     32-bit integer grey (Pillow's ``I;16*`` and ``I`` modes, 0-65535) and float grey (``F``, 0-1) are
@@ -78,18 +81,27 @@ def load_image(path: Path) -> Image.Image:
     those ranges raise ``ValueError``. An image over Pillow's decompression-bomb warning limit raises
     ``DecompressionBombError``, as one over its hard limit does, instead of printing a warning.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    if isinstance(source, Image.Image):
+        return _upright_rgb(source.copy())
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as image:
-                ImageOps.exif_transpose(image, in_place=True)
-                if image.mode in ("I", "F") or image.mode.startswith("I;"):
-                    return _grey_to_8_bits(image)
-                return image.convert("RGB")
+            with Image.open(source) as image:
+                return _upright_rgb(image)
         except Image.DecompressionBombWarning as exc:
             raise Image.DecompressionBombError(str(exc)) from None
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` turned by its EXIF orientation (in place), then as 8-bit RGB."""
+    from PIL import ImageOps
+
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        return _grey_to_8_bits(image)
+    return image.convert("RGB")
 
 
 def _grey_to_8_bits(image: Image.Image) -> Image.Image:

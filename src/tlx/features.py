@@ -37,7 +37,9 @@ class ImageFiles(Dataset):
     """Decodes (:func:`tlx.data.load_image`) and preprocesses one image per item; a file that cannot
     be decoded yields its reason."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self, samples: list[tuple[Path | Image.Image, int]], transform: Callable[[Image.Image], torch.Tensor]
+    ):
         self.samples = samples
         self.transform = transform
 
@@ -154,9 +156,11 @@ def all_cached(splits: Sequence[Split], store: FeatureStore) -> bool:
     return None not in keys and not store.missing(keys)
 
 
-def _key(path: Path) -> str | None:
+def _key(path: Path | Image.Image) -> str | None:
     from tlx.cache import image_key
 
+    if not isinstance(path, Path):  # an image in memory (the Python API): never cached
+        return None
     try:
         return image_key(path)
     except OSError:  # gone since the scan: decoding reports it
@@ -172,8 +176,7 @@ def _run_backbone(
     store: FeatureStore | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
-    from tqdm import tqdm
-
+    from tlx import notices
     from tlx.cache import CHUNK_IMAGES
     from tlx.device import batch_size
 
@@ -200,7 +203,7 @@ def _run_backbone(
 
     with (
         threads_set(settings.threads or cpu_cores()),
-        tqdm(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
+        notices.bar(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
     ):
         for out, indices, batch_failures in batches:
             for j, reason in batch_failures:

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from tlx import notices
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits, stratified_split
 from tlx.errors import TlxError
@@ -143,7 +143,7 @@ def finetune(
     for epoch in range(1, config.epochs + 1):
         set_modes(backbone.module, trained, head)
         total, n_train = 0.0, 0
-        for images, indices, failures in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+        for images, indices, failures in notices.bar(train_loader, desc=f"epoch {epoch}", leave=False):
             skipped |= {fit_split.samples[i][0]: reason for i, reason in failures}
             enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
             if images is None:

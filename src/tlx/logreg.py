@@ -64,11 +64,11 @@ class LogisticRegression(nn.Module):
         if len(grid) == 1:
             rows, chosen = [{"l2": grid[0]}], {"l2": grid[0], "selected_by": "head.l2 (one value)"}
         else:
-            from tqdm import tqdm
+            from tlx.notices import bar
 
             rows = [
                 {"l2": l2, "val_loss": self._score(l2, z, y, val, mean, std, weight, seed)}
-                for l2 in tqdm(grid, desc="choosing head.l2", unit="l2", leave=False, dynamic_ncols=True)
+                for l2 in bar(grid, desc="choosing head.l2", unit="l2", leave=False, dynamic_ncols=True)
             ]
             best = min(rows, key=lambda r: (r["val_loss"], -r["l2"]))  # ties: the stronger regularization
             where = "validation split" if val is not None else f"{self._folds(y)}-fold cross-validation"

@@ -1,11 +1,16 @@
-"""``tlx predict``: classify image files and folders with a trained run, offline."""
+"""``tlx predict`` and the Python API's classifier: class probabilities of images, with a trained run.
+
+One code path for both (:func:`probabilities`), so that they give the same numbers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from tlx.artifacts import HEAD_FILE, TrainedRun
 from tlx.data import IMAGE_EXTENSIONS, Split
@@ -13,51 +18,68 @@ from tlx.device import resolve
 from tlx.errors import TlxError
 from tlx.features import extract
 
+#: an image file, a folder of them, or an image already in memory (the Python API)
+Source = Path | Image.Image
 
-def image_files(paths: tuple[Path, ...]) -> list[Path]:
-    """Files as given; folders searched recursively for images, in sorted order."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
+
+def image_files(sources: Sequence[Source]) -> list[Source]:
+    """Files and in-memory images as given; folders searched recursively for images, in sorted order."""
+    files: list[Source] = []
+    for source in sources:
+        if isinstance(source, Image.Image):
+            files.append(source)
+        elif source.is_dir():
             found = sorted(
                 p
-                for p in path.rglob("*")
+                for p in source.rglob("*")
                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
             )
             if not found:
-                raise TlxError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise TlxError(f"{source}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             files += found
-        elif path.is_file():
-            files.append(path)
+        elif source.is_file():
+            files.append(source)
         else:
-            raise TlxError(f"{path}: no such file or folder")
+            raise TlxError(f"{source}: no such file or folder")
     return files
 
 
-def predict(
-    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int
-) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped.
+def probabilities(
+    run: TrainedRun, sources: Sequence[Source]
+) -> tuple[list[Source], torch.Tensor, list[tuple[Source, str]]]:
+    """The images that could be decoded, their class probabilities (n, classes), and the skipped.
 
     Images go through the run's backbone with its recipe's ``extract`` settings and ``device``; a NaN
     probability is an error, never a printed ``nan%``."""
-    files = image_files(paths)
-    split = Split("predict", [(p, 0) for p in files])
+    files = image_files(sources)
+    split = Split("predict", [(p, 0) for p in files])  # in-memory images too: never cached
     (features,) = extract([split], run.backbone, run.recipe.extract, device=resolve(run.recipe.device))
-    skipped = {p for p, _ in features.skipped}
-    kept = [p for p in files if p not in skipped]
+    kept, k = [], 0
+    for source in files:  # features.skipped holds the skipped items themselves, in the same order
+        if k < len(features.skipped) and features.skipped[k][0] is source:
+            k += 1
+        else:
+            kept.append(source)
     with torch.inference_mode():
-        probabilities = torch.softmax(run.head(features.x), dim=1)
-    finite = probabilities.isfinite().all(dim=1)
+        result = torch.softmax(run.head(features.x), dim=1)
+    finite = result.isfinite().all(dim=1)
     if not finite.all():
         first = kept[int(finite.logical_not().nonzero()[0])]
         raise TlxError(
             f"{run.folder / HEAD_FILE}: the classifier gives NaN for {first} (its features or the head are "
             "not finite); train a new run"
         )
-    top = probabilities.topk(min(top_k, len(run.classes)), dim=1)
+    return kept, result, features.skipped
+
+
+def predict(
+    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int
+) -> tuple[list[dict[str, Any]], list[tuple[Source, str]]]:
+    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
+    kept, result, skipped = probabilities(run, paths)
+    top = result.topk(min(top_k, len(run.classes)), dim=1)
     results = []
     for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
         ranked = [{"label": run.classes[i], "probability": p} for i, p in zip(indices, values)]
         results.append({"path": str(path), **ranked[0], "top_k": ranked})
-    return results, features.skipped
+    return results, skipped

@@ -202,9 +202,13 @@ class Recipe(_Strict):
 
 def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is a one-line :class:`TlxError`."""
-    data = read_yaml(path)
+    return make_recipe(read_yaml(path), overrides, source=str(path))
+
+
+def make_recipe(data: dict[str, Any], overrides: tuple[str, ...] = (), *, source: str) -> Recipe:
+    """Override (in place) and validate recipe data read from ``source``, as :func:`load_recipe` does."""
     set_keys = apply_overrides(data, overrides)
-    recipe = validate(Recipe, data, source=str(path), set_keys=set_keys)
+    recipe = validate(Recipe, data, source=source, set_keys=set_keys)
     recipe._set_keys = frozenset(set_keys)
     return recipe
 

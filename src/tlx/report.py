@@ -1,10 +1,12 @@
 """What a run shows on the terminal: the data summary, the backbone, one line per epoch, the scores.
 
 :class:`Console` is the callbacks a run reports through; the steps themselves print nothing.
+:class:`QuietConsole` prints nothing and keeps the warnings (the Python API's ``tlx.fit``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,51 +27,56 @@ if TYPE_CHECKING:
 
 
 class Console:
-    """The terminal's view of a run: ``run()`` and the training loops call these, in this order."""
+    """The terminal's view of a run: ``run()`` and the training loops call these, in this order.
+
+    Every line goes through :meth:`echo`, every warning through :meth:`warning`.
+    """
+
+    def echo(self, text: str) -> None:
+        click.echo(text)
 
     def data(self, splits: Splits, kind: str) -> None:
         """Images per split and class, in a small table."""
-        click.echo(f"dataset   {kind}: {splits.source}")
+        self.echo(f"dataset   {kind}: {splits.source}")
         names = ["split", "images", *splits.classes]
         widths = [max(len(n), 6) for n in names]
-        click.echo("  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
+        self.echo("  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
         for split in (splits.train, splits.test):
             row = [split.name, str(len(split)), *map(str, split.class_counts(len(splits.classes)))]
-            click.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
-        click.echo(f"  {describe_balance(splits)}")
+            self.echo("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        self.echo(f"  {describe_balance(splits)}")
         for split in (splits.train, splits.test):
             for path, reason in split.skipped:
-                click.echo(f"  skipped {path}: {reason}")
+                self.echo(f"  skipped {path}: {reason}")
         for name, count in zip(splits.classes, splits.test.class_counts(len(splits.classes))):
             if count == 0:
-                click.echo(
-                    f"warning: class {name!r} has no images in split {splits.test.name!r}; "
-                    "its test accuracy cannot be measured",
-                    err=True,
+                self.warning(
+                    f"class {name!r} has no images in split {splits.test.name!r}; "
+                    "its test accuracy cannot be measured"
                 )
 
     def backbone(self, recipe: Recipe, plugin: str, info: BackboneInfo, splits: Splits) -> None:
         """Where the weights came from, the preprocessing, and the image tensor shapes."""
         if not recipe.backbone.pretrained:
-            click.echo("warning: the backbone has random weights (backbone.pretrained: false)", err=True)
+            self.warning("the backbone has random weights (backbone.pretrained: false)")
         cfg = info.data_config
         _, height, width = cfg["input_size"]
-        click.echo(f"backbone  {recipe.backbone.name} [plugin {plugin}]: {info.weights}")
-        click.echo(f"  weights sha256 {info.sha256[:16]}; preprocessing {describe_preprocessing(cfg)}")
+        self.echo(f"backbone  {recipe.backbone.name} [plugin {plugin}]: {info.weights}")
+        self.echo(f"  weights sha256 {info.sha256[:16]}; preprocessing {describe_preprocessing(cfg)}")
         shapes = "  ".join(f"{s.name} {len(s)}×3×{height}×{width}" for s in (splits.train, splits.test))
-        click.echo(f"images    {shapes}")
+        self.echo(f"images    {shapes}")
 
     def features(self, names: tuple[str, str], features: tuple[Features, Features], folder: Path) -> None:
         """Feature shapes per split, how many came from the cache (``folder``), the images left out."""
         shapes = "  ".join(f"{name} {f.x.shape[0]}×{f.x.shape[1]}" for name, f in zip(names, features))
         cached = sum(f.cached for f in features)
-        click.echo(f"features  {shapes}  ({cached} from the cache in {folder})")
+        self.echo(f"features  {shapes}  ({cached} from the cache in {folder})")
         for f in features:
             for path, reason in f.skipped:
-                click.echo(f"  skipped {path}: {reason}")
+                self.echo(f"  skipped {path}: {reason}")
 
     def epoch(self, record: Epoch) -> None:
-        click.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
+        self.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
 
     def finetune(self, backbone: Backbone, head: nn.Module, recipe: Recipe) -> None:
         """What fine-tuning trains, at which learning rates, with which augmentation."""
@@ -81,7 +88,7 @@ class Console:
         which = "all" if options.unfreeze == "all" else ", ".join(options.unfreeze)
         _, height, _ = backbone.data_config["input_size"]
         augment = f"random resized crop {height} and flip" if options.augment else "none"
-        click.echo(
+        self.echo(
             f"finetune  unfreeze {which}: {trained:,} of {total:,} backbone parameters at lr "
             f"{options.backbone_lr:g}, head {head_n:,} at lr {train.lr:g}; {train.optimizer}, "
             f"schedule {train.schedule}; augmentation {augment}"
@@ -89,15 +96,15 @@ class Console:
 
     def done(self, metrics: dict[str, Any], scores: Scores, out: Path) -> None:
         """The end of a run: the per-class table, final accuracy, the weakest class, where the files are."""
-        print_scores(scores)
+        print_scores(scores, self.echo)
         chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items())
         weakest = scores.weakest()
-        click.echo(
+        self.echo(
             f"test accuracy {metrics['test_accuracy']:.2%} on {metrics['n_test']} images"
             + (f" ({chosen})" if chosen else "")
             + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
         )
-        click.echo(
+        self.echo(
             f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ..."
         )
 
@@ -105,7 +112,20 @@ class Console:
         click.echo(f"warning: {text}", err=True)
 
     def device(self, device: torch.device, configured: str) -> None:
-        click.echo(f"device    {device} (recipe: device: {configured})")
+        self.echo(f"device    {device} (recipe: device: {configured})")
+
+
+class QuietConsole(Console):
+    """A console that prints nothing: its lines are dropped, its warnings kept in :attr:`warnings`."""
+
+    def __init__(self, warnings: list[str] | None = None) -> None:
+        self.warnings: list[str] = [] if warnings is None else warnings
+
+    def echo(self, text: str) -> None:
+        pass
+
+    def warning(self, text: str) -> None:
+        self.warnings.append(text)
 
 
 def describe_balance(splits: Splits) -> str:
@@ -132,12 +152,12 @@ def describe_preprocessing(cfg: dict[str, Any]) -> str:
     )
 
 
-def print_scores(scores: Scores) -> None:
+def print_scores(scores: Scores, echo: Callable[[str], None] = click.echo) -> None:
     """The per-class table: precision, recall, F1, support."""
     width = max(8, *(len(c) for c in scores.classes))
-    click.echo(f"  {'class':<{width}}  precision  recall     f1  support")
+    echo(f"  {'class':<{width}}  precision  recall     f1  support")
     for row in scores.per_class():
-        click.echo(
+        echo(
             f"  {row['class']:<{width}}  {row['precision']:9.2%}  {row['recall']:6.2%}  {row['f1']:5.2%}"
             f"  {row['support']:7d}"
         )

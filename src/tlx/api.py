@@ -1,0 +1,201 @@
+"""The Python API: :func:`fit` trains a run as ``tlx run`` does; :func:`load` reads one back as a
+:class:`Classifier` that gives the same numbers as ``tlx predict``.
+
+For notebooks and services: ``fit`` prints nothing by default and keeps the warnings on the
+:class:`Run` it returns. Nothing here imports torch until it is called.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tlx.errors import TlxError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from tlx.artifacts import TrainedRun
+    from tlx.predict import Source
+    from tlx.recipe import Recipe
+
+    #: one image file or folder, one in-memory image, or several of them
+    Images = str | Path | Image.Image | Iterable[str | Path | Image.Image]
+
+#: what stands for a recipe file's name where there is no file (the run folder's name, error messages)
+IN_MEMORY = "recipe"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run: its folder (as ``tlx run`` writes it), its ``metrics.json``, and the warnings
+    that a quiet :func:`fit` kept instead of printing."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def load(self) -> Classifier:
+        """The run's classifier (see :func:`load`)."""
+        return load(self.folder)
+
+
+class Prediction(NamedTuple):
+    """The most probable class of one image, and its probability."""
+
+    label: str
+    probability: float
+
+
+class Classifier:
+    """A trained run's backbone and head: class probabilities of image files, folders and PIL images.
+
+    In-memory images are decoded by the rules of image files (EXIF orientation, modes to RGB) and
+    preprocessed alike; a folder stands for its images in sorted order, searched recursively, as
+    ``tlx predict`` lists them. Progress bars are not drawn.
+    """
+
+    def __init__(self, run: TrainedRun) -> None:
+        self._run = run
+
+    @property
+    def folder(self) -> Path:
+        return self._run.folder
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in the order of :meth:`predict_proba`'s columns."""
+        return list(self._run.classes)
+
+    def predict(self, images: Images) -> list[Prediction]:
+        """``(label, probability)`` of the most probable class, per image."""
+        top = self._probabilities(images).topk(1, dim=1)  # as tlx predict chooses its label
+        return [
+            Prediction(self._run.classes[i], p)
+            for p, i in zip(top.values[:, 0].tolist(), top.indices[:, 0].tolist())
+        ]
+
+    def predict_proba(self, images: Images) -> np.ndarray:
+        """Class probabilities, one row per image (n, classes), float32."""
+        return self._probabilities(images).numpy()
+
+    def _probabilities(self, images: Images) -> Any:
+        import torch
+
+        from tlx import notices
+        from tlx.predict import probabilities
+
+        sources = _sources(images)
+        if not sources:
+            return torch.empty(0, len(self._run.classes))
+        with notices.collected([]):
+            _, result, skipped = probabilities(self._run, sources)
+        if skipped:
+            source, reason = skipped[0]
+            raise TlxError(f"{_name(source)}: cannot decode the image ({reason}); pass only images")
+        return result
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.folder)!r}, classes={self.classes!r})"
+
+
+def fit(
+    recipe: str | Path | Mapping[str, Any] | Recipe,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    quiet: bool = True,
+) -> Run:
+    """Train ``recipe`` and write its run folder, as ``tlx run RECIPE --set ... --out OUT`` does.
+
+    ``recipe`` is a recipe file, a dict of the same keys (validated alike; relative paths are taken
+    from the current folder) or a :class:`tlx.Recipe`. ``overrides`` are ``KEY=VALUE`` strings as
+    ``--set`` takes them, or a dict ``{KEY: VALUE}``. ``out`` is the run folder (default: a new folder
+    under ``runs/``), locked while the run lives. ``quiet`` prints nothing, progress bars included;
+    the warnings are kept in :attr:`Run.warnings`. A problem with the input is a :class:`tlx.TlxError`.
+    """
+    from tlx import notices
+    from tlx.plots import Painter
+
+    with Painter() as painter:  # first: it imports matplotlib while this process imports the rest
+        from tlx.artifacts import run_folder
+        from tlx.report import Console, QuietConsole
+        from tlx.run import run
+
+        loaded, source = _recipe(recipe, _overrides(overrides))
+        kept: list[str] = []
+        with ExitStack() as stack:
+            if quiet:
+                stack.enter_context(notices.collected(kept))
+                caught = stack.enter_context(warnings.catch_warnings(record=True))
+                warnings.simplefilter("always")
+            folder = stack.enter_context(run_folder(None if out is None else Path(out), Path(source)))
+            console = QuietConsole(kept) if quiet else Console()
+            cache = None if cache_dir is None else Path(cache_dir)
+            metrics = run(loaded, source, folder, cache, painter, console)
+            if quiet:
+                kept += dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
+    return Run(folder, metrics, kept)
+
+
+def load(run_dir: str | Path) -> Classifier:
+    """The classifier of a run folder (``tlx.fit``'s or ``tlx run``'s), rebuilt offline."""
+    from tlx.artifacts import load_run
+
+    return Classifier(load_run(Path(run_dir)))
+
+
+def _recipe(
+    recipe: str | Path | Mapping[str, Any] | Recipe, overrides: tuple[str, ...]
+) -> tuple[Recipe, str]:
+    """The validated recipe, with ``overrides`` applied, and the name its errors go by."""
+    from tlx.recipe import Recipe, load_recipe, make_recipe
+
+    if isinstance(recipe, str | Path):
+        return load_recipe(Path(recipe), overrides), str(recipe)
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe, IN_MEMORY
+        data = recipe.model_dump(exclude_unset=True)  # unset: defaults stay defaults, as in a file
+    elif isinstance(recipe, Mapping):
+        data = copy.deepcopy(dict(recipe))  # overrides are applied in place: not to the caller's dict
+    else:
+        raise TypeError(f"recipe: expected a file path, a dict or a tlx.Recipe, not {type(recipe).__name__}")
+    return make_recipe(data, overrides, source=IN_MEMORY), IN_MEMORY
+
+
+def _overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> tuple[str, ...]:
+    """``KEY=VALUE`` strings; a dict's values written as JSON, which YAML reads back unchanged."""
+    if overrides is None:
+        return ()
+    if isinstance(overrides, str):
+        return (overrides,)
+    if isinstance(overrides, Mapping):
+        return tuple(f"{key}={json.dumps(value, default=str)}" for key, value in overrides.items())
+    return tuple(overrides)
+
+
+def _sources(images: Images) -> list[Source]:
+    """One list of files, folders and in-memory images, whichever ``images`` is."""
+    from PIL import Image
+
+    if isinstance(images, str | Path | Image.Image):
+        images = [images]
+    return [Path(item) if isinstance(item, str) else item for item in images]
+
+
+def _name(source: Source) -> str:
+    """A file's path, or an in-memory image as its mode and size."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return f"in-memory image ({source.mode} {source.width}×{source.height})"
+    return str(source)
