@@ -25,7 +25,7 @@ from .conftest import REPO, make_imagefolder, recipe_for, run_tlx
 
 RUN_FILES = {
     "recipe.yaml", "provenance.json", "metrics.json", "history.csv", "head.safetensors",
-    "per_class.csv", "curves.png", "confusion.png",
+    "per_class.csv", "predictions.csv", "curves.png", "confusion.png", "errors.png",
 }  # fmt: skip
 
 
@@ -181,6 +181,7 @@ def test_same_recipe_and_seed_give_identical_run_folders(
         metrics.pop("seconds")
         metrics.pop("features")  # where the features came from: the second run reads the cache
         files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in {".csv", ".yaml"}}
+        assert {"history.csv", "per_class.csv", "predictions.csv"} <= files.keys()
         with safe_open(str(out / "head.safetensors"), framework="pt") as f:  # its header order varies
             head = json.dumps(f.metadata(), sort_keys=True).encode()
             head += b"".join(f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys()))

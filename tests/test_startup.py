@@ -66,7 +66,7 @@ def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
     assert (tmp_path / "warm" / "confusion.png").stat().st_size > 0
 
 
-def test_painter_draws_both_figures(tmp_path: Path) -> None:
+def test_painter_draws_every_figure(tmp_path: Path) -> None:
     import torch
 
     scores = Scores.of(["ants", "bees"], torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
@@ -75,8 +75,8 @@ def test_painter_draws_both_figures(tmp_path: Path) -> None:
         {"epoch": 2, "train_loss": 0.5, "test_accuracy": 2 / 3},
     ]
     with Painter() as painter:
-        painter.draw(tmp_path, history, {}, scores)
-    for name in ("curves.png", "confusion.png"):
+        painter.draw(tmp_path, history, {}, scores, [])
+    for name in ("curves.png", "confusion.png", "errors.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,7 +87,7 @@ def test_painter_reports_a_folder_it_cannot_write_as_an_os_error(tmp_path: Path)
     blocker.write_text("")
     scores = Scores.of(["a", "b"], torch.tensor([0, 1]), torch.tensor([0, 1]))
     with Painter() as painter, pytest.raises(OSError) as caught:
-        painter.draw(blocker, [{"epoch": 1, "train_loss": 0.1, "test_accuracy": 1.0}], {}, scores)
+        painter.draw(blocker, [{"epoch": 1, "train_loss": 0.1, "test_accuracy": 1.0}], {}, scores, [])
     assert str(blocker) in str(caught.value.filename)
 
 

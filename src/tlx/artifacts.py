@@ -9,7 +9,8 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 - ``head.safetensors`` the trained head, with the class names, head type and feature size as metadata
 - ``backbone.safetensors`` the trained backbone, for ``strategy: finetune`` only
 - ``per_class.csv``    precision, recall, F1 and support of each class on the test split
-- ``curves.png``, ``confusion.png``
+- ``predictions.csv``  each test image: path, true and predicted label, the probability of each class
+- ``curves.png``, ``confusion.png``, ``errors.png`` (the most confident mistakes on the test split)
 
 Every file is written atomically (:func:`tlx.files.write_atomic`): a reader never sees half of one. While
 a run lives it holds ``.tlx-run.lock`` in its folder, so a second run cannot write into the same folder.
@@ -49,7 +50,47 @@ RECIPE_FILE = "recipe.yaml"
 PROVENANCE_FILE = "provenance.json"
 TUNED_BACKBONE_FILE = "backbone.safetensors"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
 LOCK_FILE = RUN_MARKER
+#: the most misclassified test images ``errors.png`` shows
+GALLERY_SIZE = 16
+
+
+@dataclass
+class Predictions:
+    """The classifier on the test split: each decoded image's path, true class and class probabilities.
+
+    The predicted class is the most probable one; the run's scores are computed from it, so the rows of
+    ``predictions.csv`` agree with ``metrics.json``.
+    """
+
+    paths: list[Path]
+    truth: torch.Tensor  # (n,) int64
+    probabilities: torch.Tensor  # (n, classes) float32, softmax of the head's logits
+
+    @classmethod
+    def of(cls, paths: list[Path], truth: torch.Tensor, logits: torch.Tensor) -> Predictions:
+        return cls(paths, truth, torch.softmax(logits.float(), dim=1))
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.probabilities.argmax(dim=1)
+
+    def mistakes(self, classes: list[str], limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
+        """Up to ``limit`` misclassified images, the most confident first (then in test-split order)."""
+        truth, predicted = self.truth.tolist(), self.predicted.tolist()
+        confidence = self.probabilities.max(dim=1).values.tolist()
+        wrong = [i for i, (t, p) in enumerate(zip(truth, predicted)) if t != p]
+        wrong.sort(key=lambda i: -confidence[i])  # stable: ties keep the split's order
+        return [
+            {
+                "path": str(self.paths[i]),
+                "true": classes[truth[i]],
+                "predicted": classes[predicted[i]],
+                "probability": confidence[i],
+            }
+            for i in wrong[:limit]
+        ]
 
 
 def new_run_folder(recipe_path: Path, parent: Path = Path("runs")) -> Path:
@@ -186,6 +227,7 @@ def write_run(
     metrics: dict[str, Any],
     head: nn.Module,
     scores: Scores,
+    predictions: Predictions,
     chosen: dict[str, Any],
     painter: Painter,
     tuned_backbone: nn.Module | None = None,
@@ -208,7 +250,8 @@ def write_run(
         write_tensors(out / TUNED_BACKBONE_FILE, tuned_backbone)
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
-    painter.draw(out, metrics["history"], chosen, scores)
+    write_predictions(out / PREDICTIONS_FILE, predictions, scores.classes)
+    painter.draw(out, metrics["history"], chosen, scores, predictions.mistakes(scores.classes))
     write_json(out / METRICS_FILE, metrics)
 
 
@@ -232,6 +275,21 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def write_predictions(path: Path, predictions: Predictions, classes: list[str]) -> None:
+    """One row per test image: ``path``, ``true_label``, ``predicted_label``, then ``p_<class>`` per class."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "true_label", "predicted_label", *(f"p_{c}" for c in classes)])
+    for image, truth, predicted, row in zip(
+        predictions.paths,
+        predictions.truth.tolist(),
+        predictions.predicted.tolist(),
+        predictions.probabilities.numpy(),  # float32: each written in its shortest exact form
+    ):
+        writer.writerow([image, classes[truth], classes[predicted], *row])
     write_text(path, text.getvalue())
 
 

@@ -29,12 +29,13 @@ from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
 
 @dataclass
 class Finetuned:
-    """The outcome of fine-tuning: the epochs and choices, the kept epoch's test predictions, the
-    images that could not be decoded."""
+    """The outcome of fine-tuning: the epochs and choices, the kept epoch's test images (paths, true
+    classes, logits), the images that could not be decoded."""
 
     fit: Fit
+    test_paths: list[Path]
     test_y: torch.Tensor
-    test_predicted: torch.Tensor
+    test_logits: torch.Tensor
     skipped: list[tuple[Path, str]]
 
 
@@ -157,29 +158,30 @@ def finetune(
             n_train += len(indices)
         if not n_train:
             raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
-        test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
-        test_predicted = test_logits.argmax(dim=1)
+        test_paths, test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
         val_scores: tuple[float | None, float | None] = (None, None)
         if val_loader is not None:
-            val_y, val_logits = _evaluate(model, val_loader, val_split, skipped, device)
+            _, val_y, val_logits = _evaluate(model, val_loader, val_split, skipped, device)
             val_loss = loss_fn(val_logits.to(device), val_y.to(device)).item()
             val_scores = (val_loss, (val_logits.argmax(dim=1) == val_y).double().mean().item())
         enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
-        record = Epoch(epoch, total / n_train, (test_y == test_predicted).double().mean().item(), *val_scores)
+        test_accuracy = (test_y == test_logits.argmax(dim=1)).double().mean().item()
+        record = Epoch(epoch, total / n_train, test_accuracy, *val_scores)
         history.append(record)
         on_epoch(record)
-        keep = lambda y=test_y, p=test_predicted: (copy.deepcopy(model.state_dict()), y, p)  # noqa: E731
+        kept = (test_paths, test_y, test_logits)
+        keep = lambda kept=kept: (copy.deepcopy(model.state_dict()), *kept)  # noqa: E731
         if best is not None and best.update(record, keep):
             break
     chosen = {}
     if best is not None:
-        state, test_y, test_predicted = best.kept
+        state, test_paths, test_y, test_logits = best.kept
         model.load_state_dict(state)
         chosen = {"epochs": best.epoch}
     model.eval().cpu()
     n_val = len(val_split) if val_split else 0
     fit = Fit([h.as_dict() for h in history], n_train, n_val, chosen)
-    return Finetuned(fit, test_y, test_predicted, sorted(skipped.items()))
+    return Finetuned(fit, test_paths, test_y, test_logits, sorted(skipped.items()))
 
 
 def _hold_out(splits: Splits, fraction: float, seed: int) -> tuple[Split, Split | None]:
@@ -209,9 +211,10 @@ def _loader(
 
 def _evaluate(
     model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """True classes and logits of the images of ``split`` that could be decoded (on the CPU)."""
+) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """Paths, true classes and logits of the images of ``split`` that could be decoded (on the CPU)."""
     model.eval()
+    paths: list[Path] = []
     truth: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -219,11 +222,12 @@ def _evaluate(
             skipped |= {split.samples[i][0]: reason for i, reason in failures}
             if images is None:
                 continue
+            paths += [split.samples[i][0] for i in indices]
             truth.append(torch.tensor([split.samples[i][1] for i in indices]))
             logits.append(model(to_backbone(images, device)).float().cpu())
     if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
-    return torch.cat(truth), torch.cat(logits)
+    return paths, torch.cat(truth), torch.cat(logits)
 
 
 def yield_to_backbone(_: int) -> None:

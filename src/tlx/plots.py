@@ -1,4 +1,5 @@
-"""The two figures of a run: training curves and the confusion matrix (matplotlib, Agg backend, PNG).
+"""The figures of a run: training curves, the confusion matrix and the gallery of the test split's
+mistakes (matplotlib, Agg backend, PNG).
 
 They are drawn by a helper process (:class:`Painter`), started when a command starts: it imports
 matplotlib while the command imports torch and trains, so on a machine with a
@@ -13,8 +14,9 @@ import os
 import site
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import tlx
 from tlx.files import write_atomic
@@ -42,8 +44,22 @@ class Painter:
             env=env,
         )
 
-    def draw(self, out: Path, history: list[dict[str, float]], chosen: dict, scores: Scores) -> None:
-        """Write ``curves.png`` and ``confusion.png`` into ``out``; an OSError there is raised here."""
+    def draw(
+        self,
+        out: Path,
+        history: list[dict[str, float]],
+        chosen: dict,
+        scores: Scores,
+        mistakes: list[dict[str, Any]],
+    ) -> None:
+        """Write ``curves.png``, ``confusion.png`` and ``errors.png`` into ``out``; an OSError there is
+        raised here.
+
+        ``mistakes``: the misclassified test images to show (``path``, ``true``, ``predicted`` label and
+        its ``probability``), in the order shown.
+        """
+        total = sum(map(sum, scores.confusion))
+        wrong = total - sum(scores.confusion[i][i] for i in range(len(scores.classes)))
         job = {
             "out": str(out),
             "history": history,
@@ -51,6 +67,9 @@ class Painter:
             "classes": scores.classes,
             "confusion": scores.confusion,
             "title": f"test split, accuracy {scores.accuracy:.2%}",
+            "mistakes": mistakes,
+            "mistakes_title": f"{wrong} of {total} test images misclassified"
+            + (f"; the {len(mistakes)} most confident mistakes" if 0 < len(mistakes) < wrong else ""),
         }
         stdout, stderr = self._proc.communicate(json.dumps(job))
         if self._proc.returncode == 0:
@@ -96,6 +115,7 @@ def _serve() -> None:
     try:
         training_curves(job["history"], job["chosen"], out / "curves.png")
         confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
+        error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
     except OSError as exc:
         print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
         sys.stdout.flush()
@@ -164,6 +184,57 @@ def confusion_matrix(classes: list[str], confusion: list[list[int]], path: Path,
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, label="share of the true class")
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+#: the longest side of an image in ``errors.png``, in pixels
+THUMBNAIL = 224
+
+
+def error_gallery(mistakes: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The misclassified images as thumbnails, four a row, each captioned with its true label and the
+    predicted one with its probability; a figure that says so when there is none.
+
+    The thumbnails are placed pixel for pixel (``figimage``), not resampled into axes. An image that
+    cannot be read any more (moved since the run read it) is shown as the reason.
+    """
+    import matplotlib.pyplot as plt
+
+    from tlx.data import load_image
+    from tlx.errors import describe
+
+    if not mistakes:
+        fig = plt.figure(figsize=(6, 1.2))
+        fig.text(0.5, 0.5, f"{title}: no mistakes to show", ha="center", va="center", fontsize=12)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        return
+    # places in pixels (dpi 100); each cell is a caption over a thumbnail
+    gap, caption, heading = 12, 42, 45
+    columns = min(len(mistakes), 4)
+    rows = -(-len(mistakes) // columns)
+    width, height = columns * (THUMBNAIL + gap) + gap, heading + rows * (caption + THUMBNAIL + gap)
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    fig.text(0.5, 1 - heading / 2 / height, title, ha="center", va="center", fontsize=11)
+    for n, mistake in enumerate(mistakes):
+        row, column = divmod(n, columns)
+        centre = gap + column * (THUMBNAIL + gap) + THUMBNAIL // 2
+        top = height - heading - row * (caption + THUMBNAIL + gap) - caption  # the thumbnail's top edge
+        true, predicted = (textwrap.shorten(mistake[k], 30, placeholder="…") for k in ("true", "predicted"))
+        label = f"true {true}\npredicted {predicted} ({mistake['probability']:.1%})"
+        fig.text(centre / width, (top + 4) / height, label, ha="center", va="bottom", fontsize=9)
+        try:
+            image = load_image(Path(mistake["path"]))
+        except Exception as exc:  # PIL raises many types: the figure still shows the rest
+            reason = textwrap.fill(describe(exc), 36)
+            middle = (top - THUMBNAIL / 2) / height
+            fig.text(centre / width, middle, f"cannot read it:\n{reason}", ha="center", va="center", size=7)
+            continue
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        fig.figimage(image, xo=centre - image.width // 2, yo=top - image.height, origin="upper")
+    # photos barely compress: the fastest zlib level is a third of the default's time, for a tenth more bytes
+    png = {"compress_level": 1}
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", pil_kwargs=png))
     plt.close(fig)
 
 

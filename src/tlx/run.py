@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from tlx.artifacts import Predictions
     from tlx.backbone import Backbone
     from tlx.cache import BackboneInfo, FeatureStore
     from tlx.data import Splits
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Outcome:
-    """What either strategy produced: the trained head, its fit and scores, and what it cost."""
+    """What either strategy produced: the trained head, its fit, its test predictions and scores, and
+    what it cost."""
 
     head: nn.Module
     fit: Fit
+    predictions: Predictions
     scores: Scores
     n_train: int
     n_test: int
@@ -94,6 +97,7 @@ def run(
             metrics=metrics,
             head=outcome.head,
             scores=outcome.scores,
+            predictions=outcome.predictions,
             chosen=outcome.fit.chosen,
             painter=painter,
             tuned_backbone=outcome.tuned,
@@ -183,10 +187,11 @@ def train_on_features(
     """Features of every image (from the cache, else through the frozen backbone), then the head on them."""
     import torch
 
+    from tlx.artifacts import Predictions
     from tlx.backbone import flip_averaged
     from tlx.features import extract
     from tlx.scores import Scores
-    from tlx.train import fit_head, predict
+    from tlx.train import fit_head
 
     t0 = time.perf_counter()
     if backbone is not None and recipe.extract.flip:
@@ -207,10 +212,15 @@ def train_on_features(
         on_epoch=console.epoch,
     )
     cached = train.cached + test.cached
+    skipped = {path for path, _ in test.skipped}
+    with torch.inference_mode():
+        logits = head.eval()(test.x)
+    predictions = Predictions.of([p for p, _ in splits.test.samples if p not in skipped], test.y, logits)
     return Outcome(
         head,
         fit,
-        Scores.of(splits.classes, test.y, predict(head, test)),
+        predictions,
+        Scores.of(splits.classes, test.y, predictions.predicted),
         n_train=len(train.y),
         n_test=len(test.y),
         skipped=train.skipped + test.skipped,
@@ -233,6 +243,7 @@ def finetune_end_to_end(
     """The backbone (its ``finetune.unfreeze`` part) and the head trained together on the images."""
     import torch
 
+    from tlx.artifacts import Predictions
     from tlx.finetune import finetune
     from tlx.scores import Scores
 
@@ -243,10 +254,12 @@ def finetune_end_to_end(
     tuned = finetune(
         backbone, head, splits, recipe, device=device, on_start=console.finetune, on_epoch=console.epoch
     )
+    predictions = Predictions.of(tuned.test_paths, tuned.test_y, tuned.test_logits)
     return Outcome(
         head,
         tuned.fit,
-        Scores.of(splits.classes, tuned.test_y, tuned.test_predicted),
+        predictions,
+        Scores.of(splits.classes, tuned.test_y, predictions.predicted),
         n_train=tuned.fit.n_fit + tuned.fit.n_val,
         n_test=len(tuned.test_y),
         skipped=tuned.skipped,
