@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tlx.components import validate_options
     from tlx.data import Split, Splits
     from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
+    from tlx.sweeps import sweep
     from tlx.weights import StateDict, load_into, read_state_dict
 
 try:
@@ -38,6 +39,7 @@ _LAZY = {
     "validate_options": "tlx.components",
     "StateDict": "tlx.weights",
     "load_into": "tlx.weights",
+    "sweep": "tlx.sweeps",
 }
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "hookimpl",
     "load_into",
     "read_state_dict",
+    "sweep",
     "validate_options",
 ]
 
