@@ -74,10 +74,10 @@ def test_permuted_test_labels_change_no_selection_score_nor_the_winner(
     tmp_path: Path, dataset: Path, counting_backbone
 ) -> None:
     permuted = shutil.copytree(dataset, tmp_path / "permuted")
-    for k in range(3):  # the test images of class k are now labelled class k+1
-        (permuted / "val" / f"class{k}").rename(permuted / "val" / f"tmp{(k + 1) % 3}")
-    for k in range(3):
-        (permuted / "val" / f"tmp{k}").rename(permuted / "val" / f"class{k}")
+    for k in range(3):  # one test image of each class now carries the next class's label
+        (permuted / "val" / f"class{k}" / "0.jpg").rename(
+            permuted / "val" / f"class{(k + 1) % 3}" / "moved.jpg"
+        )
     grid = {"head.type": ["linear", "logreg", "mlp"]}
     runs = [
         tlx.sweep(sweep_recipe(tmp_path, root), grid, out=tmp_path / f"sw-{root.name}")

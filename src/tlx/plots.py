@@ -198,7 +198,7 @@ def leaderboard(labels: list[str], rows: list[dict[str, Any]], path: Path) -> No
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
     ax.set(xlabel="accuracy", title=f"sweep leaderboard: selected by {rows[0]['selected_by']}")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 

@@ -402,6 +402,9 @@ class Progress(Console):
         computed = sum(len(f.y) - f.cached for f in features)
         if computed:
             click.echo(f"{self.prefix}: computed {computed} features (cached in {folder})")
+        skipped = sum(len(f.skipped) for f in features)
+        if skipped:
+            click.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
 
     def epoch(self, record: Any) -> None:
         pass
