@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tlx.data import Split, Splits
     from tlx.recipe import Recipe
     from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
+    from tlx.sweeps import sweep
     from tlx.weights import StateDict, load_into, read_state_dict
 
 try:
@@ -46,6 +47,7 @@ _LAZY = {
     "validate_options": "tlx.components",
     "StateDict": "tlx.weights",
     "load_into": "tlx.weights",
+    "sweep": "tlx.sweeps",
 }
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "load",
     "load_into",
     "read_state_dict",
+    "sweep",
     "validate_options",
 ]
 

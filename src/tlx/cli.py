@@ -1,4 +1,7 @@
-"""The ``tlx`` command line: ``run``, ``predict``, ``eval``, ``export``, ``list``; the work is elsewhere."""
+"""The ``tlx`` command line: ``run``, ``sweep``, ``compare``, ``predict``, ``eval``, ``export``, ``list``.
+
+Parsing and printing only; the work is elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -92,6 +95,68 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     from tlx.api import fit
 
     fit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
+
+
+@cli.command("sweep")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "--grid",
+    "grid",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="Values to try for a recipe key, e.g. head.type=linear,logreg,mlp (adds to the recipe's sweep).",
+)
+@OVERRIDES
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Sweep folder (default: a new folder under sweeps/); an existing one is resumed.",
+)
+@CACHE_DIR
+@click.option(
+    "--max-combinations",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Refuse a grid with more combinations than this.",
+)
+def sweep_(
+    recipe: Path,
+    grid: tuple[str, ...],
+    overrides: tuple[str, ...],
+    out: Path | None,
+    cache_dir: Path | None,
+    max_combinations: int,
+) -> None:
+    """Run RECIPE once per combination of the grid; rank them on the training split (leaderboard.md)."""
+    from tlx.recipe import parse_grid
+    from tlx.sweeps import sweep
+
+    sweep(
+        recipe,
+        parse_grid(grid),
+        overrides,
+        out=out,
+        cache_dir=cache_dir,
+        max_combinations=max_combinations,
+        quiet=False,
+    )
+
+
+@cli.command("compare")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+def compare_(folders: tuple[Path, ...], as_json: bool, markdown: bool) -> None:
+    """Show runs side by side (run or sweep folders): the recipe keys that differ, accuracy, seconds."""
+    from tlx import compare
+
+    keys, rows = compare.compare(list(folders))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header, table = compare.cells(keys, rows)
+    click.echo((compare.markdown if markdown else compare.aligned)(header, table), nl=False)
 
 
 @cli.group()

@@ -1,5 +1,5 @@
-"""The figures of a run: training curves, the confusion matrix and the gallery of the test split's
-mistakes (matplotlib, Agg backend, PNG).
+"""The figures of a run (training curves, confusion matrix, the gallery of the test split's
+mistakes) and of a sweep (its leaderboard): matplotlib, Agg backend, PNG.
 
 They are drawn by a helper process (:class:`Painter`), started when a command starts: it imports
 matplotlib while the command imports torch and trains, so on a machine with a
@@ -71,6 +71,16 @@ class Painter:
             "mistakes_title": f"{wrong} of {total} test images misclassified"
             + (f"; the {len(mistakes)} most confident mistakes" if 0 < len(mistakes) < wrong else ""),
         }
+        self._send(job, out)
+
+    def draw_leaderboard(self, path: Path, labels: list[str], rows: list[dict[str, Any]]) -> None:
+        """Write a sweep's ``leaderboard.png`` (:func:`leaderboard`) from its leaderboard rows."""
+        keep = ("selection", "selection_std", "test_accuracy", "winner", "selected_by")
+        self._send({"kind": "leaderboard", "path": str(path), "labels": labels,
+                    "rows": [{k: row[k] for k in keep} for row in rows]}, path)  # fmt: skip
+
+    def _send(self, job: dict[str, Any], out: Path) -> None:
+        """Hand the one job to the helper and wait; an OSError there is raised here."""
         stdout, stderr = self._proc.communicate(json.dumps(job))
         if self._proc.returncode == 0:
             return
@@ -111,11 +121,14 @@ def _serve() -> None:
     if not text:  # the command ended without a run to draw
         return
     job = json.loads(text)
-    out = Path(job["out"])
     try:
-        training_curves(job["history"], job["chosen"], out / "curves.png")
-        confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
-        error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
+        if job.get("kind") == "leaderboard":
+            leaderboard(job["labels"], job["rows"], Path(job["path"]))
+        else:
+            out = Path(job["out"])
+            training_curves(job["history"], job["chosen"], out / "curves.png")
+            confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
+            error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
     except OSError as exc:
         print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
         sys.stdout.flush()
@@ -235,6 +248,28 @@ def error_gallery(mistakes: list[dict[str, Any]], path: Path, title: str) -> Non
     # photos barely compress: the fastest zlib level is a third of the default's time, for a tenth more bytes
     png = {"compress_level": 1}
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", pil_kwargs=png))
+
+
+def leaderboard(labels: list[str], rows: list[dict[str, Any]], path: Path) -> None:
+    """A sweep's combinations, best first: selection score (bar, ± std) beside test accuracy (dot)."""
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    width = max(len(label) for label in labels)
+    fig, ax = plt.subplots(figsize=(7 + 0.07 * width, 1.2 + 0.38 * n), constrained_layout=True)
+    places = list(range(n))[::-1]  # the winner at the top
+    colours = ["tab:orange" if row["winner"] else "tab:blue" for row in rows]
+    ax.barh(places, [r["selection"] for r in rows], xerr=[r["selection_std"] for r in rows],
+            color=colours, alpha=0.75, capsize=3, label="selection score (training split) ± std")  # fmt: skip
+    ax.scatter([r["test_accuracy"] for r in rows], places, color="black", marker="D", s=18, zorder=3,
+               label="test accuracy (not used to choose)")  # fmt: skip
+    ax.set_yticks(places, [f"★ {label}" if row["winner"] else label for label, row in zip(labels, rows)])
+    low = min(min(r["selection"] - r["selection_std"] for r in rows), min(r["test_accuracy"] for r in rows))
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set(xlabel="accuracy", title=f"sweep leaderboard: selected by {rows[0]['selected_by']}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

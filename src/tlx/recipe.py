@@ -202,15 +202,124 @@ class Recipe(_Strict):
 
 def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is a one-line :class:`TlxError`."""
-    return make_recipe(read_yaml(path), overrides, source=str(path))
+    data = read_yaml(path)
+    if SWEEP in data:
+        raise TlxError(
+            f"{path}: {SWEEP}: this recipe is a sweep; run it with `tlx sweep {path}`, "
+            f"or remove the {SWEEP} section to run it once"
+        )
+    return make_recipe(data, overrides, source=str(path))
 
 
 def make_recipe(data: dict[str, Any], overrides: tuple[str, ...] = (), *, source: str) -> Recipe:
     """Override (in place) and validate recipe data read from ``source``, as :func:`load_recipe` does."""
-    set_keys = apply_overrides(data, overrides)
+    return recipe_from(data, source, apply_overrides(data, overrides))
+
+
+def recipe_from(data: dict[str, Any], source: str, set_keys: Collection[str] = ()) -> Recipe:
+    """Validate recipe ``data`` read from ``source``; ``set_keys`` were given with ``--set``."""
     recipe = validate(Recipe, data, source=source, set_keys=set_keys)
     recipe._set_keys = frozenset(set_keys)
     return recipe
+
+
+#: the recipe section ``tlx sweep`` reads (``--grid`` fills it in): recipe keys mapped to lists of values
+SWEEP = "sweep"
+
+
+def load_sweep(
+    path: Path, overrides: tuple[str, ...] = (), grid: dict[str, list[Any]] | None = None
+) -> tuple[dict[str, Any], set[str], dict[str, list[Any]]]:
+    """A sweep recipe: its data without the sweep section, ``--set`` applied; the keys set; the grid.
+
+    ``grid`` (from ``--grid`` or the Python API) adds to the recipe's ``sweep`` section and wins over
+    it key by key. Every key must name a recipe key and every list must hold a value.
+    """
+    data = read_yaml(path)
+    section = data.pop(SWEEP, None) or {}
+    if not isinstance(section, dict):
+        raise TlxError(
+            f"{path}: {SWEEP}: expected a mapping of recipe keys to lists of values, "
+            f"e.g. {SWEEP}: {{head.type: [linear, mlp]}}"
+        )
+    set_keys = apply_overrides(data, overrides)
+    for key, values in section.items():
+        check_grid_key(str(key), values, f"{path}: {SWEEP}.{shorten(str(key))}")
+    for key, values in (grid or {}).items():
+        check_grid_key(key, values, f"--grid {shorten(key)}")
+    merged = {str(k): list(v) for k, v in section.items()}
+    merged.update({k: list(v) for k, v in (grid or {}).items()})
+    return data, set_keys, merged
+
+
+def check_grid_key(key: str, values: Any, where: str) -> None:
+    """A grid entry names a recipe key (the closest one is suggested) and holds a non-empty list."""
+    parts = key.split(".")
+    if not all(parts):
+        raise TlxError(f"{where}: expected a dotted recipe key, e.g. head.type")
+    model: type[BaseModel] = Recipe
+    for depth, part in enumerate(parts):
+        if issubclass(model, _Open):
+            break  # a component's own options: checked with the component's model per combination
+        fields = model.model_fields
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+            prefix = ".".join(parts[:depth])
+            hint = f"; did you mean {'.'.join(filter(None, [prefix, close[0]]))}?" if close else ""
+            raise TlxError(f"{where}: unknown key {shorten('.'.join(parts[: depth + 1]))}{hint}")
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            if depth < len(parts) - 1:
+                raise TlxError(f"{where}: {'.'.join(parts[: depth + 1])} is a value, not a section with keys")
+            break
+        model = annotation
+    if not isinstance(values, list):
+        raise TlxError(
+            f"{where}: expected a list of values, e.g. [linear, mlp] (got {shorten(repr(values))})"
+        )
+    if not values:
+        raise TlxError(f"{where}: an empty list; give one value or more, e.g. --grid head.type=linear,mlp")
+
+
+def parse_grid(items: tuple[str, ...]) -> dict[str, list[Any]]:
+    """``KEY=V1,V2,...`` strings as ``{KEY: [V1, V2, ...]}``; the values are read as a YAML flow list.
+
+    So ``head.hidden=[256],[512]`` gives two lists; a text that is not YAML is split at its commas.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TlxError(
+                f"--grid {shorten(repr(item))}: expected KEY=V1,V2,..., "
+                "for example --grid head.type=linear,mlp"
+            )
+        shown = shorten(key.strip())
+        if len(raw) > MAX_BYTES:
+            raise TlxError(f"--grid {shown}: the values are longer than {MAX_BYTES} characters")
+        try:
+            values = _parse(f"[{raw}]")
+        except _Limit as exc:
+            raise TlxError(f"--grid {shown}: {exc.problem}") from None
+        except yaml.YAMLError:
+            values = None
+        if not isinstance(values, list):  # not YAML, or brackets that close the list early
+            values = [v.strip() for v in raw.split(",")] if raw.strip() else []
+        grid[key.strip()] = values
+    return grid
+
+
+def assign(data: dict[str, Any], key: str, value: Any, flag: str = "--set") -> None:
+    """Set the dotted ``key`` of recipe ``data`` to ``value``, creating the sections on the way."""
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = shorten(".".join(parts[: depth + 1]))
+            raise TlxError(f"{flag} {shorten(key)}: {where} is a value, not a section with keys")
+        node = child
+    node[parts[-1]] = value
 
 
 class _Limit(Exception):
@@ -339,14 +448,7 @@ def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...]) -> set[str
             raise TlxError(f"--set {shown}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw  # not YAML: the text itself, as for a path with odd characters
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = shorten(".".join(parts[: depth + 1]))
-                raise TlxError(f"--set {shown}: {where} is a value, not a section with keys")
-            node = child
-        node[parts[-1]] = value
+        assign(data, ".".join(parts), value)
         keys.add(".".join(parts))
     return keys
 

@@ -48,6 +48,8 @@ class Outcome:
     train_s: float
     #: the trained backbone (fine-tuning only): saved with the run
     tuned: nn.Module | None = None
+    #: the selection score on the training split (:func:`tlx.train.selection_score`), when asked for
+    selection: dict[str, Any] | None = None
 
 
 def run(
@@ -57,17 +59,19 @@ def run(
     cache_dir: Path | None = None,
     painter: Painter | None = None,
     console: Console | None = None,
+    select: bool = False,
 ) -> dict[str, Any]:
     """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
     Steps: resolve the components, list the dataset, recall the backbone (building it only when some
     feature is not cached, or to fine-tune it), train the head, score it on the test split, write the
     run folder. ``painter`` draws the figures (start it early to hide its start-up); ``console`` shows
-    progress (default: the terminal).
+    progress (default: the terminal). ``select`` adds the selection score on the training split
+    (``strategy: features`` only), by which ``tlx sweep`` ranks runs.
     """
     if painter is None:
         with Painter() as own:
-            return run(recipe, source, out, cache_dir, own, console)
+            return run(recipe, source, out, cache_dir, own, console, select)
     from tlx import artifacts, cache
 
     console = console or Console()
@@ -85,7 +89,7 @@ def run(
     console.backbone(recipe, parts.backbone.plugin, info, splits)
     device = _device(recipe, backbone, console)
     if recipe.strategy == "features":
-        outcome = train_on_features(recipe, parts, splits, backbone, info, store, device, console)
+        outcome = train_on_features(recipe, parts, splits, backbone, info, store, device, console, select)
     else:
         outcome = finetune_end_to_end(recipe, parts, splits, backbone, info, device, console)
     metrics = metrics_of(recipe, parts, splits, info, outcome, root, time.perf_counter() - started)
@@ -183,15 +187,19 @@ def train_on_features(
     store: FeatureStore,
     device: torch.device | None,
     console: Console,
+    select: bool = False,
 ) -> Outcome:
-    """Features of every image (from the cache, else through the frozen backbone), then the head on them."""
+    """Features of every image (from the cache, else through the frozen backbone), then the head on them.
+
+    ``select``: then also the head's selection score on the training features (no extra backbone work).
+    """
     import torch
 
     from tlx.artifacts import Predictions
     from tlx.backbone import flip_averaged
     from tlx.features import extract
     from tlx.scores import Scores
-    from tlx.train import fit_head
+    from tlx.train import fit_head, selection_score, with_choices
 
     t0 = time.perf_counter()
     if backbone is not None and recipe.extract.flip:
@@ -211,6 +219,19 @@ def train_on_features(
         seed=recipe.seed,
         on_epoch=console.epoch,
     )
+    train_s = time.perf_counter() - t0
+    selection = None
+    if select:
+        fixed = with_choices(parts.head_options, fit.chosen)  # the head's choices, kept in every fold
+        n_classes = len(splits.classes)
+        selection = selection_score(
+            head,
+            lambda: parts.head.factory(info.feature_dim, n_classes, fixed),
+            train,
+            recipe.train,
+            n_classes=n_classes,
+            seed=recipe.seed,
+        )
     cached = train.cached + test.cached
     skipped = {path for path, _ in test.skipped}
     with torch.inference_mode():
@@ -227,7 +248,8 @@ def train_on_features(
         cached=cached,
         computed=len(splits.train) + len(splits.test) - cached,
         extract_s=extract_s,
-        train_s=time.perf_counter() - t0,
+        train_s=train_s,
+        selection=selection,
     )
 
 
@@ -282,6 +304,7 @@ def metrics_of(
 ) -> dict[str, Any]:
     """``metrics.json``: the scores, the training history and choices, the counts, where time went."""
     scores = outcome.scores
+    selection = {"selection": outcome.selection} if outcome.selection is not None else {}
     return {
         "test_accuracy": scores.accuracy,
         "per_class": scores.per_class(),
@@ -315,4 +338,5 @@ def metrics_of(
             "total": round(seconds, 3),
         },
         "tlx_version": __version__,
+        **selection,
     }

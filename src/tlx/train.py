@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
+from tlx.errors import TlxError
 from tlx.features import Features, threads_set
-from tlx.folds import hold_out
+from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
 
@@ -105,6 +109,81 @@ def fit_head(
     )
     chosen = {"epochs": best.epoch} if best else {}
     return Fit([h.as_dict() for h in history], len(fit.y), n_val, chosen)
+
+
+#: cross-validation folds of the selection score
+SELECTION_FOLDS = 5
+
+
+def selection_score(
+    trained: nn.Module,
+    make_head: Callable[[], nn.Module],
+    train: Features,
+    config: TrainConfig,
+    *,
+    n_classes: int,
+    seed: int,
+    folds: int = SELECTION_FOLDS,
+) -> dict[str, Any]:
+    """How well the head, trained as the recipe says, classifies training images it did not see.
+
+    With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
+    :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
+    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time. The
+    test split plays no part: a sweep chooses its winner by this score.
+
+    ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
+    choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
+    selection by the folds, for a score that is then slightly less optimistic.
+    """
+    started = time.perf_counter()
+    if config.val_fraction:
+        _, val = hold_out(train, config.val_fraction, seed)
+        scores, how = (
+            [accuracy(trained, val)],
+            f"validation split (train.val_fraction {config.val_fraction:g})",
+        )
+    else:
+        smallest = int(torch.bincount(train.y, minlength=n_classes).min())
+        if smallest < 2:
+            raise TlxError(
+                f"selection: a class has {smallest} training image(s), too few to cross-validate; "
+                "add images to every class"
+            )
+        k = min(folds, smallest)
+        ids = fold_ids(train.y, k, seed)
+        scores = []
+        for fold in range(k):
+            held = ids == fold
+            torch.manual_seed(seed)
+            head = make_head()
+            rest, out = subset(train, ~held), subset(train, held)
+            fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
+            scores.append(accuracy(head, out))
+        how = f"{k}-fold cross-validation on the training split"
+    return {
+        "mean": statistics.fmean(scores),
+        "std": statistics.pstdev(scores),
+        "scores": scores,
+        "selected_by": how,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def with_choices(options: Any, chosen: dict[str, Any]) -> Any:
+    """Head ``options`` with each chosen value as the only candidate (``l2: [0.1]`` for ``l2=0.1``).
+
+    A key of ``chosen`` that is not an option (``selected_by``, ``epochs``) changes nothing.
+    """
+    if not isinstance(options, BaseModel):
+        return options
+    current = options.model_dump()
+    update = {
+        key: [value] if isinstance(current[key], list) else value
+        for key, value in chosen.items()
+        if key in type(options).model_fields
+    }
+    return options.model_copy(update=update) if update else options
 
 
 def train_head(

@@ -1,0 +1,420 @@
+"""``tlx sweep``: one run per combination of a grid of recipe keys, ranked on the training split.
+
+Every combination is a normal run folder (:func:`tlx.run.run`) under the sweep folder, named by its
+values. The runs are ordered so that each backbone's features are extracted once, by its first
+run, and read from the cache by the others. Each run also gets a selection score on the training
+split (:func:`tlx.train.selection_score`); the winner is the best selection score, ties going to
+the smaller feature dimension (the cheaper backbone to run). The test accuracy is reported and
+never used to choose. The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``,
+``leaderboard.png`` and ``best`` (a link to the winner's folder, or a file naming it).
+
+Started again with the same folder, a sweep keeps the runs that finished (``metrics.json``) and
+runs the rest.
+
+The module is ``sweeps`` so that the public function ``tlx.sweep`` is not hidden by a submodule
+of the same name once the module is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import yaml
+
+from tlx import notices
+from tlx.components import Components, resolve
+from tlx.errors import TlxError, describe, shorten
+from tlx.recipe import Recipe, assign, load_sweep, recipe_from
+from tlx.report import Console, QuietConsole
+
+if TYPE_CHECKING:
+    from tlx.plots import Painter
+    from tlx.scores import Scores
+
+#: the most combinations a sweep runs unless told otherwise
+MAX_COMBINATIONS = 64
+#: the name in the sweep folder that points to the winner's run folder
+BEST = "best"
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One point of the grid: its values, its validated recipe and components, its folder name."""
+
+    values: dict[str, Any]
+    recipe: Recipe
+    parts: Components
+    name: str
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{key}={show(value)}" for key, value in self.values.items())
+
+
+@dataclass
+class Sweep:
+    """A finished sweep: its folder, the leaderboard rows (best first) and the winner's run folder."""
+
+    folder: Path
+    rows: list[dict[str, Any]]
+    best: Path
+
+
+def show(value: Any) -> str:
+    """A grid value as the user wrote it: plain text, or flow-style YAML for a list or mapping."""
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip()
+    return str(value)
+
+
+def sweep(
+    recipe: str | Path,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    max_combinations: int = MAX_COMBINATIONS,
+    quiet: bool = True,
+) -> Sweep:
+    """Run every combination of ``grid`` (and the recipe's ``sweep`` section) and rank them.
+
+    ``grid`` maps recipe keys to the values to try (``{"head.type": ["linear", "logreg"]}``);
+    ``overrides`` are ``KEY=VALUE`` strings as with ``--set``; ``out`` is the sweep folder (default
+    ``sweeps/<timestamp>-<recipe name>``; an existing sweep folder is resumed). ``quiet`` prints
+    nothing. The whole grid is validated before the first run.
+    """
+    if quiet:
+        with notices.collected([]):
+            return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, quiet=True)
+    return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, quiet=False)
+
+
+def _sweep(
+    path: Path,
+    grid: Mapping[str, Sequence[Any]] | None,
+    overrides: Sequence[str],
+    out: str | Path | None,
+    cache_dir: str | Path | None,
+    max_combinations: int,
+    *,
+    quiet: bool,
+) -> Sweep:
+    from tlx.artifacts import new_run_folder
+
+    combinations = plan(path, grid, overrides, max_combinations)
+    folder = Path(out) if out is not None else new_run_folder(path, Path("sweeps"))
+    _prepare(folder)
+    finished = {c.name: _finished(folder / c.name, c) for c in combinations}
+    cache = Path(cache_dir) if cache_dir is not None else None
+    results: dict[str, dict[str, Any]] = {}
+    with _painters() as painters:
+        for number, combination in enumerate(combinations, 1):
+            progress = QuietConsole() if quiet else Progress(number, len(combinations), combination)
+            done = finished[combination.name]
+            if done is not None:
+                progress.echo(
+                    f"[{number}/{len(combinations)}] {combination.label}: kept {folder / combination.name}"
+                )
+                results[combination.name] = done
+                continue
+            results[combination.name] = _run(combination, path, folder, cache, next(painters), progress)
+        rows = leaderboard(combinations, results)
+        best = folder / rows[0]["run"]
+        write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
+    point_best(folder, rows[0]["run"])
+    if not quiet:
+        click.echo((folder / "leaderboard.md").read_text(encoding="utf-8"), nl=False)
+        click.echo(f"winner {rows[0]['run']}: {best}")
+    return Sweep(folder, rows, best)
+
+
+def plan(
+    path: Path,
+    grid: Mapping[str, Sequence[Any]] | None,
+    overrides: Sequence[str],
+    max_combinations: int = MAX_COMBINATIONS,
+) -> list[Combination]:
+    """Every combination, validated and resolved, ordered so that runs sharing a backbone follow each other.
+
+    A bad grid fails here, before any run: an unknown key, an empty list, too many combinations, or
+    a value that fails validation (the error names its combination).
+    """
+    data, set_keys, keys = load_sweep(path, tuple(overrides), {k: list(v) for k, v in (grid or {}).items()})
+    if not keys:
+        raise TlxError(
+            f"{path}: nothing to sweep; give --grid KEY=V1,V2 (e.g. --grid head.type=linear,logreg,mlp) "
+            "or a sweep section in the recipe"
+        )
+    count = math.prod(len(values) for values in keys.values())
+    if count > max_combinations:
+        sizes = " × ".join(f"{len(v)} {k}" for k, v in keys.items())
+        raise TlxError(
+            f"the grid has {count} combinations ({sizes}), more than the limit of {max_combinations}; "
+            f"shrink it or raise the limit (--max-combinations {count})"
+        )
+    combinations = []
+    names = _names([dict(zip(keys, values)) for values in itertools.product(*keys.values())])
+    for name, values in names.items():
+        combinations.append(_combination(path, data, set_keys, values, name))
+    order = {key: n for n, key in enumerate(dict.fromkeys(map(_backbone_key, combinations)))}
+    return sorted(combinations, key=lambda c: order[_backbone_key(c)])
+
+
+def _combination(
+    path: Path, data: dict[str, Any], set_keys: set[str], values: dict[str, Any], name: str
+) -> Combination:
+    """One combination's recipe, validated and resolved; any error names the combination."""
+    label = ", ".join(f"{key}={show(value)}" for key, value in values.items())
+    try:
+        combined = json.loads(json.dumps(data))  # a deep copy of plain YAML data
+        for key, value in values.items():
+            assign(combined, key, value, "--grid")
+        recipe = recipe_from(combined, str(path), set_keys)
+        if recipe.strategy != "features":
+            raise TlxError(
+                "strategy: finetune trains the backbone anew for every combination, which a sweep "
+                "does not do; sweep with strategy: features, then fine-tune the winner with tlx run"
+            )
+        parts = resolve(recipe, str(path))
+    except TlxError as exc:
+        raise TlxError(f"sweep combination {label}: {exc}") from None
+    return Combination(values, recipe, parts, name)
+
+
+def _names(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Folder names from the values (``efficientnet_lite0-logreg``), numbered when two would clash."""
+    slugs = [
+        "-".join(re.sub(r"[^A-Za-z0-9._=+]+", "_", show(v)).strip("_")[:40] or "_" for v in p.values())
+        for p in points
+    ]
+    if len(set(slugs)) < len(slugs):
+        slugs = [f"{n:02d}-{slug}" for n, slug in enumerate(slugs, 1)]
+    return dict(zip(slugs, points))
+
+
+def _backbone_key(combination: Combination) -> str:
+    """What decides a combination's features: its backbone and extraction settings."""
+    recipe = combination.recipe
+    return (
+        recipe.backbone.model_dump_json()
+        + recipe.extract.model_dump_json()
+        + recipe.dataset.model_dump_json()
+    )
+
+
+def _prepare(folder: Path) -> None:
+    """Create the sweep folder; a run folder is not a sweep folder."""
+    from tlx.artifacts import METRICS_FILE
+
+    if (folder / METRICS_FILE).exists():
+        raise TlxError(f"--out: {folder} holds a run ({METRICS_FILE}), not a sweep; choose another folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TlxError(
+            f"--out: cannot create {folder} ({exc.strerror or exc}); choose another folder"
+        ) from None
+
+
+def _finished(run_dir: Path, combination: Combination) -> dict[str, Any] | None:
+    """The metrics of a run this sweep finished before, after checking it ran this combination's recipe."""
+    from tlx.artifacts import METRICS_FILE, RECIPE_FILE, resolved_recipe
+
+    if not (run_dir / METRICS_FILE).exists():
+        return None
+    try:
+        metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+        ran = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise TlxError(
+            f"{run_dir}: cannot read the finished run ({describe(exc)}); remove the folder to run it again"
+        ) from None
+    parts = combination.parts
+    wanted = resolved_recipe(combination.recipe, parts.dataset_options, parts.head_options)
+    differs = _first_difference(ran, wanted)
+    if differs is not None:
+        raise TlxError(
+            f"--out: {run_dir} ran another recipe ({differs}); choose a new --out for this sweep, "
+            "or remove that folder to run it again"
+        )
+    if not isinstance(metrics, dict) or "selection" not in metrics:
+        raise TlxError(
+            f"{run_dir / METRICS_FILE}: holds no selection score; remove the folder to run it again"
+        )
+    return metrics
+
+
+def _first_difference(ran: Any, wanted: Any, key: str = "") -> str | None:
+    """The first key where two recipes differ, as ``key: X there, Y now``; None when they agree."""
+    if isinstance(ran, dict) and isinstance(wanted, dict):
+        for k in dict.fromkeys([*wanted, *ran]):
+            found = _first_difference(ran.get(k), wanted.get(k), f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+        return None
+    if ran == wanted:
+        return None
+    return f"{key}: {shorten(show(ran), 60)} there, {shorten(show(wanted), 60)} now"
+
+
+def _run(
+    combination: Combination, path: Path, folder: Path, cache: Path | None, painter: Painter, console: Console
+) -> dict[str, Any]:
+    from tlx.artifacts import run_folder
+    from tlx.run import run
+
+    with run_folder(folder / combination.name, path) as target:
+        return run(combination.recipe, str(path), target, cache, painter, console, select=True)
+
+
+@contextlib.contextmanager
+def _painters() -> Iterator[Iterator[Painter]]:
+    """Painters on demand, each started one ahead so that its matplotlib import overlaps a run."""
+    from tlx.plots import Painter
+
+    started: list[Painter] = []
+
+    def endless() -> Iterator[Painter]:
+        started.append(Painter())
+        while True:
+            started.append(Painter())
+            yield started[-2]
+
+    try:
+        yield endless()
+    finally:
+        for painter in started:
+            painter.__exit__()
+
+
+def leaderboard(combinations: list[Combination], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per combination, best selection score first; ties go to the smaller feature dimension."""
+    rows = []
+    for combination in combinations:
+        metrics = results[combination.name]
+        selection, seconds = metrics["selection"], metrics["seconds"]
+        rows.append(
+            {
+                **{key: show(value) for key, value in combination.values.items()},
+                "selection": selection["mean"],
+                "selection_std": selection["std"],
+                "selected_by": selection["selected_by"],
+                "test_accuracy": metrics["test_accuracy"],
+                "feature_dim": metrics["feature_dim"],
+                "extract_s": seconds["extract"],
+                "train_s": seconds["train"],
+                "selection_s": selection["seconds"],
+                "run": combination.name,
+            }
+        )
+    rows.sort(key=lambda r: (-round(r["selection"], 9), r["feature_dim"]))  # stable: grid order last
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+        row["winner"] = rank == 1
+    return rows
+
+
+def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str], painter: Painter) -> None:
+    """``leaderboard.csv`` (every number), ``leaderboard.md`` (a table to read) and ``leaderboard.png``."""
+    from tlx.artifacts import write_rows, write_text
+    from tlx.compare import markdown
+
+    write_rows(folder / "leaderboard.csv", rows)
+    header = [
+        "rank",
+        *keys,
+        "selection (mean ± std)",
+        "test accuracy",
+        "feature dim",
+        "extract s",
+        "train s",
+        "run",
+    ]
+    table = [
+        [
+            f"{row['rank']} ★" if row["winner"] else str(row["rank"]),
+            *(row[key] for key in keys),
+            f"{row['selection']:.2%} ± {row['selection_std']:.2%}",
+            f"{row['test_accuracy']:.2%}",
+            str(row["feature_dim"]),
+            f"{row['extract_s']:.1f}",
+            f"{row['train_s']:.1f}",
+            row["run"],
+        ]
+        for row in rows
+    ]
+    note = (
+        f"Ranked by the selection score ({rows[0]['selected_by']}); the test accuracy is shown, never "
+        "used to choose. Ties go to the smaller feature dimension. ★ marks the winner.\n\n"
+    )
+    write_text(folder / "leaderboard.md", note + markdown(header, table))
+    labels = [", ".join(row[key] for key in keys) for row in rows]
+    try:
+        painter.draw_leaderboard(folder / "leaderboard.png", labels, rows)
+    except OSError as exc:
+        raise TlxError(f"--out: cannot write {folder / 'leaderboard.png'} ({exc.strerror or exc})") from None
+
+
+def point_best(folder: Path, name: str) -> None:
+    """``folder/best`` → the winner's run folder: a relative symlink, or a file naming it where links fail."""
+    from tlx.artifacts import write_text
+
+    link = folder / BEST
+    tmp = folder / f".{BEST}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.symlink(name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        write_text(link, f"{name}\n")
+
+
+class Progress(Console):
+    """A combination's run in two lines: what runs, then its scores; warnings as usual."""
+
+    def __init__(self, number: int, total: int, combination: Combination) -> None:
+        self.prefix = f"[{number}/{total}] {combination.label}"
+
+    def data(self, splits: Any, kind: str) -> None:
+        click.echo(f"{self.prefix}: {len(splits.train)} training and {len(splits.test)} test images")
+
+    def backbone(self, recipe: Recipe, plugin: str, info: Any, splits: Any) -> None:
+        pass
+
+    def device(self, device: Any, configured: str) -> None:
+        pass
+
+    def features(self, names: tuple[str, str], features: tuple[Any, Any], folder: Path) -> None:
+        computed = sum(len(f.y) - f.cached for f in features)
+        if computed:
+            click.echo(f"{self.prefix}: computed {computed} features (cached in {folder})")
+        skipped = sum(len(f.skipped) for f in features)
+        if skipped:
+            click.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
+
+    def epoch(self, record: Any) -> None:
+        pass
+
+    def done(self, metrics: dict[str, Any], scores: Scores, out: Path) -> None:
+        selection, seconds = metrics["selection"], metrics["seconds"]
+        click.echo(
+            f"{self.prefix}: selection {selection['mean']:.2%} ± {selection['std']:.2%}, test "
+            f"{metrics['test_accuracy']:.2%}; extract {seconds['extract']:.1f} s, train "
+            f"{seconds['train']:.1f} s, selection {selection['seconds']:.1f} s"
+        )

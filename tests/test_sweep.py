@@ -1,0 +1,214 @@
+"""tlx sweep, its leaderboard and selection score, tlx compare, and tlx.sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import tlx
+from tests.conftest import assert_user_error, make_imagefolder, write_recipe
+from tlx.logreg import LogRegOptions
+from tlx.sweeps import leaderboard
+from tlx.train import with_choices
+
+HEADS = {"head.type": ["linear", "mlp"]}  # logreg on separable colours takes seconds
+
+
+def sweep_recipe(tmp_path: Path, root: Path, extra: str = "") -> Path:
+    """The counting backbone on ``root``, two quick epochs."""
+    return write_recipe(
+        tmp_path / "sweep.yaml",
+        f"""
+        dataset: {{root: {root}}}
+        backbone: {{name: counting}}
+        extract: {{workers: 0}}
+        train: {{epochs: 2}}
+        {extra}
+        """,
+    )
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """Three classes, six training and three test images each."""
+    return make_imagefolder(tmp_path / "data", classes=3)
+
+
+def test_sweep_runs_each_combination_extracting_features_once(
+    tmp_path: Path, dataset: Path, counting_backbone, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    done = tlx.sweep(sweep_recipe(tmp_path, dataset), HEADS, out=tmp_path / "sw")
+    assert capsys.readouterr() == ("", "")  # quiet by default
+    assert counting_backbone.seen == 27  # every image once, for both heads
+    assert sorted(r["run"] for r in done.rows) == ["linear", "mlp"]
+    for row in done.rows:
+        metrics = json.loads((done.folder / row["run"] / "metrics.json").read_text())
+        assert "sweep" not in yaml.safe_load((done.folder / row["run"] / "recipe.yaml").read_text())
+        assert metrics["selection"]["selected_by"] == "5-fold cross-validation on the training split"
+        assert len(metrics["selection"]["scores"]) == 5
+        assert row["selection"] == metrics["selection"]["mean"]
+        assert row["test_accuracy"] == metrics["test_accuracy"]
+    with (done.folder / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == [r["run"] for r in done.rows]
+    assert [float(r["selection"]) for r in table] == sorted(
+        (float(r["selection"]) for r in table), reverse=True
+    )
+    assert table[0]["winner"] == "True" and table[1]["winner"] == "False"
+    markdown = (done.folder / "leaderboard.md").read_text()
+    assert markdown.count("\n| ") == 4 and "★" in markdown  # header, rule, two rows
+    assert (done.folder / "leaderboard.png").stat().st_size > 1000
+    assert (
+        (done.folder / "best").resolve() == (done.folder / table[0]["run"]).resolve() == done.best.resolve()
+    )
+
+
+def test_permuted_test_labels_change_no_selection_score_nor_the_winner(
+    tmp_path: Path, dataset: Path, counting_backbone
+) -> None:
+    permuted = shutil.copytree(dataset, tmp_path / "permuted")
+    for k in range(3):  # one test image of each class now carries the next class's label
+        (permuted / "val" / f"class{k}" / "0.jpg").rename(
+            permuted / "val" / f"class{(k + 1) % 3}" / "moved.jpg"
+        )
+    grid = {"head.type": ["linear", "logreg", "mlp"]}
+    runs = [
+        tlx.sweep(sweep_recipe(tmp_path, root), grid, out=tmp_path / f"sw-{root.name}")
+        for root in (dataset, permuted)
+    ]
+    scores = [{r["run"]: (r["selection"], r["selection_std"]) for r in sweep.rows} for sweep in runs]
+    assert scores[0] == scores[1]
+    assert runs[0].rows[0]["run"] == runs[1].rows[0]["run"]
+    tests = [{r["run"]: r["test_accuracy"] for r in sweep.rows} for sweep in runs]
+    assert tests[0] != tests[1]  # the permutation did change what the test split says
+
+
+def test_sweep_resumes_keeping_finished_runs(tmp_path: Path, dataset: Path, counting_backbone) -> None:
+    recipe, out = sweep_recipe(tmp_path, dataset), tmp_path / "sw"
+    tlx.sweep(recipe, HEADS, out=out)
+    kept = (out / "linear" / "metrics.json").stat().st_mtime_ns
+    (out / "mlp" / "metrics.json").unlink()  # as if the sweep stopped while running mlp
+    again = tlx.sweep(recipe, HEADS, out=out)
+    assert (out / "linear" / "metrics.json").stat().st_mtime_ns == kept
+    assert (out / "mlp" / "metrics.json").is_file()
+    assert len(again.rows) == 2
+
+
+def test_resume_refuses_a_folder_run_with_another_recipe(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe, out = sweep_recipe(tmp_path, dataset), tmp_path / "sw"
+    tlx.sweep(recipe, HEADS, out=out)
+    result = invoke(
+        "sweep", recipe, "--grid", "head.type=linear,mlp", "--set", "train.epochs=3", "--out", out
+    )
+    assert_user_error(result, str(out / "linear"), "train.epochs: 2 there, 3 now", "new --out")
+
+
+def test_sweep_command_prints_progress_and_the_leaderboard(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe = sweep_recipe(tmp_path, dataset, "sweep: {head.type: [linear, mlp]}")
+    result = invoke("sweep", recipe, "--out", tmp_path / "sw")
+    assert result.exit_code == 0, result.output
+    assert "[1/2] head.type=linear: selection" in result.output
+    assert "[2/2] head.type=mlp: selection" in result.output
+    assert "| rank | head.type | selection (mean ± std) |" in result.output
+    assert "winner " in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--grid", "trian.epochs=1,2"], ["--grid trian.epochs", "unknown key trian", "did you mean train?"]),
+        (["--grid", "train.epoch=1,2"], ["unknown key train.epoch", "did you mean train.epochs?"]),
+        (["--grid", "head.type="], ["--grid head.type", "an empty list"]),
+        (["--grid", "head.type=linear,nope"], ["sweep combination head.type=nope", "unknown head 'nope'"]),
+        (["--grid", "train.epochs=1,0"], ["sweep combination train.epochs=0", "train.epochs"]),
+        (["--grid", "head.type=linear,mlp", "--grid", "head.hiden=[8]"], ["head.hiden", "head.type=linear"]),
+        (
+            ["--grid", "train.epochs=1,2,3", "--grid", "head.type=linear,mlp", "--max-combinations", "5"],
+            ["6 combinations", "3 train.epochs × 2 head.type", "--max-combinations 6"],
+        ),
+        (["--grid", "strategy=finetune"], ["strategy=finetune", "strategy: features"]),
+        (["--set", "train.epochs=3"], ["nothing to sweep", "--grid"]),
+        (["--grid", "head.type"], ["--grid 'head.type'", "KEY=V1,V2"]),
+    ],
+)
+def test_bad_grids_fail_before_any_run_in_one_line(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke, args: list[str], words: list[str]
+) -> None:
+    result = invoke("sweep", sweep_recipe(tmp_path, dataset), *args, "--out", tmp_path / "sw")
+    assert_user_error(result, *words)
+    assert counting_backbone.seen == 0
+    assert not (tmp_path / "sw").exists()
+
+
+def test_bad_sweep_sections_and_run_of_a_sweep_recipe(tmp_path: Path, dataset: Path, invoke) -> None:
+    recipe = sweep_recipe(tmp_path, dataset, "sweep: {head.type: linear}")
+    assert_user_error(invoke("sweep", recipe), f"{recipe}: sweep.head.type", "expected a list")
+    recipe = sweep_recipe(tmp_path, dataset, "sweep: [head.type]")
+    assert_user_error(invoke("sweep", recipe), f"{recipe}: sweep", "mapping")
+    recipe = sweep_recipe(tmp_path, dataset, "sweep: {head.type: [linear, mlp]}")
+    assert_user_error(invoke("run", recipe), f"{recipe}: sweep", "tlx sweep")
+
+
+def test_ties_go_to_the_smaller_feature_dimension() -> None:
+    def result(mean: float, dim: int) -> dict:
+        seconds = {"extract": 0.0, "train": 0.0}
+        selection = {"mean": mean, "std": 0.0, "selected_by": "5-fold", "seconds": 0.0}
+        return {"selection": selection, "test_accuracy": 0.5, "feature_dim": dim, "seconds": seconds}
+
+    combos = [SimpleNamespace(name=n, values={"backbone.name": n}) for n in ("big", "small", "best")]
+    rows = leaderboard(
+        combos, {"big": result(0.9, 2048), "small": result(0.9, 512), "best": result(0.95, 4096)}
+    )
+    assert [r["run"] for r in rows] == ["best", "small", "big"]
+    assert [r["winner"] for r in rows] == [True, False, False]
+
+
+def test_selection_folds_keep_the_heads_own_choice() -> None:
+    fixed = with_choices(LogRegOptions(), {"l2": 0.1, "selected_by": "5-fold cross-validation"})
+    assert fixed.l2 == [0.1]
+    assert with_choices(LogRegOptions(), {}).l2 == LogRegOptions().l2
+
+
+def test_selection_uses_the_validation_split_when_set(
+    tmp_path: Path, dataset: Path, counting_backbone
+) -> None:
+    recipe = sweep_recipe(tmp_path, dataset)
+    done = tlx.sweep(recipe, HEADS, ["train.val_fraction=0.34"], out=tmp_path / "sw")
+    for row in done.rows:
+        assert row["selected_by"] == "validation split (train.val_fraction 0.34)"
+        assert row["selection_std"] == 0
+
+
+def test_compare_shows_the_keys_that_differ(tmp_path: Path, dataset: Path, counting_backbone, invoke) -> None:
+    out = tmp_path / "sw"
+    tlx.sweep(sweep_recipe(tmp_path, dataset), {"head.type": ["linear", "mlp"], "train.lr": [0.01]}, out=out)
+    tlx.sweep(sweep_recipe(tmp_path, dataset), {"head.type": ["linear"], "train.lr": [0.1]}, out=out / "more")
+    result = invoke("compare", out, out / "more", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [(r["head.type"], r["train.lr"]) for r in rows] == [
+        ("linear", 0.01),
+        ("mlp", 0.01),
+        ("linear", 0.1),
+    ]
+    assert {k for k in rows[0] if "." in k} == {"head.type", "train.lr"}  # mlp's options are no difference
+    assert all(isinstance(r["selection"], float) and isinstance(r["test_accuracy"], float) for r in rows)
+    text = invoke("compare", out, out / "linear-0.01")
+    assert text.exit_code == 0 and len(text.output.splitlines()) == 3  # header and two runs, once each
+    markdown = invoke("compare", out / "linear-0.01", out / "mlp-0.01", "--markdown").output.splitlines()
+    assert markdown[0].startswith("| run | head.type | test accuracy |") and len(markdown) == 4
+
+
+def test_compare_refuses_a_folder_without_runs(tmp_path: Path, invoke) -> None:
+    assert_user_error(invoke("compare", tmp_path), str(tmp_path), "not a tlx run or sweep folder")
