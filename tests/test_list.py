@@ -31,7 +31,9 @@ def test_pretrained_tags_say_which_weights_are_on_this_machine(tmp_path: Path) -
     assert resnets["resnet18.tv_in1k"] == {"name": "resnet18.tv_in1k", "plugin": "tlx.timm", "offline": False}
     assert "resnet18" not in resnets and "resnet101.a1h_in1k" not in resnets  # tags only, the pattern holds
 
-    lites = listing(run_tlx("list", "backbones", "efficientnet_lite*", "--pretrained", "--json", env=env))
+    both = ("resnet18*", "efficientnet_lite*")  # several patterns, as timm.list_models takes a list
+    lites = listing(run_tlx("list", "backbones", *both, "--pretrained", "--json", env=env))
+    assert lites["resnet18.tv_in1k"]["offline"] is False
     assert lites["efficientnet_lite0"] == {
         "name": "efficientnet_lite0",
         "plugin": "tlx-efficientnet-lite",

@@ -307,14 +307,14 @@ def list_(ctx: click.Context, as_json: bool) -> None:
 
 
 @list_.command("backbones")
-@click.argument("pattern", default="*")
+@click.argument("patterns", nargs=-1)
 @click.option(
     "--pretrained", is_flag=True, help="List pretrained weights (resnet18.tv_in1k), each offline or not."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, plugin[, offline]}.")
 @click.pass_context
-def list_backbones(ctx: click.Context, pattern: str, pretrained: bool, as_json: bool) -> None:
-    """Backbone names matching PATTERN, and their plugins.
+def list_backbones(ctx: click.Context, patterns: tuple[str, ...], pretrained: bool, as_json: bool) -> None:
+    """Backbone names matching any PATTERN (default all), and their plugins.
 
     PATTERN takes wildcards as timm.list_models does ('resnet*', '*vit*'). With --pretrained, the
     names with pretrained weights (resnet18.tv_in1k), each offline (its weights on this machine: the
@@ -322,14 +322,15 @@ def list_backbones(ctx: click.Context, pattern: str, pretrained: bool, as_json: 
     """
     from tlx.plugins import load
 
-    found = load().backbones.search(pattern, pretrained=pretrained)
+    found = load().backbones.search(patterns or "*", pretrained=pretrained)
     if as_json or ctx.parent.params["as_json"]:  # type: ignore[union-attr]
         keys = ("name", "plugin", "offline") if pretrained else ("name", "plugin")
         click.echo(json.dumps([{key: getattr(f, key) for key in keys} for f in found], indent=2))
         return
     if not found:
-        hint = "" if set("*?[") & set(pattern) else f"; try '*{pattern}*'"
-        click.echo(f"no backbone matches {pattern!r}{hint}", err=True)
+        shown = " ".join(patterns) or "*"
+        hint = "" if set("*?[") & set(shown) else f"; try '*{shown}*'"
+        click.echo(f"no backbone matches {shown!r}{hint}", err=True)
         return
     where = {True: "offline", False: "download", None: "unknown"}
     for f in found:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -179,17 +179,20 @@ class Registry:
             hint += f" (plugins that failed to load: {', '.join(self.broken_plugins)})"
         raise TlxError(f"{key}: unknown {self.kind} {name!r}{hint}; `tlx list` shows what is registered")
 
-    def search(self, pattern: str = "*", *, pretrained: bool = False) -> list[Found]:
-        """Names matching ``pattern``, each with the plugin :meth:`get` resolves it to, naturally sorted.
+    def search(self, pattern: str | Sequence[str] = "*", *, pretrained: bool = False) -> list[Found]:
+        """Names matching ``pattern`` (or any of several), each with the plugin :meth:`get` resolves it
+        to, naturally sorted.
 
         With ``pretrained``, families give their pretrained tags and each name says whether its weights
         are on this machine now (:meth:`Entry.weights_offline`).
         """
         found: dict[str, Entry] = {}
         named_first = sorted(self.entries.values(), key=lambda e: e.matches is not None)  # as get() resolves
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         for entry in named_first:
-            for name in entry.names(pattern or "*", pretrained=pretrained):
-                found.setdefault(name, entry)
+            for one in patterns or ["*"]:
+                for name in entry.names(one or "*", pretrained=pretrained):
+                    found.setdefault(name, entry)
         return [
             Found(name, entry.plugin, entry.weights_offline(name) if pretrained else None)
             for name, entry in sorted(found.items(), key=lambda item: _natural(item[0]))
