@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,21 +143,10 @@ def finetune(
     best = BestEpoch(config.patience) if config.patience and val_loader is not None else None
     for epoch in range(1, config.epochs + 1):
         set_modes(backbone.module, trained, head)
-        total, n_train = 0.0, 0
-        for images, indices, failures in notices.bar(train_loader, desc=f"epoch {epoch}", leave=False):
-            skipped |= {fit_split.samples[i][0]: reason for i, reason in failures}
-            enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
-            if images is None:
-                continue
-            labels = torch.tensor([fit_split.samples[i][1] for i in indices]).to(device)
-            optimizer.zero_grad()
-            loss = loss_fn(model(to_backbone(images, device)), labels)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(indices)
-            n_train += len(indices)
-        if not n_train:
-            raise TlxError(f"dataset: no image of split {splits.train.name!r} could be decoded")
+        train_loss, n_train = _train_epoch(
+            model, notices.bar(train_loader, desc=f"epoch {epoch}", leave=False), fit_split, skipped,
+            loss_fn, optimizer, device, recipe.extract.on_bad_image,
+        )  # fmt: skip
         test_paths, test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
         val_scores: tuple[float | None, float | None] = (None, None)
         if val_loader is not None:
@@ -166,7 +155,7 @@ def finetune(
             val_scores = (val_loss, (val_logits.argmax(dim=1) == val_y).double().mean().item())
         enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
         test_accuracy = (test_y == test_logits.argmax(dim=1)).double().mean().item()
-        record = Epoch(epoch, total / n_train, test_accuracy, *val_scores)
+        record = Epoch(epoch, train_loss, test_accuracy, *val_scores)
         history.append(record)
         on_epoch(record)
         kept = (test_paths, test_y, test_logits)
@@ -182,6 +171,35 @@ def finetune(
     n_val = len(val_split) if val_split else 0
     fit = Fit([h.as_dict() for h in history], n_train, n_val, chosen)
     return Finetuned(fit, test_paths, test_y, test_logits, sorted(skipped.items()))
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]],
+    split: Split,
+    skipped: dict[Path, str],
+    loss_fn: nn.Module,
+    optimizer: Optimizer,
+    device: torch.device,
+    on_bad_image: str,
+) -> tuple[float, int]:
+    """One pass over the training batches: (mean loss, images trained on); failures go to ``skipped``."""
+    total, n = 0.0, 0
+    for images, indices, failures in batches:
+        skipped |= {split.samples[i][0]: reason for i, reason in failures}
+        enforce_bad_image_policy(skipped.items(), on_bad_image)
+        if images is None:
+            continue
+        labels = torch.tensor([split.samples[i][1] for i in indices]).to(device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(to_backbone(images, device)), labels)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(indices)
+        n += len(indices)
+    if not n:
+        raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
+    return total / n, n
 
 
 def _hold_out(splits: Splits, fraction: float, seed: int) -> tuple[Split, Split | None]:
