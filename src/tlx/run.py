@@ -15,6 +15,7 @@ from tlx.errors import TlxError
 from tlx.plots import Painter
 from tlx.recipe import Recipe
 from tlx.report import Console
+from tlx.tracking import tracked
 
 if TYPE_CHECKING:
     import torch
@@ -72,11 +73,25 @@ def run(
     if painter is None:
         with Painter() as own:
             return run(recipe, source, out, cache_dir, own, console, select)
-    from tlx import artifacts, cache
-
-    console = console or Console()
     started = time.perf_counter()
     parts = resolve(recipe, source)
+    with tracked(console or Console(), recipe, parts, out) as tracking:
+        return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
+
+
+def _run(
+    recipe: Recipe,
+    parts: Components,
+    out: Path,
+    cache_dir: Path | None,
+    painter: Painter,
+    console: Console,
+    select: bool,
+    started: float,
+) -> dict[str, Any]:
+    """:func:`run` once the components are resolved and the trackers follow ``console``."""
+    from tlx import artifacts, cache
+
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
     check_out_dir(splits, out)
