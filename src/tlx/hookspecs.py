@@ -37,7 +37,7 @@ def register_datasets(register):
 
 @hookspec
 def register_trackers(register):
-    """Register experiment trackers: ``factory(options, run_dir) -> tlx.Tracker`` (see :class:`tlx.Tracker`).
+    """Register experiment trackers: ``factory(options, run_dir) -> tlx.Tracker`` (its methods: there).
 
     A recipe's ``track: [{kind: NAME, ...options}]`` names them; ``options=Model`` validates the options.
     """

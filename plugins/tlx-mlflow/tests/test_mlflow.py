@@ -101,6 +101,7 @@ def test_an_unwritable_store_warns_once_and_the_run_exits_0(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "tracker 'mlflow' failed" in line]
     assert len(warnings) == 1, result.stderr
+    assert f"cannot log to the MLflow store sqlite:///{blocker}" in warnings[0]
     assert (out / "metrics.json").is_file() and (out / "head.safetensors").is_file()
 
 

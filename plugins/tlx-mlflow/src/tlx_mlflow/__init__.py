@@ -61,8 +61,14 @@ class MlflowTracker:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        client = MlflowClient(tracking_uri=self.uri)
-        run = client.create_run(self._experiment(client), run_name=self.name, tags=tags)
+        try:
+            client = MlflowClient(tracking_uri=self.uri)
+            run = client.create_run(self._experiment(client), run_name=self.name, tags=tags)
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot log to the MLflow store {self.uri} ({exc}); set the option tracking_uri or "
+                "MLFLOW_TRACKING_URI to a store this machine can reach and write"
+            ) from exc
         self.client, self.run_id = client, run.info.run_id
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
