@@ -199,3 +199,23 @@ def test_loading_the_plugins_imports_no_tracker_library() -> None:
     code = "import sys, tlx.plugins; tlx.plugins.load(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'mlflow', 'tensorboardX') or m == 'torch.utils.tensorboard'))"  # noqa: E501
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_sweep_logs_one_tracker_run_per_combination_grouped_by_the_sweep(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone
+) -> None:
+    from tlx.sweeps import sweep
+
+    calls: list[tuple[str, Any]] = []
+    register_recorder(calls)
+    recipe_for(tmp_path, tiny_dataset)
+    grid = {"train.lr": [0.01, 0.1]}
+    done = sweep(
+        tmp_path / "r.yaml", grid, ["train.epochs=2", "track=[{kind: recorder}]"], out=tmp_path / "sw"
+    )
+    starts = [c for c in calls if c[0] == "start"]
+    assert sorted(c[1]["train.lr"] for c in starts) == [0.01, 0.1]
+    assert {c[2]["sweep"] for c in starts} == {"sw"} == {done.folder.name}
+    assert sorted(c[2] for c in calls if c[0] == "finish") == sorted(
+        tmp_path / "sw" / r["run"] for r in done.rows
+    )

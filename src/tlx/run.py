@@ -61,6 +61,7 @@ def run(
     painter: Painter | None = None,
     console: Console | None = None,
     select: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
@@ -68,14 +69,15 @@ def run(
     feature is not cached, or to fine-tune it), train the head, score it on the test split, write the
     run folder. ``painter`` draws the figures (start it early to hide its start-up); ``console`` shows
     progress (default: the terminal). ``select`` adds the selection score on the training split
-    (``strategy: features`` only), by which ``tlx sweep`` ranks runs.
+    (``strategy: features`` only), by which ``tlx sweep`` ranks runs. ``tags`` go to the recipe's
+    trackers with the run's own (``tlx sweep`` groups its runs by one).
     """
     if painter is None:
         with Painter() as own:
-            return run(recipe, source, out, cache_dir, own, console, select)
+            return run(recipe, source, out, cache_dir, own, console, select, tags)
     started = time.perf_counter()
     parts = resolve(recipe, source)
-    with tracked(console or Console(), recipe, parts, out) as tracking:
+    with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
         return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
 
 

@@ -68,12 +68,16 @@ class TrackingConsole(Console):
     """Forwards every callback to ``console``, and the run's progress to ``trackers`` (name, tracker)."""
 
     def __init__(
-        self, console: Console, trackers: list[tuple[str, Tracker]], params: dict[str, Any], run_dir: Path
+        self,
+        console: Console,
+        trackers: list[tuple[str, Tracker]],
+        params: dict[str, Any],
+        tags: dict[str, str],
     ) -> None:
         self.console = console
         self.trackers = trackers
         self.params = params
-        self.run_dir = run_dir
+        self.tags = tags
         self.started: list[tuple[str, Tracker]] = []
 
     def _each(self, trackers: list[tuple[str, Tracker]], call: str, *args: Any) -> None:
@@ -98,7 +102,12 @@ class TrackingConsole(Console):
 
     def backbone(self, recipe: Recipe, plugin: str, info: BackboneInfo, splits: Splits) -> None:
         self.console.backbone(recipe, plugin, info, splits)
-        tags = {"backbone": recipe.backbone.name, "backbone_plugin": plugin, "weights_sha256": info.sha256}
+        tags = {
+            **self.tags,
+            "backbone": recipe.backbone.name,
+            "backbone_plugin": plugin,
+            "weights_sha256": info.sha256,
+        }
         self.started = list(self.trackers)
         self._each(self.trackers, "start", flatten(self.params), tags)
 
@@ -128,9 +137,12 @@ class TrackingConsole(Console):
 
 
 @contextlib.contextmanager
-def tracked(console: Console, recipe: Recipe, parts: Components, run_dir: Path) -> Iterator[Console]:
-    """``console``, forwarding to the recipe's trackers too while the run lives; ``console`` itself
-    when the recipe tracks nothing. A tracker whose package is missing stops the run here, before any work.
+def tracked(
+    console: Console, recipe: Recipe, parts: Components, run_dir: Path, tags: dict[str, str]
+) -> Iterator[Console]:
+    """``console``, forwarding to the recipe's trackers too while the run lives (``tags`` added to the
+    run's own); ``console`` itself when the recipe tracks nothing. A tracker whose package is missing
+    stops the run here, before any work.
     """
     if not parts.trackers:
         yield console
@@ -147,7 +159,7 @@ def tracked(console: Console, recipe: Recipe, parts: Components, run_dir: Path) 
             console.warning(f"tracker {entry.name!r} failed and is left out of this run: {describe(exc)}")
     params = resolved_recipe(recipe, parts.dataset_options, parts.head_options)
     params.pop("track", None)
-    fan = TrackingConsole(console, trackers, params, run_dir)
+    fan = TrackingConsole(console, trackers, params, tags)
     try:
         yield fan
     except BaseException:
