@@ -124,6 +124,6 @@ def test_plain_list_is_unchanged(invoke, args: tuple[str, ...]) -> None:
     assert result.exit_code == 0, result.output
     text = result.stdout
     if args:
-        assert set(json.loads(text)) == {"backbones", "heads", "datasets", "plugins"}
+        assert set(json.loads(text)) == {"backbones", "heads", "datasets", "trackers", "plugins"}
     else:
         assert text.startswith("backbones:\n") and "\nheads:\n" in text and "\nplugins:\n" in text

@@ -99,10 +99,10 @@ def test_list_json_shape(fake_plugin) -> None:
     result = run_tlx("list", "--json", env=env)
     assert result.returncode == 0, result.stderr
     listing = json.loads(result.stdout)
-    assert set(listing) == {"backbones", "heads", "datasets", "plugins"}
+    assert set(listing) == {"backbones", "heads", "datasets", "trackers", "plugins"}
     for key in ("backbones", "heads", "datasets", "plugins"):
         assert all("name" in item for item in listing[key])
-    for key in ("backbones", "heads", "datasets"):
+    for key in ("backbones", "heads", "datasets", "trackers"):
         assert all("plugin" in item for item in listing[key])
     timm_entry = next(b for b in listing["backbones"] if b["name"] == "timm")
     assert timm_entry["plugin"] == "tlx.timm" and timm_entry["count"] > 500

@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from tlx.components import validate_options
     from tlx.data import Split, Splits
     from tlx.recipe import Recipe
-    from tlx.registry import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles
+    from tlx.registry import (
+        BackboneFactory,
+        DatasetFactory,
+        HeadFactory,
+        Tracker,
+        TrackerFactory,
+        WeightFiles,
+    )
     from tlx.sweeps import sweep
     from tlx.weights import StateDict, load_into, read_state_dict
 
@@ -43,6 +50,8 @@ _LAZY = {
     "HeadFactory": "tlx.registry",
     "DatasetFactory": "tlx.registry",
     "WeightFiles": "tlx.registry",
+    "Tracker": "tlx.registry",
+    "TrackerFactory": "tlx.registry",
     "read_state_dict": "tlx.weights",
     "validate_options": "tlx.components",
     "StateDict": "tlx.weights",
@@ -62,6 +71,8 @@ __all__ = [
     "Splits",
     "StateDict",
     "TlxError",
+    "Tracker",
+    "TrackerFactory",
     "WeightFiles",
     "__version__",
     "fit",

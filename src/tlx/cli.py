@@ -267,18 +267,22 @@ def export_(run_dir: Path, fmt: str, output: Path | None) -> None:
     click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
 
 
+#: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`
+KINDS = ("backbones", "heads", "datasets", "trackers")
+
+
 @cli.group("list", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """Show registered backbones, heads and datasets, and the installed plugins."""
+    """Show registered backbones, heads, datasets and trackers, and the installed plugins."""
     if ctx.invoked_subcommand is not None:
         return
     from tlx.plugins import load
 
     loaded = load()
     listing: dict[str, list[dict[str, Any]]] = {}
-    for key, registry in zip(("backbones", "heads", "datasets"), loaded.registries()):
+    for key, registry in zip(KINDS, loaded.registries()):
         listing[key] = []
         for entry in registry.entries.values():
             item: dict[str, Any] = {
@@ -295,7 +299,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
-    for key in ("backbones", "heads", "datasets"):
+    for key in KINDS:
         click.echo(f"{key}:")
         for item in listing[key]:
             name = f"{item['name']} ({item['count']} models)" if "count" in item else item["name"]

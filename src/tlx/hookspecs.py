@@ -1,4 +1,4 @@
-"""Hook specifications: how plugins register backbones, heads and datasets.
+"""Hook specifications: how plugins register backbones, heads, datasets and experiment trackers.
 
 Each hook receives a ``register`` callable (see :class:`tlx.registry.Registry.register`):
 
@@ -33,3 +33,11 @@ def register_heads(register):
 @hookspec
 def register_datasets(register):
     """Register dataset factories: ``factory(options) -> tlx.data.Splits``."""
+
+
+@hookspec
+def register_trackers(register):
+    """Register experiment trackers: ``factory(options, run_dir) -> tlx.Tracker`` (its methods: there).
+
+    A recipe's ``track: [{kind: NAME, ...options}]`` names them; ``options=Model`` validates the options.
+    """

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = {
     "tlx.imagefolder": "tlx.default_plugins.imagefolder",
     "tlx.folder": "tlx.default_plugins.folder",
     "tlx.csv": "tlx.default_plugins.csv_manifest",
+    "tlx.tensorboard": "tlx.default_plugins.tensorboard",
 }
 
 
@@ -49,10 +50,11 @@ class Plugins:
     backbones: Registry
     heads: Registry
     datasets: Registry
+    trackers: Registry
     plugins: list[PluginInfo]
 
     def registries(self) -> tuple[Registry, ...]:
-        return (self.backbones, self.heads, self.datasets)
+        return (self.backbones, self.heads, self.datasets, self.trackers)
 
 
 @functools.cache
@@ -75,8 +77,15 @@ def load() -> Plugins:
                 info.error = describe(exc)
     _unregister_unknown_hooks(pm, infos)
 
-    plugins = Plugins(Registry("backbone"), Registry("head"), Registry("dataset"), list(infos.values()))
-    hooks = (pm.hook.register_backbones, pm.hook.register_heads, pm.hook.register_datasets)
+    plugins = Plugins(
+        Registry("backbone"), Registry("head"), Registry("dataset"), Registry("tracker"), list(infos.values())
+    )
+    hooks = (
+        pm.hook.register_backbones,
+        pm.hook.register_heads,
+        pm.hook.register_datasets,
+        pm.hook.register_trackers,
+    )
     for hook, registry in zip(hooks, plugins.registries()):
         for impl in hook.get_hookimpls():
             # each implementation gets the arguments it declares, so a hook can gain arguments later

@@ -92,6 +92,12 @@ class HeadConfig(_Open):
     type: str = "linear"
 
 
+class TrackConfig(_Open):
+    """One experiment tracker: its registered ``kind`` and that tracker's own options."""
+
+    kind: str
+
+
 class TrainConfig(_Strict):
     epochs: PositiveInt = 20
     lr: PositiveFloat = 0.001
@@ -173,6 +179,8 @@ class Recipe(_Strict):
     #: validated only when given, so that it can be refused with strategy: features
     finetune: FinetuneConfig = FinetuneConfig()
     extract: ExtractConfig = ExtractConfig()
+    #: experiment trackers that follow the run (``tlx list`` shows the kinds)
+    track: list[TrackConfig] = []
     _set_keys: frozenset[str] = PrivateAttr(frozenset())
 
     @property

@@ -1,4 +1,4 @@
-"""Named registries of backbones, heads and datasets, filled by plugins; the factories' signatures."""
+"""Named registries of backbones, heads, datasets and trackers, filled by plugins; their factories."""
 
 from __future__ import annotations
 
@@ -51,11 +51,37 @@ class DatasetFactory(Protocol):
     def __call__(self, options: Any) -> Splits: ...
 
 
+class Tracker(Protocol):
+    """One experiment tracker following one run; tlx calls ``start``, ``epoch`` per epoch, then ``finish``
+    (or ``fail`` when the run stops with an error).
+
+    Metric names are ``train/loss``, ``test/accuracy``, ``val/loss``, ``val/accuracy``; ``params`` is the
+    resolved recipe flattened to dotted keys. An exception from any method is warned about once and the
+    tracker is dropped: the run goes on.
+    """
+
+    def start(self, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+
+    def epoch(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def finish(self, metrics: dict[str, float], run_dir: Path) -> None: ...
+
+    def fail(self) -> None: ...
+
+
+class TrackerFactory(Protocol):
+    """Makes a tracker for the run folder ``run_dir`` from its validated options; it does no I/O yet,
+    and raises :class:`tlx.TlxError` when a package it needs is missing."""
+
+    def __call__(self, options: Any, run_dir: Path) -> Tracker: ...
+
+
 #: the ``register`` keywords that apply to each kind of component
 KEYWORDS = {
     "backbone": {"description", "matches", "catalog", "search", "weight_files", "offline"},
     "head": {"description", "options"},
     "dataset": {"description", "options"},
+    "tracker": {"description", "options"},
 }
 
 
@@ -126,7 +152,7 @@ def _natural(name: str) -> list[Any]:
 
 @dataclass
 class Registry:
-    """Components of one kind (``backbone``, ``head`` or ``dataset``) by name."""
+    """Components of one kind (``backbone``, ``head``, ``dataset`` or ``tracker``) by name."""
 
     kind: str
     entries: dict[str, Entry] = field(default_factory=dict)

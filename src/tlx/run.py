@@ -15,6 +15,7 @@ from tlx.errors import TlxError
 from tlx.plots import Painter
 from tlx.recipe import Recipe
 from tlx.report import Console
+from tlx.tracking import tracked
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,7 @@ def run(
     painter: Painter | None = None,
     console: Console | None = None,
     select: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` and write the run folder ``out`` (see :mod:`tlx.artifacts`); returns the metrics.
 
@@ -67,16 +69,31 @@ def run(
     feature is not cached, or to fine-tune it), train the head, score it on the test split, write the
     run folder. ``painter`` draws the figures (start it early to hide its start-up); ``console`` shows
     progress (default: the terminal). ``select`` adds the selection score on the training split
-    (``strategy: features`` only), by which ``tlx sweep`` ranks runs.
+    (``strategy: features`` only), by which ``tlx sweep`` ranks runs. ``tags`` go to the recipe's
+    trackers with the run's own (``tlx sweep`` groups its runs by one).
     """
     if painter is None:
         with Painter() as own:
-            return run(recipe, source, out, cache_dir, own, console, select)
-    from tlx import artifacts, cache
-
-    console = console or Console()
+            return run(recipe, source, out, cache_dir, own, console, select, tags)
     started = time.perf_counter()
     parts = resolve(recipe, source)
+    with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
+        return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
+
+
+def _run(
+    recipe: Recipe,
+    parts: Components,
+    out: Path,
+    cache_dir: Path | None,
+    painter: Painter,
+    console: Console,
+    select: bool,
+    started: float,
+) -> dict[str, Any]:
+    """:func:`run` once the components are resolved and the trackers follow ``console``."""
+    from tlx import artifacts, cache
+
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
     check_out_dir(splits, out)

@@ -275,7 +275,8 @@ def _run(
     from tlx.run import run
 
     with run_folder(folder / combination.name, path) as target:
-        return run(combination.recipe, str(path), target, cache, painter, console, select=True)
+        tags = {"sweep": folder.name}  # a tracker groups the sweep's runs by it
+        return run(combination.recipe, str(path), target, cache, painter, console, select=True, tags=tags)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,112 @@
+"""The mlflow tracker: a run logged to a real SQLite store, read back with mlflow; a store it cannot write."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from tlx_mlflow import MlflowOptions
+from torch import nn
+
+import tlx
+from tlx import plugins
+from tlx.cli import cli
+
+CONFIG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+          "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # fmt: skip
+
+
+class MeanColour(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Plugins loaded anew with a tiny backbone, a private cache, no tracking URI from the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("TLX_CACHE_DIR", str(tmp_path / "cache"))
+    plugins.load.cache_clear()
+    register = plugins.load().backbones.registrar("test")
+    register("mean-colour", lambda name, pretrained, weights: tlx.Backbone(MeanColour(), 3, CONFIG, "mean"))
+    yield
+    plugins.load.cache_clear()
+
+
+def recipe(tmp_path: Path, **track: object) -> Path:
+    """A recipe on two classes of small coloured images, tracked by mlflow with ``track`` options."""
+    for split, count in (("train", 6), ("val", 3)):
+        for k in range(2):
+            folder = tmp_path / "data" / split / f"c{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (20 + i, 20), (100 * k + 7 * i, 50, 200 - 90 * k)).save(folder / f"{i}.png")
+    path = tmp_path / "r.yaml"
+    spec = {
+        "dataset": {"root": str(tmp_path / "data")},
+        "backbone": {"name": "mean-colour"},
+        "extract": {"workers": 0},
+        "train": {"epochs": 20},
+        "track": [{"kind": "mlflow", **track}],
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_the_run_is_in_the_sqlite_store_with_its_parameters_and_20_steps(tmp_path: Path) -> None:
+    run = tlx.fit(recipe(tmp_path), out=tmp_path / "runs" / "first")
+    assert not [w for w in run.warnings if w.startswith("tracker")]
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.search_runs(experiment_names=["tlx"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row["status"] == "FINISHED" and row["tags.mlflow.runName"] == "first"
+    assert row["params.train.epochs"] == "20" and row["params.backbone.name"] == "mean-colour"
+    assert row["tags.backbone"] == "mean-colour"
+    assert row["tags.weights_sha256"] == run.metrics["backbone"]["sha256"]
+    assert row["metrics.test_accuracy"] == pytest.approx(run.metrics["test_accuracy"])
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(row["run_id"], "test/accuracy")
+    assert [m.step for m in history] == list(range(1, 21))
+    assert [m.value for m in history] == pytest.approx([h["test_accuracy"] for h in run.metrics["history"]])
+    artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
+    assert {"metrics.json", "recipe.yaml", "head.safetensors"} <= artifacts
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()  # next to the store, not in the working folder
+
+
+def test_mlflow_tracking_uri_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "store" / "elsewhere.db"
+    elsewhere.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    tlx.fit(recipe(tmp_path), {"train.epochs": 2}, out=tmp_path / "runs" / "a")
+    assert elsewhere.is_file() and not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_an_unwritable_store_warns_once_and_the_run_exits_0(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path = recipe(tmp_path, tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
+    out = tmp_path / "runs" / "a"
+    result = CliRunner().invoke(cli, ["run", str(path), "--out", str(out), "--set", "train.epochs=3"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "tracker 'mlflow' failed" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"cannot log to the MLflow store sqlite:///{blocker}" in warnings[0]
+    assert (out / "metrics.json").is_file() and (out / "head.safetensors").is_file()
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(tlx.TlxError, match=r"unknown key track.0.experimnt; did you mean track.0.experiment"):
+        tlx.validate_options(plugins.load().trackers.get("mlflow", "track.0.kind"), {"experimnt": "x"},
+                             "track.0", "r.yaml")  # fmt: skip
+    assert MlflowOptions().experiment == "tlx"
