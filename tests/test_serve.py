@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -226,3 +227,14 @@ def test_a_port_in_use_is_one_line_and_exit_code_2(run_dir: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith(f"tlx: error: --host 127.0.0.1 --port {port}: cannot listen there")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_the_load_benchmark_reports_each_level(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    bench = [sys.executable, REPO / "bench" / "serve_load.py", run_dir, "--requests", "6", "--json", out]
+    result = subprocess.run(bench, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["clients"], r["requests"]) for r in rows] == [(1, 6), (4, 6), (16, 6)]
+    assert all(r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"] for r in rows)
+    assert "| 16 | 6 |" in result.stdout
