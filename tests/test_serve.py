@@ -17,8 +17,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
+import anyio
 import pytest
 from PIL import Image
 
@@ -238,3 +239,39 @@ def test_the_load_benchmark_reports_each_level(run_dir: Path, tmp_path: Path) ->
     assert [(r["clients"], r["requests"]) for r in rows] == [(1, 6), (4, 6), (16, 6)]
     assert all(r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"] for r in rows)
     assert "| 16 | 6 |" in result.stdout
+
+
+class StandIn:
+    """What the app reads of a classifier before any request: its folder and classes."""
+
+    folder = Path("runs/demo")
+    classes: ClassVar[list[str]] = ["ants", "bees"]
+
+
+def asgi_get(app: Any, path: str) -> tuple[int, Any]:
+    """``(status, JSON)`` of a GET sent straight to an ASGI app, without a socket."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": []}
+    anyio.run(app, scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("192.168.1.5", False)],
+)
+def test_health_tells_the_page_when_other_machines_can_reach_the_server(host: str, loopback: bool) -> None:
+    from tlx.serve import create_app
+
+    app = create_app(StandIn(), max_upload_bytes=10**6, host=host)  # type: ignore[arg-type]
+    status, health = asgi_get(app, "/health")
+    assert status == 200
+    assert (health["host"], health["loopback"]) == (host, loopback)
