@@ -123,6 +123,8 @@ def test_predictions_are_those_of_tlx_predict(server: Server, run_dir: Path) -> 
     status, raw = call(server.url + "predict", BEE.read_bytes(), "image/jpeg")  # a raw image body
     assert status == 200
     assert raw["predictions"][0]["probability"] == pytest.approx(expected[0]["probability"], abs=1e-6)
+    status, one = call(server.url + "predict?top_k=1", BEE.read_bytes(), "image/jpeg")
+    assert [t["label"] for t in one["predictions"][0]["top_k"]] == [expected[0]["label"]]
 
 
 def test_health_names_the_run_and_its_classes_on_loopback(server: Server, run_dir: Path) -> None:
@@ -178,6 +180,13 @@ def test_bad_requests_are_clear_json_errors_and_the_server_lives_on(server: Serv
     assert status == 415
     assert "decompression bomb" in answer["error"]
 
+    out = BytesIO()
+    Image.new("F", (8, 8), 5.0).save(out, "TIFF")  # decodes, but float grey outside 0..1 has no colours
+    status, answer = call(predict, *multipart([("grey.tif", out.getvalue())]))
+    assert status == 422
+    assert "outside 0..1" in answer["error"]
+
+    assert call(predict + "?top_k=0", BEE.read_bytes(), "image/jpeg")[0] == 400
     body, content_type = multipart([])  # a form with no field at all
     assert call(predict, body, content_type)[0] == 400
     assert call(predict, *multipart([("", b"")]))[0] == 400  # the browser's form with no file chosen
