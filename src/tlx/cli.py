@@ -1,4 +1,5 @@
-"""The ``tlx`` command line: ``run``, ``sweep``, ``compare``, ``predict``, ``eval``, ``export``, ``list``.
+"""The ``tlx`` command line: ``run``, ``sweep``, ``compare``, ``predict``, ``eval``, ``export``, ``serve``,
+``list``.
 
 Parsing and printing only; the work is elsewhere.
 """
@@ -265,6 +266,34 @@ def export_(run_dir: Path, fmt: str, output: Path | None) -> None:
     output = output or run_dir / f"model{SUFFIX[fmt]}"
     meta = export(load_run(run_dir), fmt, output)  # type: ignore[arg-type]
     click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
+
+
+@cli.command("serve")
+@RUN_DIR
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free.")
+@click.option(
+    "--max-upload-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest request body accepted (413 above).",
+)
+def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float) -> None:
+    """Answer POST /predict with the classifier of RUN_DIR, with a web page at / (Ctrl-C to stop)."""
+    try:
+        from tlx.serve import is_loopback, serve
+    except ImportError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise TlxError(f"tlx serve needs {exc.name}: pip install 'tlx[serve]'") from None
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {run_dir} at {url} (Ctrl-C to stop)")
+        if not is_loopback(host):
+            click.echo(f"tlx: warning: listening on {host}: other machines can reach this server", err=True)
+
+    serve(run_dir, host, port, max_upload_mb, ready)
 
 
 #: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`
