@@ -105,7 +105,7 @@ class Console:
             + f"; weakest class {weakest['class']} (F1 {weakest['f1']:.2%}, recall {weakest['recall']:.2%})"
         )
         self.echo(
-            f"run folder {out}: recipe.yaml, metrics.json, per_class.csv, curves.png, confusion.png, ..."
+            f"run folder {out}: metrics.json, predictions.csv, errors.png, curves.png, confusion.png, ..."
         )
 
     def warning(self, text: str) -> None:
