@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from tlx.errors import TlxError, describe, shorten
+from tlx.recipe import dotted
 
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "recipe.yaml"
@@ -49,16 +50,6 @@ def _read(path: Path) -> Any:
         raise TlxError(f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote") from None
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one mapping of dotted keys; lists stay values."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def compare(paths: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
     """The differing recipe keys, and one row per run: its folder, those keys, its scores and seconds."""
     folders = run_folders(paths)
@@ -67,7 +58,7 @@ def compare(paths: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
         recipe, data = _read(folder / RECIPE_FILE), _read(folder / METRICS_FILE)
         if not isinstance(data, dict) or not isinstance(data.get("test_accuracy"), (int, float)):
             raise TlxError(f"{folder / METRICS_FILE}: holds no test_accuracy; restore the file the run wrote")
-        recipes.append(flatten(recipe if isinstance(recipe, dict) else {}))
+        recipes.append(dotted(recipe if isinstance(recipe, dict) else {}))
         metrics.append(data)
     keys = [
         key

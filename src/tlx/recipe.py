@@ -317,6 +317,16 @@ def parse_grid(items: tuple[str, ...]) -> dict[str, list[Any]]:
     return grid
 
 
+def dotted(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (recipe data) as one mapping of dotted keys, ``train.lr``; lists stay values."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def assign(data: dict[str, Any], key: str, value: Any, flag: str = "--set") -> None:
     """Set the dotted ``key`` of recipe ``data`` to ``value``, creating the sections on the way."""
     parts = key.split(".")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlx.errors import TlxError, describe
+from tlx.recipe import dotted
 from tlx.report import Console
 
 if TYPE_CHECKING:
@@ -40,18 +41,12 @@ EPOCH_METRICS = {
 }
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+def flatten(data: dict[str, Any]) -> dict[str, str | int | float | bool]:
     """Nested recipe data as dotted keys; lists as JSON text and None as ``null``: trackers take scalars."""
-    flat: dict[str, str | int | float | bool] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, (str, int, float, bool)):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(value)
-    return flat
+    return {
+        key: value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+        for key, value in dotted(data).items()
+    }
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
