@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from tlx.errors import TlxError
 
@@ -85,11 +85,21 @@ def load_image(source: Path | Image.Image) -> Image.Image:
 
     if isinstance(source, Image.Image):
         return _upright_rgb(source.copy())
+    with opened(source) as image:
+        return _upright_rgb(image)
+
+
+@contextlib.contextmanager
+def opened(source: Path | BinaryIO) -> Iterator[Image.Image]:
+    """``Image.open(source)`` where an image over Pillow's decompression-bomb *warning* limit raises
+    ``DecompressionBombError`` within the block, as one over its hard limit does, instead of warning."""
+    from PIL import Image
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(source) as image:
-                return _upright_rgb(image)
+                yield image
         except Image.DecompressionBombWarning as exc:
             raise Image.DecompressionBombError(str(exc)) from None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-import warnings
 from collections.abc import Callable
 from importlib import resources
 from io import BytesIO
@@ -29,6 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from tlx.api import Classifier
+from tlx.data import opened
 from tlx.errors import TlxError, describe
 
 #: the multipart form field that carries the images (repeatable)
@@ -162,11 +162,9 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
 def _decode(name: str, data: bytes) -> Image.Image:
     """``data`` decoded in memory; not an image, or over Pillow's decompression-bomb limit, is a 415."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(BytesIO(data))
+        with opened(BytesIO(data)) as image:
             image.load()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
         raise BadRequest(415, f"{name}: refused as a decompression bomb ({describe(exc)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRequest(415, f"{name}: not an image Pillow can decode ({describe(exc)})") from None
