@@ -150,12 +150,13 @@ def floor(data: Path, min_s: float) -> dict:
     import torch
 
     from tlx.data import scan_imagefolder
-    from tlx.features import ImageFiles, preprocessing, threads_set
+    from tlx.features import ImageFiles, threads_set
+    from tlx.preprocess import eval_transform
     from tlx.recipe import cpu_cores
 
     backbone = built(BACKBONE)
     samples = scan_imagefolder(data, "train", "val").train.samples
-    files = ImageFiles(samples[:32], preprocessing(backbone))
+    files = ImageFiles(samples[:32], eval_transform(backbone.data_config))
     images = torch.stack(
         [item[0] for item in map(files.__getitem__, range(len(files))) if item[0] is not None]
     )
@@ -318,9 +319,11 @@ def gpu(data: Path) -> dict:
     pass; and each backbone alone on a repeated batch of 64."""
     import torch
 
+    from tlx.cache import BackboneInfo
     from tlx.data import scan_imagefolder
     from tlx.features import extract
     from tlx.recipe import ExtractConfig
+    from tlx.runtimes import Runner
 
     cuda = torch.device("cuda")
     splits = scan_imagefolder(data, "train", "val")
@@ -328,10 +331,11 @@ def gpu(data: Path) -> dict:
     result: dict = {"device": torch.cuda.get_device_name(cuda), "images": images}
     for name, pretrained in (("resnet18", False), (BACKBONE, True)):
         backbone = built(name, pretrained=pretrained)
-        extract([splits.test], backbone, ExtractConfig(), device=cuda)  # cuDNN picks its kernels
+        runner = Runner.in_torch(backbone.module, BackboneInfo.of(backbone), cuda)
+        extract([splits.test], runner, ExtractConfig())  # cuDNN picks its kernels
         torch.cuda.synchronize()
         started = time.perf_counter()
-        extract([splits.train, splits.test], backbone, ExtractConfig(), device=cuda)
+        extract([splits.train, splits.test], runner, ExtractConfig())
         seconds = time.perf_counter() - started
         batch = torch.randn(64, 3, *backbone.data_config["input_size"][1:], device=cuda)
         batch = batch.contiguous(memory_format=torch.channels_last)

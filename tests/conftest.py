@@ -19,6 +19,7 @@ from tlx import plugins
 from tlx.backbone import Backbone
 from tlx.cli import cli
 from tlx.recipe import Recipe, load_recipe
+from tlx.runtimes import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
@@ -143,6 +144,13 @@ def counting_backbone() -> CountingBackbone:
     register = plugins.load().backbones.registrar("test-plugin")
     register("counting", lambda name, pretrained, weights: Backbone(module, 3, CONFIG, "test colours"))
     return module
+
+
+def in_torch(backbone: Backbone) -> Runner:
+    """``backbone`` as extraction runs it in torch on the CPU."""
+    from tlx.cache import BackboneInfo
+
+    return Runner.in_torch(backbone.module, BackboneInfo.of(backbone), torch.device("cpu"))
 
 
 def recipe_for(tmp_path: Path, root: Path, *overrides: str) -> Recipe:

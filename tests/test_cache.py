@@ -82,7 +82,7 @@ def tlx_run(tmp_path: Path, data: Path, out: str, *overrides: str, cache_dir: Pa
         f"""
         dataset: {{root: {data}}}
         backbone: {{name: colours}}
-        extract: {{workers: 0, batch_size: 2}}
+        extract: {{workers: 0, batch_size: 2, runtime: torch}}  # torch runs the module that counts
         train: {{epochs: 3}}
         """,
     )
@@ -96,7 +96,7 @@ def test_second_run_builds_no_backbone_and_gives_the_same_numbers(
     assert (colours.built, colours.seen, first["features"]["computed"]) == (1, 18, 18)
     second = tlx_run(tmp_path, data, "b")
     assert colours.built == 1, "a warm run must not even build the backbone"
-    assert second["features"] == {**first["features"], "cached": 18, "computed": 0}
+    assert second["features"] == {**first["features"], "cached": 18, "computed": 0, "runtime": None}
     assert second["history"] == first["history"]
     assert second["backbone"] == first["backbone"]
 

@@ -10,10 +10,11 @@ from torch import nn
 
 from tlx.backbone import Backbone
 from tlx.data import scan_imagefolder
-from tlx.features import ImageFiles, extract, on_device, preprocessing
+from tlx.features import ImageFiles, extract, on_device
+from tlx.preprocess import eval_transform
 from tlx.recipe import ExtractConfig
 
-from .conftest import CONFIG, make_imagefolder
+from .conftest import CONFIG, in_torch, make_imagefolder
 
 
 class MeanColour(nn.Module):
@@ -37,10 +38,10 @@ def test_workers_give_each_image_the_features_this_process_gives_it(tmp_path: Pa
     log = tmp_path / "pids.txt"
     backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
 
-    alone = extract(splits, backbone, ExtractConfig(batch_size=2, workers=0))
+    alone = extract(splits, in_torch(backbone), ExtractConfig(batch_size=2, workers=0))
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
-    pooled = extract(splits, backbone, ExtractConfig(batch_size=2, workers=2))
+    pooled = extract(splits, in_torch(backbone), ExtractConfig(batch_size=2, workers=2))
     ran_in = set(log.read_text().split())
     assert str(os.getpid()) not in ran_in and len(ran_in) > 1, "the backbone runs in the workers"
 
@@ -56,7 +57,7 @@ def test_a_single_batch_is_extracted_in_this_process(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "data", classes=2, per_class=(1, 1))
     splits = scan_imagefolder(data, "train", "val")
     log = tmp_path / "pids.txt"
-    extract([splits.train], Backbone(MeanColour(log), 3, CONFIG, "test"), ExtractConfig(workers=2))
+    extract([splits.train], in_torch(Backbone(MeanColour(log), 3, CONFIG, "test")), ExtractConfig(workers=2))
     assert log.read_text().split() == [str(os.getpid())]
 
 
@@ -68,12 +69,14 @@ def test_the_accelerator_pipeline_gives_the_same_features(tmp_path: Path) -> Non
     samples = scan_imagefolder(data, "train", "val").train.samples
     log = tmp_path / "pids.txt"
     backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
-    files = ImageFiles(samples, preprocessing(backbone))
+    files = ImageFiles(samples, eval_transform(backbone.data_config))
     by_index, failed = {}, []
-    for out, indices, failures in on_device(backbone.module, files, 3, 2, torch.device("cpu")):
+    for out, indices, failures in on_device(in_torch(backbone).forward, files, 3, 2):
         by_index |= dict(zip(indices, out)) if out is not None else {}
         failed += failures
     assert set(log.read_text().split()) == {str(os.getpid())}, "the backbone runs in this process"
-    (expected,) = extract([scan_imagefolder(data, "train", "val").train], backbone, ExtractConfig(workers=0))
+    (expected,) = extract(
+        [scan_imagefolder(data, "train", "val").train], in_torch(backbone), ExtractConfig(workers=0)
+    )
     assert [samples[i][0].name for i, _ in failed] == ["broken.jpg"]
     assert torch.allclose(torch.stack([by_index[i] for i in sorted(by_index)]), expected.x, atol=1e-6)

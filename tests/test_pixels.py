@@ -21,7 +21,7 @@ from tlx.errors import TlxError
 from tlx.features import ImageFiles, extract
 from tlx.recipe import ExtractConfig
 
-from .conftest import CONFIG, assert_user_error, make_imagefolder, write_recipe
+from .conftest import CONFIG, assert_user_error, in_torch, make_imagefolder, write_recipe
 from .test_robustness import bomb_png
 
 _RAMP = np.arange(48 * 64).reshape(48, 64)
@@ -88,7 +88,7 @@ def test_16_bit_images_give_the_features_of_their_8_bit_version(tmp_path: Path) 
     names = ["8.png", "16.png", "g8.png", "g16.png"]
     split = Split("x", [(tmp_path / name, 0) for name in names])
     backbone = Backbone(torch.nn.Flatten(), 3 * 32 * 32, CONFIG, "pixels")
-    (features,) = extract([split], backbone, ExtractConfig(workers=0))
+    (features,) = extract([split], in_torch(backbone), ExtractConfig(workers=0))
     assert torch.equal(features.x[0], features.x[1]) and torch.equal(features.x[2], features.x[3])
 
 
@@ -121,7 +121,7 @@ def test_decompression_bomb_warning_is_a_skip_reason(tmp_path: Path) -> None:
 COUNTING = """
 dataset: {dataset}
 backbone: {{name: counting}}
-extract: {{workers: 0}}
+extract: {{workers: 0, runtime: torch}}  # torch runs the module that counts
 train: {{epochs: 2}}
 """
 

@@ -167,7 +167,8 @@ def test_flip_averaging_sees_each_image_and_its_mirror(
     expected = (asymmetric(x) + asymmetric(x.flip(-1))) / 2
     assert torch.allclose(FlipAveraged(asymmetric)(x), expected, atol=1e-6)
     assert not torch.allclose(asymmetric(x), expected)
-    run(recipe_for(tmp_path, tiny_dataset, "extract.flip=true", "train.epochs=1"), "r", tmp_path / "out")
+    overrides = ("extract.flip=true", "train.epochs=1", "extract.runtime=torch")  # the module counts in torch
+    run(recipe_for(tmp_path, tiny_dataset, *overrides), "r", tmp_path / "out")
     assert counting_backbone.seen == 2 * (12 + 6)
 
 
@@ -279,7 +280,7 @@ def test_onnx_export_of_a_real_backbone_matches_pytorch(tmp_path: Path, hymenopt
     from PIL import Image
 
     from tlx.artifacts import load_run
-    from tlx.features import preprocessing
+    from tlx.preprocess import eval_transform
 
     data = tmp_path / "d"  # a few real ants and bees: realistic features, so logits of a usual size
     for split, count in (("train", 4), ("val", 1)):
@@ -299,7 +300,7 @@ def test_onnx_export_of_a_real_backbone_matches_pytorch(tmp_path: Path, hymenopt
 
     trained = load_run(out)
     paths = sorted((hymenoptera / "val" / "ants").iterdir())[:3]
-    transform = preprocessing(trained.backbone)
+    transform = eval_transform(trained.info.data_config)
     images = torch.stack(
         [transform(Image.open(p).convert("RGB")) for p in paths]
     )  # batch of 3, exported with 2

@@ -21,7 +21,11 @@ EPOCH_LINE = re.compile(r"^ {0,2}\d{1,3}   test accuracy: \d{1,3}\.\d\d%$", re.M
 def test_every_image_goes_through_the_backbone_once(
     tmp_path: Path, tiny_dataset: Path, counting_backbone
 ) -> None:
-    metrics = run(recipe_for(tmp_path, tiny_dataset, "train.epochs=7"), "r.yaml", tmp_path / "out")
+    metrics = run(
+        recipe_for(tmp_path, tiny_dataset, "train.epochs=7", "extract.runtime=torch"),
+        "r.yaml",
+        tmp_path / "out",
+    )
     assert counting_backbone.seen == 12 + 6
     assert len(metrics["history"]) == 7
 

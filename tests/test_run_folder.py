@@ -143,7 +143,8 @@ def test_sigterm_exits_143_and_leaves_no_empty_run_folder(
 @pytest.fixture
 def trained(tmp_path: Path, tiny_dataset: Path, counting_backbone) -> Path:
     out = tmp_path / "run"
-    run(recipe_for(tmp_path, tiny_dataset, "head.type=mlp", "head.hidden=[4]", "train.epochs=1"), "r", out)
+    overrides = ("head.type=mlp", "head.hidden=[4]", "train.epochs=1", "extract.runtime=torch")  # it counts
+    run(recipe_for(tmp_path, tiny_dataset, *overrides), "r", out)
     return out
 
 

@@ -27,7 +27,7 @@ def sweep_recipe(tmp_path: Path, root: Path, extra: str = "") -> Path:
         f"""
         dataset: {{root: {root}}}
         backbone: {{name: counting}}
-        extract: {{workers: 0}}
+        extract: {{workers: 0, runtime: torch}}  # torch runs the module that counts
         train: {{epochs: 2}}
         {extra}
         """,

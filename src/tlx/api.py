@@ -41,10 +41,12 @@ class Run:
     folder: Path
     metrics: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    #: the cache folder the run used (None: the default one)
+    cache_dir: Path | None = None
 
     def load(self) -> Classifier:
-        """The run's classifier (see :func:`load`)."""
-        return load(self.folder)
+        """The run's classifier (see :func:`load`), with the run's cache folder."""
+        return load(self.folder, cache_dir=self.cache_dir)
 
 
 class Prediction(NamedTuple):
@@ -143,14 +145,15 @@ def fit(
             metrics = run(loaded, source, folder, cache, painter, console)
             if quiet:
                 kept += dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
-    return Run(folder, metrics, kept)
+    return Run(folder, metrics, kept, cache)
 
 
-def load(run_dir: str | Path) -> Classifier:
-    """The classifier of a run folder (``tlx.fit``'s or ``tlx run``'s), rebuilt offline."""
+def load(run_dir: str | Path, *, cache_dir: str | Path | None = None) -> Classifier:
+    """The classifier of a run folder (``tlx.fit``'s or ``tlx run``'s), rebuilt offline; its backbone
+    is recalled from, and image features kept in, the cache folder (``cache_dir``) as a run does."""
     from tlx.artifacts import load_run
 
-    return Classifier(load_run(Path(run_dir)))
+    return Classifier(load_run(Path(run_dir), cache_dir=None if cache_dir is None else Path(cache_dir)))
 
 
 def _recipe(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import io
 import json
 import os
@@ -38,8 +39,11 @@ from pydantic import BaseModel
 from torch import nn
 
 from tlx.backbone import Backbone
-from tlx.data import RUN_MARKER
+from tlx.cache import BackboneInfo
+from tlx.components import Components
+from tlx.data import RUN_MARKER, Split
 from tlx.errors import TlxError, describe, shorten
+from tlx.features import Features
 from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
@@ -303,27 +307,82 @@ def write_text(path: Path, text: str) -> None:
 
 @dataclass
 class TrainedRun:
-    """A run folder read back: the recipe, the rebuilt backbone, the trained head, the classes."""
+    """A run folder read back: the recipe, its components, the backbone's info, the trained head, the
+    classes, and the cache folder (``root``) where its backbone is recalled and its features kept.
+
+    The backbone module is built only when something needs it (:attr:`backbone`); features come from
+    the cache, or from the runtime the recipe asks for (:meth:`extract`), as in a run.
+    """
 
     folder: Path
     recipe: Recipe
-    backbone: Backbone
+    parts: Components
+    info: BackboneInfo
     head: nn.Module
     classes: list[str]
+    root: Path
+    #: the backbone and its info, once built
+    built: tuple[Backbone, BackboneInfo] | None = None
+
+    @property
+    def tuned(self) -> bool:
+        """Whether the backbone was fine-tuned (its weights are in the run folder)."""
+        return (self.folder / TUNED_BACKBONE_FILE).is_file()
+
+    @functools.cached_property
+    def backbone(self) -> Backbone:
+        """The backbone as the head saw it: fine-tuned weights loaded, or flip-averaged as the recipe says."""
+        from tlx.backbone import build_backbone, flip_averaged
+
+        self.built = self.built or build_backbone(self.recipe, self.parts, self.root)
+        backbone = self.built[0]
+        if self.tuned:
+            tuned, _ = read_tensors(self.folder / TUNED_BACKBONE_FILE)
+            load_state(
+                backbone.module,
+                tuned,
+                self.folder / TUNED_BACKBONE_FILE,
+                f"backbone {self.recipe.backbone.name}",
+            )
+        elif self.recipe.extract.flip:
+            backbone = flip_averaged(backbone)
+        return backbone
 
     def model(self) -> nn.Module:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
         return nn.Sequential(self.backbone.module, self.head).eval()
 
+    def extract(self, split: Split) -> Features:
+        """The features of ``split``'s images: from the cache where there, else through the backbone in
+        the recipe's runtime on its device (a fine-tuned backbone: torch, and no cache)."""
+        from tlx.backbone import feature_store, runner_for
+        from tlx.device import resolve as resolve_device
+        from tlx.features import all_cached, extract
+        from tlx.runtimes import Runner
 
-def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
-    """Rebuild a run's classifier; the backbone's weights must be those the head was trained on.
+        store = None if self.tuned else feature_store(self.recipe, self.parts, self.root, self.info)
+        runner = None
+        if store is None or not all_cached([split], store):
+            device = resolve_device(self.recipe.device)
+            runner = (
+                Runner.in_torch(self.backbone.module, self.info, device)
+                if self.tuned
+                else runner_for(self.recipe, self.parts, self.root, self.info, device, self.built)
+            )
+        (features,) = extract([split], runner, self.recipe.extract, store=store)
+        return features
 
-    A run file that is unreadable, truncated, edited or not finite is a :class:`TlxError` naming it.
+
+def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | None = None) -> TrainedRun:
+    """Read a run's classifier back; the backbone's weights must be those the head was trained on.
+
+    The backbone is recalled from the cache folder (``cache_dir``, as :func:`tlx.cache.cache_dir`
+    finds it) as a run recalls it, built only where it is not remembered. A run file that is
+    unreadable, truncated, edited or not finite is a :class:`TlxError` naming it.
     """
-    from tlx.backbone import create_backbone, flip_averaged
+    from tlx import cache
+    from tlx.backbone import build_backbone
     from tlx.components import resolve
-    from tlx.weights import state_digest
 
     for name in (RECIPE_FILE, PROVENANCE_FILE, HEAD_FILE):
         if not (folder / name).is_file():
@@ -334,23 +393,22 @@ def load_run(folder: Path, overrides: tuple[str, ...] = ()) -> TrainedRun:
     expected = backbone_digest(folder / PROVENANCE_FILE)
     state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
-    backbone = create_backbone(parts.backbone, recipe.backbone)
-    digest = state_digest(backbone.module)
-    if digest != expected:
+    root = cache.cache_dir(cache_dir)
+    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
+    built = None
+    if info is None:
+        built = build_backbone(recipe, parts, root)
+        info = built[1]
+    if info.sha256 != expected:
         raise TlxError(
             f"{folder / PROVENANCE_FILE}: the weights of backbone {recipe.backbone.name} have changed since "
-            f"the run (sha256 {expected[:16]}…, now {digest[:16]}…); reinstall the weights the run used "
+            f"the run (sha256 {expected[:16]}…, now {info.sha256[:16]}…); reinstall the weights the run used "
             "or train a new run"
         )
-    if (folder / TUNED_BACKBONE_FILE).is_file():
-        tuned, _ = read_tensors(folder / TUNED_BACKBONE_FILE)
-        load_state(backbone.module, tuned, folder / TUNED_BACKBONE_FILE, f"backbone {recipe.backbone.name}")
-    elif recipe.extract.flip:
-        backbone = flip_averaged(backbone)
-    head = parts.head.factory(backbone.feature_dim, len(classes), parts.head_options)
+    head = parts.head.factory(info.feature_dim, len(classes), parts.head_options)
     load_state(head, state, folder / HEAD_FILE, f"{recipe.head.type} head of {folder / RECIPE_FILE}")
     head.eval()
-    return TrainedRun(folder, recipe, backbone, head, classes)
+    return TrainedRun(folder, recipe, parts, info, head, classes, root, built)
 
 
 def backbone_digest(path: Path) -> str:

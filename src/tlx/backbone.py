@@ -1,16 +1,26 @@
-"""Backbones: a frozen network that maps a normalized image batch to pooled features."""
+"""Backbones: a frozen network that maps a normalized image batch to pooled features.
+
+A recipe's backbone is built once per weights file (:func:`build_backbone`), then recalled from the
+cache; :func:`runner_for` gives what extraction runs, :func:`feature_store` where its features are kept.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tlx.errors import TlxError
-from tlx.recipe import BackboneConfig
+from tlx.recipe import BackboneConfig, Recipe
 from tlx.registry import Entry
+
+if TYPE_CHECKING:
+    from tlx.cache import BackboneInfo, FeatureStore
+    from tlx.components import Components
+    from tlx.runtimes import Runner
 
 
 @dataclass
@@ -63,3 +73,51 @@ class FlipAveraged(nn.Module):
 def flip_averaged(backbone: Backbone) -> Backbone:
     """The same backbone, its features averaged over each image and its horizontal mirror."""
     return replace(backbone, module=FlipAveraged(backbone.module))
+
+
+def build_backbone(recipe: Recipe, parts: Components, root: Path) -> tuple[Backbone, BackboneInfo]:
+    """Build the backbone and hash its weights; the digest is remembered per weights file.
+
+    A later run whose features are all cached then neither builds nor hashes the model; a changed
+    weights file (size, mtime, ctime or inode) is a new key, so the model is built again.
+    """
+    from tlx import cache
+
+    torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
+    backbone = create_backbone(parts.backbone, recipe.backbone)
+    info = cache.BackboneInfo.of(backbone)
+    cache.remember_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version, info)
+    return backbone, info
+
+
+def runner_for(
+    recipe: Recipe,
+    parts: Components,
+    root: Path,
+    info: BackboneInfo,
+    device: torch.device,
+    built: tuple[Backbone, BackboneInfo] | None = None,
+) -> Runner:
+    """The recipe's runtime for its frozen backbone (flip-averaged if asked); ``built`` if built already."""
+    from tlx.runtimes import prepare
+
+    def build() -> tuple[nn.Module, BackboneInfo]:
+        backbone, built_info = built or build_backbone(recipe, parts, root)
+        return (flip_averaged(backbone) if recipe.extract.flip else backbone).module, built_info
+
+    return prepare(recipe.extract.runtime, device, root, info, build, recipe.extract.flip)
+
+
+def feature_store(recipe: Recipe, parts: Components, root: Path, info: BackboneInfo) -> FeatureStore:
+    """The cache namespace of the recipe's features: every recipe key that can change a feature (new
+    keys count by default), the weights and the pixel libraries; not the runtime (:mod:`tlx.runtimes`)."""
+    from tlx.cache import FeatureStore, namespace_identity
+
+    backbone = {
+        "plugin": [parts.backbone.plugin, parts.backbone_version],
+        **recipe.backbone.model_dump(mode="json", exclude={"weights"}),
+    }
+    pixels = recipe.extract.model_dump(
+        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image", "runtime"}
+    )
+    return FeatureStore(root, namespace_identity(backbone, info, pixels))

@@ -6,6 +6,7 @@ Layout under the cache folder (``--cache-dir``, ``TLX_CACHE_DIR``, or the user c
     features/<namespace>/identity.json       what the namespace stands for (backbone, weights, pixels)
     features/<namespace>/<uuid>.safetensors  one chunk: features (n, D) float32, image keys in metadata
     backbones/<key>.json                     a backbone's weights SHA-256, feature size and data config
+    onnx/<key>.onnx, onnx/<key>.json         a backbone exported for ONNX Runtime, and its record
     timm/<kind>-<version>.json               what the timm plugin remembers (names, weights files)
 
 A *namespace* hashes everything that changes a feature except the image: the backbone recipe keys,
@@ -86,7 +87,8 @@ def image_key(path: Path) -> str:
     return digest([os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])[:32]
 
 
-def _versions(packages: Iterable[str]) -> dict[str, str]:
+def versions(packages: Iterable[str]) -> dict[str, str]:
+    """The installed version of each package (``absent`` when it is not installed)."""
     found = {}
     for name in packages:
         try:
@@ -143,7 +145,7 @@ def _backbone_record(root: Path, entry: Entry, config: BackboneConfig, plugin_ve
         "plugin": [entry.plugin, plugin_version],
         "backbone": config.model_dump(mode="json"),
         "files": stats,
-        "versions": _versions(("tlx", *PIXEL_PACKAGES)),
+        "versions": versions(("tlx", *PIXEL_PACKAGES)),
     }
     return root / "backbones" / f"{digest(key)[:32]}.json"
 
@@ -190,7 +192,7 @@ def namespace_identity(
         "feature_dim": info.feature_dim,
         "data_config": info.data_config,
         "pixels": pixels,
-        "versions": _versions(PIXEL_PACKAGES),
+        "versions": versions(PIXEL_PACKAGES),
     }
 
 
@@ -384,9 +386,10 @@ OWN_FILE = re.compile(
     rf"{_TMP}"
     rf"|features/{_HEX}/(identity\.json|{_HEX}\.safetensors|{_TMP})"
     rf"|backbones/({_HEX}\.json|{_TMP})"
+    rf"|onnx/({_HEX}\.(onnx|json)|{_TMP})"
     rf"|timm/((architectures|weights)-[\w.+-]+\.json|{_TMP})"
 )
-OWN_FOLDERS = ("features", "backbones", "timm")
+OWN_FOLDERS = ("features", "backbones", "onnx", "timm")
 
 
 def tag(root: Path) -> None:

@@ -204,12 +204,15 @@ def _mib(n: int) -> str:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {path, label, probability}.")
-def predict_(run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+@CACHE_DIR
+def predict_(
+    run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, cache_dir: Path | None
+) -> None:
     """Classify images (files or folders) with the classifier trained in RUN_DIR."""
     from tlx.artifacts import load_run
     from tlx.predict import predict
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, cache_dir=cache_dir)
     results, skipped = predict(run, paths, top_k=top_k)
     for path, reason in skipped:
         click.echo(f"tlx: warning: skipped {path}: {reason}", err=True)
@@ -233,14 +236,15 @@ def predict_(run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool) 
 @click.option(
     "--json", "as_json", is_flag=True, help="Print accuracy, per-class scores and confusion as JSON."
 )
-def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+@CACHE_DIR
+def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool, cache_dir: Path | None) -> None:
     """Score the classifier of RUN_DIR on a test split, e.g. --set dataset.root=OTHER (same classes)."""
     from tlx import report
     from tlx.artifacts import load_run
     from tlx.evaluate import check_overrides, evaluate
 
     check_overrides(overrides)
-    scores, test = evaluate(load_run(run_dir, overrides))
+    scores, test = evaluate(load_run(run_dir, overrides, cache_dir))
     skipped = [{"path": str(p), "reason": r} for p, r in test.skipped]
     if as_json:
         data = {"accuracy": scores.accuracy, "n_test": len(test.y), "per_class": scores.per_class()}

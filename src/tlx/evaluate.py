@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tlx.artifacts import RECIPE_FILE, TrainedRun
-from tlx.device import resolve
+from tlx.artifacts import TrainedRun
 from tlx.errors import TlxError
-from tlx.features import Features, extract
+from tlx.features import Features
 from tlx.scores import Scores
 from tlx.train import predict
 
@@ -25,16 +24,13 @@ def check_overrides(overrides: tuple[str, ...]) -> None:
 
 
 def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
-    """Extract the test split of the run's (possibly overridden) dataset and score the head on it."""
-    from tlx.components import resolve as resolve_components
-
-    recipe = run.recipe
-    parts = resolve_components(recipe, str(run.folder / RECIPE_FILE))
-    splits = parts.dataset.factory(parts.dataset_options)
+    """The test split of the run's (possibly overridden) dataset through the run's backbone (features
+    from the cache where there), and the head's scores on it."""
+    splits = run.parts.dataset.factory(run.parts.dataset_options)
     if splits.classes != run.classes:
         raise TlxError(
             f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "
             f"{', '.join(run.classes)}; evaluate on a dataset with the same class folders"
         )
-    (test,) = extract([splits.test], run.backbone, recipe.extract, device=resolve(recipe.device))
+    test = run.extract(splits.test)
     return Scores.of(run.classes, test.y, predict(run.head, test)), test

@@ -10,16 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tlx.backbone import Backbone
 from tlx.data import Split, load_image
 from tlx.errors import TlxError, describe
 from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
     from tlx.cache import FeatureStore
+    from tlx.runtimes import Forward, Runner, TorchForward
 
 
 @dataclass
@@ -64,31 +63,24 @@ def collate(
     return (torch.stack(images) if images else None), indices, failures
 
 
-def preprocessing(backbone: Backbone) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform the backbone's data config asks for (timm's ``create_transform``)."""
-    from timm.data import create_transform
-
-    return create_transform(**backbone.data_config, is_training=False)
-
-
 def extract(
     splits: Sequence[Split],
-    backbone: Backbone | None,
+    runner: Runner | None,
     settings: ExtractConfig,
     *,
-    device: torch.device | None = None,
     store: FeatureStore | None = None,
 ) -> list[Features]:
-    """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
+    """Features of every image of ``splits``: from ``store`` where cached, else through ``runner``.
 
     All splits share one pipeline, so only a few batches of images are decoded at a time. On a CPU
-    (``device`` None or cpu) each of ``settings.workers`` processes decodes, resizes and runs the
-    backbone on one thread, and only features reach this process; with 0 or 1 workers this process
-    does it all on ``settings.threads`` threads. On an accelerator the workers decode and this
-    process runs the backbone. New features are written to ``store`` chunk by chunk as they come.
-    ``backbone`` may be None when :func:`all_cached` is true. An image that cannot be decoded is left
-    out and listed (``settings.on_bad_image: skip``) or stops the run. An image listed several times
-    (same key) goes through the backbone once; every listing gets its features.
+    each of ``settings.workers`` processes decodes, resizes and runs the backbone on one thread, and
+    only features reach this process; with 0 or 1 workers this process does it all on
+    ``settings.threads`` threads. On an accelerator the workers decode and this process runs the
+    backbone. New features are written to ``store`` chunk by chunk as they come.
+    ``runner`` (:func:`tlx.runtimes.prepare`) may be None when :func:`all_cached` is true. An image
+    that cannot be decoded is left out and listed (``settings.on_bad_image: skip``) or stops the run.
+    An image listed several times (same key) goes through the backbone once; every listing gets its
+    features.
     """
     paths = [path for split in splits for path, _ in split.samples]
     keys = [_key(path) for path in paths]
@@ -102,13 +94,13 @@ def extract(
     reasons = {n: failed[key] for n, key in enumerate(keys) if key in failed}
     computed: dict[int, torch.Tensor] = {}
     if todo:
-        if backbone is None:  # changed, or their chunk removed, since the caller checked all_cached
+        if runner is None:  # changed, or their chunk removed, since the caller checked all_cached
             raise TlxError(
                 f"cache: the features of {len(todo)} images (first: {paths[todo[0]]}) changed or were "
                 "removed from the cache while this run read it; run the command again to recompute them"
             )
         new, new_failures = _run_backbone(
-            backbone, [paths[n] for n in todo], [keys[n] for n in todo], settings, device, store
+            runner, [paths[n] for n in todo], [keys[n] for n in todo], settings, store
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
@@ -168,26 +160,29 @@ def _key(path: Path | Image.Image) -> str | None:
 
 
 def _run_backbone(
-    backbone: Backbone,
+    runner: Runner,
     paths: list[Path],
     keys: list[str | None],
     settings: ExtractConfig,
-    device: torch.device | None,
     store: FeatureStore | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-    """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
+    """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill.
+
+    A runner fresh from an export is first checked on the first batch (:meth:`Runner.check`).
+    """
     from tlx import notices
     from tlx.cache import CHUNK_IMAGES
     from tlx.device import batch_size
+    from tlx.preprocess import eval_transform
 
-    device = device or torch.device("cpu")
-    files = ImageFiles([(p, 0) for p in paths], preprocessing(backbone))
-    module = backbone.module.to(memory_format=torch.channels_last)
-    size = batch_size(settings.batch_size, device)
+    files = ImageFiles([(p, 0) for p in paths], eval_transform(runner.info.data_config))
+    size = batch_size(settings.batch_size, runner.device)
+    if runner.pending is not None:
+        runner.check(_first_batch(files, size))
     batches = (
-        on_cpu(module, files, size, settings.processes)
-        if device.type == "cpu"
-        else on_device(module, files, size, settings.processes, device)
+        on_cpu(runner.forward, files, size, settings.processes)
+        if runner.device.type == "cpu"
+        else on_device(runner.forward, files, size, settings.processes)
     )
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
@@ -211,7 +206,7 @@ def _run_backbone(
                 if keys[j]:
                     pending_failed[keys[j]] = reason
             if indices:
-                _check_output(out, backbone, [paths[j] for j in indices])
+                _check_output(out, runner, [paths[j] for j in indices])
                 for j, row in zip(indices, out.float()):
                     features[j] = row
                     if keys[j]:
@@ -223,12 +218,24 @@ def _run_backbone(
     return features, failures
 
 
+def _first_batch(files: ImageFiles, size: int) -> torch.Tensor | None:
+    """The first ``size`` images of ``files`` that decode, as a batch (None when none does)."""
+    decoded = []
+    for i in range(len(files)):
+        item = files[i]
+        if item[0] is not None:
+            decoded.append(item)
+            if len(decoded) == size:
+                break
+    return collate(decoded)[0]
+
+
 def on_cpu(
-    module: nn.Module, files: ImageFiles, batch_size: int, workers: int
+    forward: Forward, files: ImageFiles, batch_size: int, workers: int
 ) -> Iterable[tuple[Any, list[int], list[tuple[int, str]]]]:
     """``(features, indices, failures)`` per batch, in any order: each of ``workers`` processes decodes
-    and runs ``module`` for the batches it takes (see :class:`FeatureBatches`)."""
-    batches = FeatureBatches(files, module, batch_size)
+    and runs ``forward`` for the batches it takes (see :class:`FeatureBatches`)."""
+    batches = FeatureBatches(files, forward, batch_size)
     # a single worker would only add a process. Workers run one thread each (DataLoader's setting):
     # more can deadlock in a child forked after this process's OpenMP threads started
     workers = min(workers, len(batches))
@@ -236,26 +243,20 @@ def on_cpu(
 
 
 def on_device(
-    module: nn.Module, files: ImageFiles, batch_size: int, workers: int, device: torch.device
+    forward: TorchForward, files: ImageFiles, batch_size: int, workers: int
 ) -> Iterator[tuple[Any, list[int], list[tuple[int, str]]]]:
     """``(features, indices, failures)`` per batch, in any order: ``workers`` processes decode, and
-    ``module`` runs in this process on ``device`` (batches come through pinned memory on CUDA)."""
-    module.to(device)
+    ``forward`` runs in this process on its device (batches come through pinned memory on CUDA)."""
     loader = DataLoader(
         files,
         batch_size=batch_size,
         num_workers=min(workers, -(-len(files) // batch_size)),
         collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=forward.device.type == "cuda",
         in_order=False,
     )
-    with torch.inference_mode():
-        for images, indices, failures in loader:
-            out = None
-            if images is not None:
-                out = module(to_backbone(images, device))
-                out = out.cpu() if isinstance(out, torch.Tensor) else out
-            yield out, indices, failures
+    for images, indices, failures in loader:
+        yield (forward(images) if images is not None else None), indices, failures
 
 
 def to_backbone(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -273,9 +274,9 @@ class FeatureBatches(Dataset):
     Yields ``(features or None, indices, failures)``; only features cross between processes.
     """
 
-    def __init__(self, files: ImageFiles, module: nn.Module, batch_size: int):
+    def __init__(self, files: ImageFiles, forward: Forward, batch_size: int):
         self.files = files
-        self.module = module
+        self.forward = forward
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -284,10 +285,7 @@ class FeatureBatches(Dataset):
     def __getitem__(self, k: int) -> tuple[Any, list[int], list[tuple[int, str]]]:
         stop = min(len(self.files), (k + 1) * self.batch_size)
         images, indices, failures = collate([self.files[i] for i in range(k * self.batch_size, stop)])
-        if images is None:
-            return None, indices, failures
-        with torch.inference_mode():
-            return self.module(images.contiguous(memory_format=torch.channels_last)), indices, failures
+        return (self.forward(images) if images is not None else None), indices, failures
 
 
 @contextmanager
@@ -301,20 +299,20 @@ def threads_set(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _check_output(out: Any, backbone: Backbone, paths: list[Path]) -> None:
+def _check_output(out: Any, runner: Runner, paths: list[Path]) -> None:
     """Refuse a batch's output that is not (n, feature_dim) finite features: it would train silently wrong."""
-    n = len(paths)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, backbone.feature_dim):
+    n, feature_dim = len(paths), runner.info.feature_dim
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, feature_dim):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TlxError(
             f"backbone.name: the backbone returned {shape} for a batch of {n} images, "
-            f"not pooled features of shape ({n}, {backbone.feature_dim})"
+            f"not pooled features of shape ({n}, {feature_dim})"
         )
     finite = torch.isfinite(out).all(dim=1)
     if not finite.all():
         bad = [path for path, ok in zip(paths, finite.tolist()) if not ok]
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise TlxError(
-            f"backbone.name: the backbone ({backbone.weights}) returned NaN or infinite features for "
+            f"backbone.name: the backbone ({runner.info.weights}) returned NaN or infinite features for "
             f"{bad[0]}{more}; its weights may be damaged: check backbone.weights or use another backbone"
         )

@@ -21,8 +21,9 @@ from tlx import notices
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits, stratified_split
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, collate, enforce_bad_image_policy, preprocessing, to_backbone
+from tlx.features import ImageFiles, collate, enforce_bad_image_policy, to_backbone
 from tlx.optim import Optimizer, make_loss, param_groups
+from tlx.preprocess import eval_transform
 from tlx.recipe import Recipe
 from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
 
@@ -88,7 +89,7 @@ def training_transform(backbone: Backbone, augment: bool) -> Callable[[Image.Ima
     from timm.data import create_transform
 
     if not augment:
-        return preprocessing(backbone)
+        return eval_transform(backbone.data_config)
     return create_transform(**backbone.data_config, is_training=True, color_jitter=None)
 
 
@@ -133,10 +134,14 @@ def finetune(
     train_transform = training_transform(backbone, options.augment)
     train_loader = _loader(fit_split, train_transform, recipe, config.batch_size, device, shuffle=True)
     eval_size = batch_size(recipe.extract.batch_size, device)
-    test_loader = _loader(splits.test, preprocessing(backbone), recipe, eval_size, device, shuffle=False)
+    test_loader = _loader(
+        splits.test, eval_transform(backbone.data_config), recipe, eval_size, device, shuffle=False
+    )
     val_loader = None
     if val_split is not None:
-        val_loader = _loader(val_split, preprocessing(backbone), recipe, eval_size, device, shuffle=False)
+        val_loader = _loader(
+            val_split, eval_transform(backbone.data_config), recipe, eval_size, device, shuffle=False
+        )
     optimizer = Optimizer(groups, config, steps_per_epoch=len(train_loader))
     skipped: dict[Path, str] = {}
     history: list[Epoch] = []

@@ -14,9 +14,7 @@ from PIL import Image
 
 from tlx.artifacts import HEAD_FILE, TrainedRun
 from tlx.data import IMAGE_EXTENSIONS, Split
-from tlx.device import resolve
 from tlx.errors import TlxError
-from tlx.features import extract
 
 #: an image file, a folder of them, or an image already in memory (the Python API)
 Source = Path | Image.Image
@@ -49,11 +47,11 @@ def probabilities(
 ) -> tuple[list[Source], torch.Tensor, list[tuple[Source, str]]]:
     """The images that could be decoded, their class probabilities (n, classes), and the skipped.
 
-    Images go through the run's backbone with its recipe's ``extract`` settings and ``device``; a NaN
-    probability is an error, never a printed ``nan%``."""
+    Features come as in a run (:meth:`TrainedRun.extract`: the cache, else the recipe's runtime and
+    ``device``); in-memory images are never cached. A NaN probability is an error, never a printed
+    ``nan%``."""
     files = image_files(sources)
-    split = Split("predict", [(p, 0) for p in files])  # in-memory images too: never cached
-    (features,) = extract([split], run.backbone, run.recipe.extract, device=resolve(run.recipe.device))
+    features = run.extract(Split("predict", [(p, 0) for p in files]))
     kept, k = [], 0
     for source in files:  # features.skipped holds the skipped items themselves, in the same order
         if k < len(features.skipped) and features.skipped[k][0] is source:

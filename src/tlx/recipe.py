@@ -158,6 +158,9 @@ class ExtractConfig(_Strict):
     on_bad_image: Literal["skip", "error"] = "skip"
     #: average the features of each image and its mirror image (train, test and predict)
     flip: bool = False
+    #: what runs the frozen backbone: auto (ONNX Runtime on a CPU when installed, else torch), torch,
+    #: or onnxruntime (see tlx.runtimes)
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
 
     @property
     def processes(self) -> int:
@@ -189,12 +192,18 @@ class Recipe(_Strict):
         return self._set_keys
 
     @model_validator(mode="after")
-    def _flip_only_on_features(self) -> Recipe:
+    def _features_only_keys(self) -> Recipe:
         if self.strategy == "finetune" and self.extract.flip:
             raise PydanticCustomError(
                 "strategy",
                 "extract.flip averages fixed features and does not apply to strategy: finetune "
                 "(its training augmentation already flips); remove extract.flip",
+            )
+        if self.strategy == "finetune" and self.extract.runtime == "onnxruntime":
+            raise PydanticCustomError(
+                "strategy",
+                "extract.runtime: onnxruntime runs a frozen backbone; strategy: finetune trains and "
+                "predicts in torch: remove extract.runtime or set it to auto",
             )
         return self
 

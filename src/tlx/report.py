@@ -111,8 +111,10 @@ class Console:
     def warning(self, text: str) -> None:
         click.echo(f"warning: {text}", err=True)
 
-    def device(self, device: torch.device, configured: str) -> None:
-        self.echo(f"device    {device} (recipe: device: {configured})")
+    def device(self, device: torch.device, configured: str, runtime: str | None = None) -> None:
+        """Where the backbone runs, and what runs it (:mod:`tlx.runtimes`) when features are computed."""
+        runs = f"; runtime {runtime}" if runtime else ""
+        self.echo(f"device    {device} (recipe: device: {configured}){runs}")
 
 
 class QuietConsole(Console):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from tlx.backbone import Backbone
     from tlx.cache import BackboneInfo, FeatureStore
     from tlx.data import Splits
+    from tlx.runtimes import Runner
     from tlx.scores import Scores
     from tlx.train import Fit
 
@@ -51,6 +52,8 @@ class Outcome:
     tuned: nn.Module | None = None
     #: the selection score on the training split (:func:`tlx.train.selection_score`), when asked for
     selection: dict[str, Any] | None = None
+    #: what ran the frozen backbone (:mod:`tlx.runtimes`); None when no feature was computed
+    runtime: str | None = None
 
 
 def run(
@@ -93,6 +96,7 @@ def _run(
 ) -> dict[str, Any]:
     """:func:`run` once the components are resolved and the trackers follow ``console``."""
     from tlx import artifacts, cache
+    from tlx.device import resolve as resolve_device
 
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
@@ -102,12 +106,16 @@ def _run(
     for warning in check_overlap(splits):
         console.warning(warning)
     root = cache.cache_dir(cache_dir)
-    backbone, info, store = recall_or_build(recipe, parts, root, splits)
-    console.backbone(recipe, parts.backbone.plugin, info, splits)
-    device = _device(recipe, backbone, console)
     if recipe.strategy == "features":
-        outcome = train_on_features(recipe, parts, splits, backbone, info, store, device, console, select)
+        runner, info, store = frozen_backbone(recipe, parts, root, splits, console)
+        outcome = train_on_features(recipe, parts, splits, runner, info, store, console, select)
     else:
+        from tlx.backbone import build_backbone
+
+        backbone, info = build_backbone(recipe, parts, root)
+        console.backbone(recipe, parts.backbone.plugin, info, splits)
+        device = resolve_device(recipe.device)
+        console.device(device, recipe.device)
         outcome = finetune_end_to_end(recipe, parts, splits, backbone, info, device, console)
     metrics = metrics_of(recipe, parts, splits, info, outcome, root, time.perf_counter() - started)
     try:
@@ -131,78 +139,42 @@ def _run(
     return metrics
 
 
-def recall_or_build(
-    recipe: Recipe, parts: Components, root: Path, splits: Splits
-) -> tuple[Backbone | None, BackboneInfo, FeatureStore]:
-    """The backbone's info and feature store; the backbone itself only where it must run.
+def frozen_backbone(
+    recipe: Recipe, parts: Components, root: Path, splits: Splits, console: Console
+) -> tuple[Runner | None, BackboneInfo, FeatureStore]:
+    """The backbone's info and feature store, and a runner only where some feature is not cached.
 
-    A backbone seen before (same weights files) whose features of every image are cached is not built
-    (nor its weights hashed); fine-tuning trains it, so it is always built.
+    A backbone seen before (same weights files) is recalled, not built (nor its weights hashed): a run
+    whose features are all cached needs no backbone, and a cached export runs without the torch model.
     """
     from tlx import cache
+    from tlx.backbone import build_backbone, feature_store, runner_for
     from tlx.features import all_cached
 
-    if recipe.strategy == "features":
-        info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
-        if info is not None:
-            store = cache.FeatureStore(root, feature_identity(recipe, parts, info))
-            if all_cached([splits.train, splits.test], store):
-                return None, info, store
-    backbone, info = build_backbone(recipe, parts, root)
-    return backbone, info, cache.FeatureStore(root, feature_identity(recipe, parts, info))
-
-
-def build_backbone(recipe: Recipe, parts: Components, root: Path) -> tuple[Backbone, BackboneInfo]:
-    """Build the backbone and hash its weights; the digest is remembered per weights file.
-
-    A later run whose features are all cached then neither builds nor hashes the model; a changed
-    weights file (size, mtime, ctime or inode) is a new key, so the model is built again.
-    """
-    import torch
-
-    from tlx import cache
-    from tlx.backbone import create_backbone
-
-    torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
-    backbone = create_backbone(parts.backbone, recipe.backbone)
-    info = cache.BackboneInfo.of(backbone)
-    cache.remember_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version, info)
-    return backbone, info
-
-
-def feature_identity(recipe: Recipe, parts: Components, info: BackboneInfo) -> dict[str, Any]:
-    """The cache namespace: every recipe key that can change a feature (new keys count by default)."""
-    from tlx.cache import namespace_identity
-
-    backbone = {
-        "plugin": [parts.backbone.plugin, parts.backbone_version],
-        **recipe.backbone.model_dump(mode="json", exclude={"weights"}),
-    }
-    pixels = recipe.extract.model_dump(
-        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image"}
-    )
-    return namespace_identity(backbone, info, pixels)
-
-
-def _device(recipe: Recipe, backbone: Backbone | None, console: Console) -> torch.device | None:
-    """Where the backbone runs; None when it does not run (a warm run does not look for a GPU)."""
+    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
+    built = None
+    if info is None:
+        built = build_backbone(recipe, parts, root)
+        info = built[1]
+    console.backbone(recipe, parts.backbone.plugin, info, splits)
+    store = feature_store(recipe, parts, root, info)
+    if all_cached([splits.train, splits.test], store):
+        return None, info, store
     from tlx.device import resolve as resolve_device
 
-    if backbone is None:
-        return None
     device = resolve_device(recipe.device)
-    console.device(device, recipe.device)
-    return device
+    runner = runner_for(recipe, parts, root, info, device, built)
+    console.device(device, recipe.device, runner.runtime)
+    return runner, info, store
 
 
 def train_on_features(
     recipe: Recipe,
     parts: Components,
     splits: Splits,
-    backbone: Backbone | None,
+    runner: Runner | None,
     info: BackboneInfo,
     store: FeatureStore,
-    device: torch.device | None,
     console: Console,
     select: bool = False,
 ) -> Outcome:
@@ -213,15 +185,12 @@ def train_on_features(
     import torch
 
     from tlx.artifacts import Predictions
-    from tlx.backbone import flip_averaged
     from tlx.features import extract
     from tlx.scores import Scores
     from tlx.train import fit_head, selection_score, with_choices
 
     t0 = time.perf_counter()
-    if backbone is not None and recipe.extract.flip:
-        backbone = flip_averaged(backbone)
-    train, test = extract([splits.train, splits.test], backbone, recipe.extract, device=device, store=store)
+    train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store)
     extract_s = time.perf_counter() - t0
     console.features((splits.train.name, splits.test.name), (train, test), store.folder)
     t0 = time.perf_counter()
@@ -267,6 +236,7 @@ def train_on_features(
         extract_s=extract_s,
         train_s=train_s,
         selection=selection,
+        runtime=runner.runtime if runner is not None else None,
     )
 
 
@@ -274,9 +244,9 @@ def finetune_end_to_end(
     recipe: Recipe,
     parts: Components,
     splits: Splits,
-    backbone: Backbone | None,
+    backbone: Backbone,
     info: BackboneInfo,
-    device: torch.device | None,
+    device: torch.device,
     console: Console,
 ) -> Outcome:
     """The backbone (its ``finetune.unfreeze`` part) and the head trained together on the images."""
@@ -286,7 +256,6 @@ def finetune_end_to_end(
     from tlx.finetune import finetune
     from tlx.scores import Scores
 
-    assert backbone is not None  # recall_or_build always builds the backbone to fine-tune it
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
@@ -348,7 +317,12 @@ def metrics_of(
             {"path": str(path), "reason": reason}
             for path, reason in (*splits.train.skipped, *splits.test.skipped, *outcome.skipped)
         ],
-        "features": {"cached": outcome.cached, "computed": outcome.computed, "cache_dir": str(root)},
+        "features": {
+            "cached": outcome.cached,
+            "computed": outcome.computed,
+            "runtime": outcome.runtime,
+            "cache_dir": str(root),
+        },
         "seconds": {
             "extract": round(outcome.extract_s, 3),
             "train": round(outcome.train_s, 3),

@@ -398,7 +398,7 @@ class Progress(Console):
     def backbone(self, recipe: Recipe, plugin: str, info: Any, splits: Any) -> None:
         pass
 
-    def device(self, device: Any, configured: str) -> None:
+    def device(self, device: Any, configured: str, runtime: str | None = None) -> None:
         pass
 
     def features(self, names: tuple[str, str], features: tuple[Any, Any], folder: Path) -> None:

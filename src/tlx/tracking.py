@@ -106,8 +106,8 @@ class TrackingConsole(Console):
         self.started = list(self.trackers)
         self._each(self.trackers, "start", flatten(self.params), tags)
 
-    def device(self, device: torch.device, configured: str) -> None:
-        self.console.device(device, configured)
+    def device(self, device: torch.device, configured: str, runtime: str | None = None) -> None:
+        self.console.device(device, configured, runtime)
 
     def features(self, names: tuple[str, str], features: tuple[Features, Features], folder: Path) -> None:
         self.console.features(names, features, folder)

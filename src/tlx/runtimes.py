@@ -1,0 +1,319 @@
+"""Backbone runtimes: what computes the frozen backbone's features during extraction.
+
+``torch`` runs the backbone's module (channels-last). ``onnxruntime`` runs the backbone exported to
+ONNX with ONNX Runtime's CPU provider, several times faster for depthwise networks such as
+EfficientNet-Lite (bench/RESULTS.md). ``auto`` picks ONNX Runtime on the CPU when it is installed,
+torch elsewhere. Fine-tuning always trains in torch.
+
+The exported model is a cache entry (``onnx/<key>.onnx`` and its record ``onnx/<key>.json``), keyed
+by the weights' SHA-256, flip averaging, the input size and the versions that shape or run it, so
+the export is paid once per backbone: a later run with a known backbone neither builds the torch
+model nor exports again. The record holds the file's SHA-256 (a damaged file is deleted and
+rebuilt) and the verdict of the parity probe: on the first batch of real images after an export,
+the ONNX features must agree with torch's within :data:`PARITY` of the largest feature value, or the
+run falls back to torch with one warning line (as it does when the export or its session fails).
+A failed export is remembered, so later runs go to torch without trying again.
+
+The runtime does not key the feature cache: features agree across runtimes to about 1e-6 of their
+scale, as torch's own do across batch sizes and thread counts, which never keyed it either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tlx import notices
+from tlx.errors import TlxError, describe
+from tlx.files import write_atomic, write_json
+
+if TYPE_CHECKING:
+    from tlx.cache import BackboneInfo
+
+#: the choices of ``extract.runtime``
+RUNTIMES = ("auto", "torch", "onnxruntime")
+#: the ONNX opset the backbone is exported with
+OPSET = 17
+#: the parity probe's tolerance: max |onnx - torch| ≤ PARITY × max |torch| on the first batch
+PARITY = 1e-4
+#: bumped whenever the export or its record changes meaning
+EXPORT_FORMAT = 1
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def choose(setting: str, device: torch.device) -> str:
+    """The runtime for ``extract.runtime`` on ``device``: ``auto`` is ONNX Runtime on a CPU if installed."""
+    installed = importlib.util.find_spec("onnxruntime") is not None
+    if setting == "onnxruntime":
+        if not installed:
+            raise TlxError(
+                "extract.runtime: onnxruntime is not installed; pip install onnxruntime, "
+                "or set extract.runtime=auto"
+            )
+        if device.type != "cpu":
+            raise TlxError(
+                f"extract.runtime: onnxruntime runs the backbone on the CPU, the recipe's device is "
+                f"{device}; set device=cpu or extract.runtime=auto"
+            )
+        return "onnxruntime"
+    if setting == "auto" and installed and device.type == "cpu":
+        return "onnxruntime"
+    return "torch"
+
+
+class TorchForward:
+    """The backbone's module on ``device``: a batch in, its features (on the CPU) out."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module = module.to(device=device, memory_format=torch.channels_last)
+        self.device = device
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from tlx.features import to_backbone
+
+        with torch.inference_mode():
+            out = self.module(to_backbone(images, self.device))
+        return out.cpu() if isinstance(out, torch.Tensor) else out
+
+
+class OnnxForward:
+    """The exported backbone in ONNX Runtime (CPU). The session is built on first use in each process
+    (a forked extraction worker builds its own) with as many threads as torch has there."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._session: Any = None
+        self._pid = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_session": None, "_pid": 0}
+
+    def session(self) -> Any:
+        if self._session is None or self._pid != os.getpid():
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # errors only: its notes on the graph are not the user's business
+            self._session = onnxruntime.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+            self._pid = os.getpid()
+        return self._session
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session().run(None, {"image": images.contiguous().numpy()})
+        return torch.from_numpy(out)
+
+    def release(self) -> None:
+        """Drop this process's session (before extraction workers fork: a child cannot use it)."""
+        self._session = None
+
+
+@dataclass
+class Runner:
+    """A frozen backbone ready to run: its forward pass, the runtime behind it and what extraction needs.
+
+    ``pending`` is set right after an export: the first batch is checked against ``reference`` (the
+    torch module) by :meth:`check` before any feature of the runtime is kept.
+    """
+
+    forward: Forward
+    runtime: str
+    info: BackboneInfo
+    pending: Exported | None = None
+    reference: TorchForward | None = field(default=None, repr=False)
+
+    @classmethod
+    def in_torch(cls, module: nn.Module, info: BackboneInfo, device: torch.device) -> Runner:
+        """``module`` run by torch on ``device``."""
+        return cls(TorchForward(module, device), "torch", info)
+
+    @property
+    def device(self) -> torch.device:
+        return self.forward.device if isinstance(self.forward, TorchForward) else torch.device("cpu")
+
+    def check(self, images: torch.Tensor | None) -> None:
+        """Run the parity probe of a fresh export on ``images``; on failure, become the torch runner.
+
+        With no image to probe on (none decodes), this run uses torch and the export stays unverified.
+        """
+        if self.pending is None or self.reference is None:
+            return
+        exported, reference = self.pending, self.reference
+        self.pending = self.reference = None
+        if images is None:
+            self.forward, self.runtime = reference, "torch"
+            return
+        try:
+            ours, theirs = self.forward(images), reference(images)
+        except Exception as exc:  # ONNX Runtime raises its own types for sessions it cannot build or run
+            problem = f"ONNX Runtime cannot run it ({describe(exc)})"
+        else:
+            scale = float(theirs.abs().max())
+            difference = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+            problem = None
+            if not difference <= PARITY * scale:
+                problem = (
+                    f"its features differ from torch's by {difference:.3g} on the first batch "
+                    f"(largest feature {scale:.3g}, tolerance {PARITY:g} of it)"
+                )
+        finally:
+            if isinstance(self.forward, OnnxForward):
+                self.forward.release()
+        if problem is None:
+            exported.verify(difference, scale)
+        else:
+            exported.fail(problem)
+            self.forward, self.runtime = reference, "torch"
+
+
+class Exported:
+    """One backbone's exported model in the cache folder, and its record."""
+
+    def __init__(self, root: Path, identity: dict[str, Any]):
+        from tlx.cache import digest
+
+        key = digest(identity)[:32]
+        self.root = root
+        self.identity = identity
+        self.path = root / "onnx" / f"{key}.onnx"
+        self.record = root / "onnx" / f"{key}.json"
+
+    def recalled(self) -> tuple[Path | None, str | None]:
+        """The verified model file, or why it cannot be used (a failure remembered), or (None, None).
+
+        A file whose SHA-256 differs from the record's is deleted, with a warning, so it is rebuilt.
+        """
+        import json
+
+        try:
+            record = json.loads(self.record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, None
+        if not isinstance(record, dict):
+            return None, None
+        if isinstance(record.get("failed"), str):
+            return None, record["failed"]
+        if _file_digest(self.path) == record.get("sha256"):
+            return self.path, None
+        for path in (self.path, self.record):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        notices.warn(f"cache: deleted damaged exported model {self.path}; it is exported again")
+        return None, None
+
+    def export(self, module: nn.Module, input_size: tuple[int, int, int]) -> None:
+        """Write ``module`` as ONNX (a batch of any size in, features out), atomically."""
+        from tlx.cache import tag
+
+        example = torch.zeros(2, *input_size)
+        tag(self.root)
+
+        def write(tmp: Path) -> None:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(tmp),
+                    input_names=["image"],
+                    output_names=["features"],
+                    dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+
+        write_atomic(self.path, write)
+
+    def verify(self, difference: float, scale: float) -> None:
+        """Record the file as checked: later runs use it without the torch model."""
+        self._write(
+            {"sha256": _file_digest(self.path), "difference": difference, "scale": scale, **self.identity}
+        )
+
+    def fail(self, reason: str) -> None:
+        """Record (and warn once) that this backbone runs in torch: ``reason`` says why."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._write({"failed": reason, **self.identity})
+        warn_fallback(reason)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        try:
+            write_json(self.record, record)
+        except OSError as exc:
+            notices.warn(f"cache: cannot write {self.record} ({exc.strerror or exc}); the export is redone")
+
+
+def warn_fallback(reason: str) -> None:
+    notices.warn(f"extract.runtime: the backbone runs in torch: its ONNX export is not usable: {reason}")
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def export_identity(info: BackboneInfo, flip: bool) -> dict[str, Any]:
+    """What shapes an exported model and its verdict: weights, flip, input, and the versions involved."""
+    from tlx.cache import versions
+
+    return {
+        "format": EXPORT_FORMAT,
+        "weights_sha256": info.sha256,
+        "flip": flip,
+        "input_size": list(info.data_config["input_size"]),
+        "opset": OPSET,
+        "versions": versions(("torch", "onnx", "onnxruntime")),
+    }
+
+
+def prepare(
+    setting: str,
+    device: torch.device,
+    root: Path,
+    recalled: BackboneInfo | None,
+    build: Callable[[], tuple[nn.Module, BackboneInfo]],
+    flip: bool,
+) -> Runner:
+    """The runner for ``extract.runtime`` (``setting``) on ``device``.
+
+    ``recalled`` is the backbone as remembered, when it is; ``build()`` builds its torch module
+    (flip-averaged when ``flip``). A cached, verified export of a recalled backbone runs without it.
+    """
+    runtime = choose(setting, device)
+    if runtime == "onnxruntime" and recalled is not None:
+        path, failure = Exported(root, export_identity(recalled, flip)).recalled()
+        if path is not None:
+            return Runner(OnnxForward(path), runtime, recalled)
+        if failure is not None:
+            warn_fallback(failure)
+            runtime = "torch"
+    module, info = build()
+    if runtime == "torch":
+        return Runner.in_torch(module, info, device)
+    exported = Exported(root, export_identity(info, flip))
+    try:
+        exported.export(module, tuple(info.data_config["input_size"]))
+    except OSError as exc:  # an unwritable cache folder: nothing to remember
+        warn_fallback(f"cannot write {exported.path} ({exc.strerror or exc})")
+        return Runner.in_torch(module, info, device)
+    except Exception as exc:  # the exporter raises many types for modules it cannot trace
+        exported.fail(f"the export failed ({describe(exc)})")
+        return Runner.in_torch(module, info, device)
+    return Runner(OnnxForward(exported.path), runtime, info, exported, TorchForward(module, device))
