@@ -86,7 +86,8 @@ def image_key(path: Path) -> str:
     return digest([os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])[:32]
 
 
-def _versions(packages: Iterable[str]) -> dict[str, str]:
+def versions(packages: Iterable[str]) -> dict[str, str]:
+    """The installed version of each of ``packages`` ("absent" when not installed)."""
     found = {}
     for name in packages:
         try:
@@ -143,7 +144,7 @@ def _backbone_record(root: Path, entry: Entry, config: BackboneConfig, plugin_ve
         "plugin": [entry.plugin, plugin_version],
         "backbone": config.model_dump(mode="json"),
         "files": stats,
-        "versions": _versions(("tlx", *PIXEL_PACKAGES)),
+        "versions": versions(("tlx", *PIXEL_PACKAGES)),
     }
     return root / "backbones" / f"{digest(key)[:32]}.json"
 
@@ -190,7 +191,7 @@ def namespace_identity(
         "feature_dim": info.feature_dim,
         "data_config": info.data_config,
         "pixels": pixels,
-        "versions": _versions(PIXEL_PACKAGES),
+        "versions": versions(PIXEL_PACKAGES),
     }
 
 

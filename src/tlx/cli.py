@@ -297,14 +297,14 @@ def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float) -> None:
 
 
 #: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`
-KINDS = ("backbones", "heads", "datasets", "trackers")
+KINDS = ("backbones", "heads", "datasets", "trackers", "engines")
 
 
 @cli.group("list", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """Show registered backbones, heads, datasets and trackers, and the installed plugins."""
+    """Show registered backbones, heads, datasets, trackers and engines, and the installed plugins."""
     if ctx.invoked_subcommand is not None:
         return
     from tlx.plugins import load

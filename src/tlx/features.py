@@ -20,6 +20,7 @@ from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
     from tlx.cache import FeatureStore
+    from tlx.engines import Engine
 
 
 @dataclass
@@ -78,6 +79,7 @@ def extract(
     *,
     device: torch.device | None = None,
     store: FeatureStore | None = None,
+    engine: Engine | None = None,
 ) -> list[Features]:
     """Features of every image of ``splits``: from ``store`` where cached, else through ``backbone``.
 
@@ -85,7 +87,8 @@ def extract(
     (``device`` None or cpu) each of ``settings.workers`` processes decodes, resizes and runs the
     backbone on one thread, and only features reach this process; with 0 or 1 workers this process
     does it all on ``settings.threads`` threads. On an accelerator the workers decode and this
-    process runs the backbone. New features are written to ``store`` chunk by chunk as they come.
+    process runs the backbone; ``engine`` (default: this machine) may run it elsewhere
+    (:mod:`tlx.engines`). New features are written to ``store`` chunk by chunk as they come.
     ``backbone`` may be None when :func:`all_cached` is true. An image that cannot be decoded is left
     out and listed (``settings.on_bad_image: skip``) or stops the run. An image listed several times
     (same key) goes through the backbone once; every listing gets its features.
@@ -108,7 +111,7 @@ def extract(
                 "removed from the cache while this run read it; run the command again to recompute them"
             )
         new, new_failures = _run_backbone(
-            backbone, [paths[n] for n in todo], [keys[n] for n in todo], settings, device, store
+            backbone, [paths[n] for n in todo], [keys[n] for n in todo], settings, device, store, engine
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
@@ -174,9 +177,10 @@ def _run_backbone(
     settings: ExtractConfig,
     device: torch.device | None,
     store: FeatureStore | None,
+    engine: Engine | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
-    from tlx import notices
+    from tlx import engines, notices
     from tlx.cache import CHUNK_IMAGES
     from tlx.device import batch_size
 
@@ -184,11 +188,8 @@ def _run_backbone(
     files = ImageFiles([(p, 0) for p in paths], preprocessing(backbone))
     module = backbone.module.to(memory_format=torch.channels_last)
     size = batch_size(settings.batch_size, device)
-    batches = (
-        on_cpu(module, files, size, settings.processes)
-        if device.type == "cpu"
-        else on_device(module, files, size, settings.processes, device)
-    )
+    job = engines.Job(files, module, size, settings.processes, device)
+    batches = (engine or engines.local(settings)).batches(job)
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
     pending: list[int] = []

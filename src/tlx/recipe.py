@@ -145,6 +145,12 @@ class FinetuneConfig(_Strict):
     augment: bool = True
 
 
+class EngineConfig(_Open):
+    """Where the backbone runs over the images: a registered engine ``kind`` and that engine's options."""
+
+    kind: str = "local"
+
+
 class ExtractConfig(_Strict):
     #: images per backbone call; None: 4 on a CPU, where small batches keep activations in cache,
     #: 64 on a GPU (bench/RESULTS.md)
@@ -158,6 +164,8 @@ class ExtractConfig(_Strict):
     on_bad_image: Literal["skip", "error"] = "skip"
     #: average the features of each image and its mirror image (train, test and predict)
     flip: bool = False
+    #: where the backbone runs (``tlx list`` shows the engines); never part of the feature cache key
+    engine: EngineConfig = EngineConfig()
 
     @property
     def processes(self) -> int:
@@ -195,6 +203,12 @@ class Recipe(_Strict):
                 "strategy",
                 "extract.flip averages fixed features and does not apply to strategy: finetune "
                 "(its training augmentation already flips); remove extract.flip",
+            )
+        if self.strategy == "finetune" and self.extract.engine.kind != "local":
+            raise PydanticCustomError(
+                "strategy",
+                "extract.engine runs a frozen backbone and does not apply to strategy: finetune "
+                "(it trains the backbone on this machine); remove extract.engine",
             )
         return self
 

@@ -76,7 +76,7 @@ def run(
         with Painter() as own:
             return run(recipe, source, out, cache_dir, own, console, select, tags)
     started = time.perf_counter()
-    parts = resolve(recipe, source)
+    parts = resolve(recipe, source, engine=True)
     with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
         return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
 
@@ -179,7 +179,7 @@ def feature_identity(recipe: Recipe, parts: Components, info: BackboneInfo) -> d
         **recipe.backbone.model_dump(mode="json", exclude={"weights"}),
     }
     pixels = recipe.extract.model_dump(
-        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image"}
+        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image", "engine"}
     )
     return namespace_identity(backbone, info, pixels)
 
@@ -214,6 +214,7 @@ def train_on_features(
 
     from tlx.artifacts import Predictions
     from tlx.backbone import flip_averaged
+    from tlx.engines import BackboneSpec
     from tlx.features import extract
     from tlx.scores import Scores
     from tlx.train import fit_head, selection_score, with_choices
@@ -221,7 +222,13 @@ def train_on_features(
     t0 = time.perf_counter()
     if backbone is not None and recipe.extract.flip:
         backbone = flip_averaged(backbone)
-    train, test = extract([splits.train, splits.test], backbone, recipe.extract, device=device, store=store)
+    engine = None
+    if backbone is not None and parts.engine is not None:
+        entry, options = parts.engine
+        engine = entry.factory(options, BackboneSpec.of(recipe, info.sha256))
+    train, test = extract(
+        [splits.train, splits.test], backbone, recipe.extract, device=device, store=store, engine=engine
+    )
     extract_s = time.perf_counter() - t0
     console.features((splits.train.name, splits.test.name), (train, test), store.folder)
     t0 = time.perf_counter()
