@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -127,19 +128,15 @@ def connect(options: RayOptions) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # execution plans and timings on every run
 
 
-class _errors:
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
     """An error raised on a worker as the one-line :class:`TlxError` it carries, else naming Ray."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or not isinstance(exc, Exception) or type(exc) is TlxError:
-            return False
-        cause = _tlx_error(exc)
-        if cause is not None:
-            raise TlxError(cause) from None
-        raise TlxError(f"engine ray: the job failed ({describe(exc)})") from None
+    try:
+        yield
+    except Exception as exc:
+        if type(exc) is TlxError:  # the driver's own; Ray's wrappers of a worker's are subclasses
+            raise
+        raise TlxError(_tlx_error(exc) or f"engine ray: the job failed ({describe(exc)})") from None
 
 
 def _tlx_error(exc: BaseException) -> str | None:
