@@ -9,11 +9,11 @@ DATA := $(if $(wildcard $(SHARED_DATA)),--set dataset.root=$(SHARED_DATA))
 .PHONY: run test lint
 
 $(VENV)/.installed: pyproject.toml plugins/tlx-efficientnet-lite/pyproject.toml plugins/tlx-prototype-head/pyproject.toml \
-		plugins/tlx-mlflow/pyproject.toml
+		plugins/tlx-mlflow/pyproject.toml plugins/tlx-ray/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' -e plugins/tlx-efficientnet-lite \
-		-e plugins/tlx-prototype-head -e plugins/tlx-mlflow
+		-e plugins/tlx-prototype-head -e plugins/tlx-mlflow -e 'plugins/tlx-ray[test]'
 	touch $@
 
 run: $(VENV)/.installed

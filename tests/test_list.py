@@ -124,6 +124,9 @@ def test_plain_list_is_unchanged(invoke, args: tuple[str, ...]) -> None:
     assert result.exit_code == 0, result.output
     text = result.stdout
     if args:
-        assert set(json.loads(text)) == {"backbones", "heads", "datasets", "trackers", "plugins"}
+        listing = json.loads(text)
+        assert set(listing) == {"backbones", "heads", "datasets", "trackers", "engines", "plugins"}
+        assert {"name": "local", "plugin": "tlx.local"}.items() <= listing["engines"][0].items()
     else:
         assert text.startswith("backbones:\n") and "\nheads:\n" in text and "\nplugins:\n" in text
+        assert "\nengines:\n  local " in text

@@ -54,6 +54,7 @@ def test_builtins_are_plugins_registered_through_the_hooks() -> None:
     assert {"linear", "mlp"} <= set(loaded.heads.entries)
     assert loaded.heads.get("mlp", "head.type").plugin == "tlx.heads"
     assert loaded.datasets.get("imagefolder", "dataset.kind").plugin == "tlx.imagefolder"
+    assert loaded.engines.get("local", "extract.engine.kind").plugin == "tlx.local"
     assert all(p.error is None for p in loaded.plugins if p.builtin)
 
 
@@ -99,10 +100,10 @@ def test_list_json_shape(fake_plugin) -> None:
     result = run_tlx("list", "--json", env=env)
     assert result.returncode == 0, result.stderr
     listing = json.loads(result.stdout)
-    assert set(listing) == {"backbones", "heads", "datasets", "trackers", "plugins"}
-    for key in ("backbones", "heads", "datasets", "plugins"):
+    assert set(listing) == {"backbones", "heads", "datasets", "trackers", "engines", "plugins"}
+    for key in ("backbones", "heads", "datasets", "engines", "plugins"):
         assert all("name" in item for item in listing[key])
-    for key in ("backbones", "heads", "datasets", "trackers"):
+    for key in ("backbones", "heads", "datasets", "trackers", "engines"):
         assert all("plugin" in item for item in listing[key])
     timm_entry = next(b for b in listing["backbones"] if b["name"] == "timm")
     assert timm_entry["plugin"] == "tlx.timm" and timm_entry["count"] > 500

@@ -110,7 +110,8 @@ def runner_for(
 
 def feature_store(recipe: Recipe, parts: Components, root: Path, info: BackboneInfo) -> FeatureStore:
     """The cache namespace of the recipe's features: every recipe key that can change a feature (new
-    keys count by default), the weights and the pixel libraries; not the runtime (:mod:`tlx.runtimes`)."""
+    keys count by default), the weights and the pixel libraries; not the runtime (:mod:`tlx.runtimes`)
+    nor the engine (:mod:`tlx.engines`): they compute the same features."""
     from tlx.cache import FeatureStore, namespace_identity
 
     backbone = {
@@ -118,6 +119,6 @@ def feature_store(recipe: Recipe, parts: Components, root: Path, info: BackboneI
         **recipe.backbone.model_dump(mode="json", exclude={"weights"}),
     }
     pixels = recipe.extract.model_dump(
-        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image", "runtime"}
+        mode="json", exclude={"batch_size", "workers", "threads", "on_bad_image", "runtime", "engine"}
     )
     return FeatureStore(root, namespace_identity(backbone, info, pixels))

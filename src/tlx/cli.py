@@ -204,18 +204,41 @@ def _mib(n: int) -> str:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {path, label, probability}.")
+@click.option(
+    "--engine",
+    help="Run backbone and head on this engine (e.g. ray; `tlx list`) and write Parquet to --output.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of Parquet files (path, label, probability, top_k, skipped); needs --engine.",
+)
 @CACHE_DIR
 def predict_(
-    run_dir: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, cache_dir: Path | None
+    run_dir: Path,
+    paths: tuple[Path, ...],
+    top_k: int,
+    as_json: bool,
+    engine: str | None,
+    output: Path | None,
+    cache_dir: Path | None,
 ) -> None:
     """Classify images (files or folders) with the classifier trained in RUN_DIR."""
     from tlx.artifacts import load_run
-    from tlx.predict import predict
+    from tlx.predict import predict, predict_to
 
+    if (engine is None) != (output is None) or (output is not None and as_json):
+        raise TlxError("--engine and --output go together, without --json: the engine writes Parquet files")
     run = load_run(run_dir, cache_dir=cache_dir)
-    results, skipped = predict(run, paths, top_k=top_k)
+    if engine is not None and output is not None:
+        results, skipped = None, predict_to(run, paths, top_k=top_k, engine=engine, output=output)
+    else:
+        results, skipped = predict(run, paths, top_k=top_k)
     for path, reason in skipped:
         click.echo(f"tlx: warning: skipped {path}: {reason}", err=True)
+    if results is None:
+        click.echo(f"wrote the predictions to {output}")
+        return
     if as_json:
         keep = ("path", "label", "probability", "top_k") if top_k > 1 else ("path", "label", "probability")
         click.echo(json.dumps([{k: r[k] for k in keep} for r in results], indent=2))
@@ -301,14 +324,14 @@ def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float) -> None:
 
 
 #: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`
-KINDS = ("backbones", "heads", "datasets", "trackers")
+KINDS = ("backbones", "heads", "datasets", "trackers", "engines")
 
 
 @cli.group("list", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """Show registered backbones, heads, datasets and trackers, and the installed plugins."""
+    """Show registered backbones, heads, datasets, trackers and engines, and the installed plugins."""
     if ctx.invoked_subcommand is not None:
         return
     from tlx.plugins import load

@@ -13,8 +13,8 @@ from tlx.errors import TlxError
 from tlx.recipe import Recipe, validate
 from tlx.registry import Entry, Registry
 
-#: tracker kinds that separately installed packages provide, for the error when one is missing
-TRACKER_PACKAGES = {"mlflow": "tlx-mlflow"}
+#: component kinds that separately installed packages provide, for the error when one is missing
+PACKAGES = {"tracker": {"mlflow": "tlx-mlflow"}, "engine": {"ray": "tlx-ray"}}
 
 
 class NoOptions(BaseModel):
@@ -46,10 +46,15 @@ class Components:
     head_options: Any
     #: the recipe's ``track`` entries: each tracker with its validated options
     trackers: tuple[tuple[Entry, Any], ...] = ()
+    #: the ``extract.engine`` and its validated options, when resolved (``tlx run``)
+    engine: tuple[Entry, Any] | None = None
 
 
-def resolve(recipe: Recipe, source: str) -> Components:
-    """Look up every component ``recipe`` names and validate its options; ``source`` names the recipe."""
+def resolve(recipe: Recipe, source: str, *, engine: bool = False) -> Components:
+    """Look up every component ``recipe`` names and validate its options; ``source`` names the recipe.
+
+    ``engine``: the extraction engine too (training runs; eval and predict extract on this machine).
+    """
     registry = plugins.load()
 
     def key(name: str) -> str:  # a name given with --set is blamed on it
@@ -68,6 +73,7 @@ def resolve(recipe: Recipe, source: str) -> Components:
         head,
         validate_options(head, recipe.head.options, "head", source, recipe.set_keys),
         trackers,
+        resolve_engine(recipe, source) if engine else None,
     )
 
 
@@ -76,12 +82,27 @@ def _tracker(registry: Registry, recipe: Recipe, index: int, source: str) -> tup
     section = f"track.{index}"
     given = [k for k in ("track", section, f"{section}.kind") if k in recipe.set_keys]
     key = f"--set {given[0]}" if given else f"{section}.kind"
-    kind = recipe.track[index].kind
-    package = TRACKER_PACKAGES.get(kind)
+    entry = _installed(registry, recipe.track[index].kind, key)
+    return entry, validate_options(entry, recipe.track[index].options, section, source, recipe.set_keys)
+
+
+def resolve_engine(recipe: Recipe, source: str, kind: str | None = None) -> tuple[Entry, Any]:
+    """The engine ``kind`` (default: the one ``extract.engine`` names) with its validated options: the
+    recipe's when it names that kind, else the engine's defaults."""
+    given = [k for k in ("extract", "extract.engine", "extract.engine.kind") if k in recipe.set_keys]
+    key = "--engine" if kind else f"--set {given[0]}" if given else "extract.engine.kind"
+    configured = recipe.extract.engine
+    entry = _installed(plugins.load().engines, kind or configured.kind, key)
+    options = configured.options if entry.name == configured.kind else {}
+    return entry, validate_options(entry, options, "extract.engine", source, recipe.set_keys)
+
+
+def _installed(registry: Registry, kind: str, key: str) -> Entry:
+    """The entry for ``kind``; a kind whose plugin package is not installed names the package."""
+    package = PACKAGES.get(registry.kind, {}).get(kind)
     if package and kind not in registry.entries and kind not in registry.conflicts:
         raise TlxError(
-            f"{key}: tracker {kind!r} comes from the plugin package {package}, which is not installed; "
-            f"install it from tlx's repository: pip install -e plugins/{package}"
+            f"{key}: {registry.kind} {kind!r} comes from the plugin package {package}, which is not "
+            f"installed; install it from tlx's repository: pip install -e plugins/{package}"
         )
-    entry = registry.get(kind, key)
-    return entry, validate_options(entry, recipe.track[index].options, section, source, recipe.set_keys)
+    return registry.get(kind, key)

@@ -18,6 +18,7 @@ from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
     from tlx.cache import FeatureStore
+    from tlx.engines import Engine
     from tlx.runtimes import Forward, Runner, TorchForward
 
 
@@ -69,6 +70,7 @@ def extract(
     settings: ExtractConfig,
     *,
     store: FeatureStore | None = None,
+    engine: Engine | None = None,
 ) -> list[Features]:
     """Features of every image of ``splits``: from ``store`` where cached, else through ``runner``.
 
@@ -76,7 +78,8 @@ def extract(
     each of ``settings.workers`` processes decodes, resizes and runs the backbone on one thread, and
     only features reach this process; with 0 or 1 workers this process does it all on
     ``settings.threads`` threads. On an accelerator the workers decode and this process runs the
-    backbone. New features are written to ``store`` chunk by chunk as they come.
+    backbone. ``engine`` (default: this machine) may run it elsewhere (:mod:`tlx.engines`). New
+    features are written to ``store`` chunk by chunk as they come.
     ``runner`` (:func:`tlx.runtimes.prepare`) may be None when :func:`all_cached` is true. An image
     that cannot be decoded is left out and listed (``settings.on_bad_image: skip``) or stops the run.
     An image listed several times (same key) goes through the backbone once; every listing gets its
@@ -100,7 +103,7 @@ def extract(
                 "removed from the cache while this run read it; run the command again to recompute them"
             )
         new, new_failures = _run_backbone(
-            runner, [paths[n] for n in todo], [keys[n] for n in todo], settings, store
+            runner, [paths[n] for n in todo], [keys[n] for n in todo], settings, store, engine
         )
         computed = {todo[j]: row for j, row in new.items()}
         reasons.update({todo[j]: reason for j, reason in new_failures.items()})
@@ -165,25 +168,17 @@ def _run_backbone(
     keys: list[str | None],
     settings: ExtractConfig,
     store: FeatureStore | None,
+    engine: Engine | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-    """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill.
-
-    A runner fresh from an export is first checked on the first batch (:meth:`Runner.check`).
-    """
-    from tlx import notices
+    """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
+    from tlx import engines, notices
     from tlx.cache import CHUNK_IMAGES
     from tlx.device import batch_size
     from tlx.preprocess import eval_transform
 
     files = ImageFiles([(p, 0) for p in paths], eval_transform(runner.info.data_config))
-    size = batch_size(settings.batch_size, runner.device)
-    if runner.pending is not None:
-        runner.check(_first_batch(files, size))
-    batches = (
-        on_cpu(runner.forward, files, size, settings.processes)
-        if runner.device.type == "cpu"
-        else on_device(runner.forward, files, size, settings.processes)
-    )
+    job = engines.Job(files, runner, batch_size(settings.batch_size, runner.device), settings.processes)
+    batches = (engine or engines.local(settings)).batches(job)
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
     pending: list[int] = []
@@ -218,7 +213,7 @@ def _run_backbone(
     return features, failures
 
 
-def _first_batch(files: ImageFiles, size: int) -> torch.Tensor | None:
+def first_batch(files: ImageFiles, size: int) -> torch.Tensor | None:
     """The first ``size`` images of ``files`` that decode, as a batch (None when none does)."""
     decoded = []
     for i in range(len(files)):

@@ -1,4 +1,4 @@
-"""Hook specifications: how plugins register backbones, heads, datasets and experiment trackers.
+"""Hook specifications: how plugins register backbones, heads, datasets, experiment trackers and engines.
 
 Each hook receives a ``register`` callable (see :class:`tlx.registry.Registry.register`):
 
@@ -40,4 +40,14 @@ def register_trackers(register):
     """Register experiment trackers: ``factory(options, run_dir) -> tlx.Tracker`` (its methods: there).
 
     A recipe's ``track: [{kind: NAME, ...options}]`` names them; ``options=Model`` validates the options.
+    """
+
+
+@hookspec
+def register_engines(register):
+    """Register extraction engines: ``factory(options, spec) -> tlx.engines.Engine``, ``spec`` a
+    :class:`tlx.engines.BackboneSpec` (how a worker elsewhere builds the driver's backbone).
+
+    A recipe's ``extract.engine: {kind: NAME, ...options}`` names one; ``options=Model`` validates the
+    options. The built-in ``local`` runs on this machine (see :mod:`tlx.engines`).
     """

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = {
     "tlx.folder": "tlx.default_plugins.folder",
     "tlx.csv": "tlx.default_plugins.csv_manifest",
     "tlx.tensorboard": "tlx.default_plugins.tensorboard",
+    "tlx.local": "tlx.default_plugins.local_engine",
 }
 
 
@@ -51,10 +52,11 @@ class Plugins:
     heads: Registry
     datasets: Registry
     trackers: Registry
+    engines: Registry
     plugins: list[PluginInfo]
 
     def registries(self) -> tuple[Registry, ...]:
-        return (self.backbones, self.heads, self.datasets, self.trackers)
+        return (self.backbones, self.heads, self.datasets, self.trackers, self.engines)
 
 
 @functools.cache
@@ -78,13 +80,19 @@ def load() -> Plugins:
     _unregister_unknown_hooks(pm, infos)
 
     plugins = Plugins(
-        Registry("backbone"), Registry("head"), Registry("dataset"), Registry("tracker"), list(infos.values())
+        Registry("backbone"),
+        Registry("head"),
+        Registry("dataset"),
+        Registry("tracker"),
+        Registry("engine"),
+        list(infos.values()),
     )
     hooks = (
         pm.hook.register_backbones,
         pm.hook.register_heads,
         pm.hook.register_datasets,
         pm.hook.register_trackers,
+        pm.hook.register_engines,
     )
     for hook, registry in zip(hooks, plugins.registries()):
         for impl in hook.get_hookimpls():

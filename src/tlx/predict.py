@@ -58,8 +58,13 @@ def probabilities(
             k += 1
         else:
             kept.append(source)
+    return kept, classify(run, kept, features.x), features.skipped
+
+
+def classify(run: TrainedRun, kept: Sequence[Source], x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (n, classes) of the features ``x`` of the images ``kept``; NaN is an error."""
     with torch.inference_mode():
-        result = torch.softmax(run.head(features.x), dim=1)
+        result = torch.softmax(run.head(x), dim=1)
     finite = result.isfinite().all(dim=1)
     if not finite.all():
         first = kept[int(finite.logical_not().nonzero()[0])]
@@ -67,7 +72,19 @@ def probabilities(
             f"{run.folder / HEAD_FILE}: the classifier gives NaN for {first} (its features or the head are "
             "not finite); train a new run"
         )
-    return kept, result, features.skipped
+    return result
+
+
+def ranked(
+    kept: Sequence[Source], result: torch.Tensor, classes: list[str], top_k: int
+) -> list[dict[str, Any]]:
+    """One result per image (``path``, ``label``, ``probability``, ``top_k``) from its probabilities."""
+    top = result.topk(min(top_k, len(classes)), dim=1)
+    results = []
+    for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
+        labels = [{"label": classes[i], "probability": p} for i, p in zip(indices, values)]
+        results.append({"path": str(path), **labels[0], "top_k": labels})
+    return results
 
 
 def predict(
@@ -75,9 +92,21 @@ def predict(
 ) -> tuple[list[dict[str, Any]], list[tuple[Source, str]]]:
     """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
     kept, result, skipped = probabilities(run, paths)
-    top = result.topk(min(top_k, len(run.classes)), dim=1)
-    results = []
-    for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        ranked = [{"label": run.classes[i], "probability": p} for i, p in zip(indices, values)]
-        results.append({"path": str(path), **ranked[0], "top_k": ranked})
-    return results, skipped
+    return ranked(kept, result, run.classes, top_k), skipped
+
+
+def predict_to(
+    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int, engine: str, output: Path
+) -> list[tuple[str, str]]:
+    """Predictions of the images of ``paths`` written as Parquet under ``output`` by ``engine``, which
+    runs backbone and head where the images are (``tlx predict --engine ray``); returns the skipped."""
+    from tlx.artifacts import PROVENANCE_FILE, RECIPE_FILE, backbone_digest
+    from tlx.components import resolve_engine
+    from tlx.engines import BackboneSpec
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise TlxError(f"--output {output}: exists and is not an empty folder; choose a new folder")
+    entry, options = resolve_engine(run.recipe, str(run.folder / RECIPE_FILE), engine)
+    spec = BackboneSpec.of(run.recipe, backbone_digest(run.folder / PROVENANCE_FILE))
+    files = [Path(p) for p in image_files(paths)]
+    return entry.factory(options, spec).predict(run.folder, files, top_k, output)

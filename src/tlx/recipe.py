@@ -145,6 +145,12 @@ class FinetuneConfig(_Strict):
     augment: bool = True
 
 
+class EngineConfig(_Open):
+    """Where the backbone runs over the images: a registered engine ``kind`` and that engine's options."""
+
+    kind: str = "local"
+
+
 class ExtractConfig(_Strict):
     #: images per backbone call; None: 4 on a CPU, where small batches keep activations in cache,
     #: 64 on a GPU (bench/RESULTS.md)
@@ -161,6 +167,8 @@ class ExtractConfig(_Strict):
     #: what runs the frozen backbone: auto (ONNX Runtime on a CPU when installed, else torch), torch,
     #: or onnxruntime (see tlx.runtimes)
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
+    #: where the backbone runs (``tlx list`` shows the engines); never part of the feature cache key
+    engine: EngineConfig = EngineConfig()
 
     @property
     def processes(self) -> int:
@@ -204,6 +212,12 @@ class Recipe(_Strict):
                 "strategy",
                 "extract.runtime: onnxruntime runs a frozen backbone; strategy: finetune trains and "
                 "predicts in torch: remove extract.runtime or set it to auto",
+            )
+        if self.strategy == "finetune" and self.extract.engine.kind != "local":
+            raise PydanticCustomError(
+                "strategy",
+                "extract.engine runs a frozen backbone and does not apply to strategy: finetune "
+                "(it trains the backbone on this machine); remove extract.engine",
             )
         return self
 

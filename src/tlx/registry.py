@@ -1,4 +1,4 @@
-"""Named registries of backbones, heads, datasets and trackers, filled by plugins; their factories."""
+"""Named registries of backbones, heads, datasets, trackers and engines, filled by plugins."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ KEYWORDS = {
     "head": {"description", "options"},
     "dataset": {"description", "options"},
     "tracker": {"description", "options"},
+    "engine": {"description", "options"},
 }
 
 
@@ -152,7 +153,7 @@ def _natural(name: str) -> list[Any]:
 
 @dataclass
 class Registry:
-    """Components of one kind (``backbone``, ``head``, ``dataset`` or ``tracker``) by name."""
+    """Components of one kind (``backbone``, ``head``, ``dataset``, ``tracker`` or ``engine``) by name."""
 
     kind: str
     entries: dict[str, Entry] = field(default_factory=dict)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from tlx.backbone import Backbone
     from tlx.cache import BackboneInfo, FeatureStore
     from tlx.data import Splits
+    from tlx.engines import Engine
     from tlx.runtimes import Runner
     from tlx.scores import Scores
     from tlx.train import Fit
@@ -79,7 +80,7 @@ def run(
         with Painter() as own:
             return run(recipe, source, out, cache_dir, own, console, select, tags)
     started = time.perf_counter()
-    parts = resolve(recipe, source)
+    parts = resolve(recipe, source, engine=True)
     with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
         return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
 
@@ -107,8 +108,8 @@ def _run(
         console.warning(warning)
     root = cache.cache_dir(cache_dir)
     if recipe.strategy == "features":
-        runner, info, store = frozen_backbone(recipe, parts, root, splits, console)
-        outcome = train_on_features(recipe, parts, splits, runner, info, store, console, select)
+        runner, engine, info, store = frozen_backbone(recipe, parts, root, splits, console)
+        outcome = train_on_features(recipe, parts, splits, runner, engine, info, store, console, select)
     else:
         from tlx.backbone import build_backbone
 
@@ -141,15 +142,20 @@ def _run(
 
 def frozen_backbone(
     recipe: Recipe, parts: Components, root: Path, splits: Splits, console: Console
-) -> tuple[Runner | None, BackboneInfo, FeatureStore]:
-    """The backbone's info and feature store, and a runner only where some feature is not cached.
+) -> tuple[Runner | None, Engine | None, BackboneInfo, FeatureStore]:
+    """The backbone's info and feature store, and what computes the features not cached: a runner on
+    this machine, or the recipe's engine (``extract.engine``) elsewhere; None when all are cached.
 
     A backbone seen before (same weights files) is recalled, not built (nor its weights hashed): a run
-    whose features are all cached needs no backbone, and a cached export runs without the torch model.
+    whose features are all cached needs no backbone, a cached export runs without the torch model,
+    and an engine's workers build the backbone themselves.
     """
     from tlx import cache
     from tlx.backbone import build_backbone, feature_store, runner_for
+    from tlx.device import resolve as resolve_device
+    from tlx.engines import BackboneSpec
     from tlx.features import all_cached
+    from tlx.runtimes import Runner
 
     info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
     built = None
@@ -159,13 +165,19 @@ def frozen_backbone(
     console.backbone(recipe, parts.backbone.plugin, info, splits)
     store = feature_store(recipe, parts, root, info)
     if all_cached([splits.train, splits.test], store):
-        return None, info, store
-    from tlx.device import resolve as resolve_device
-
+        return None, None, info, store
+    if parts.engine is not None and recipe.extract.engine.kind != "local":  # its workers run torch
+        entry, options = parts.engine
+        return (
+            Runner(None, "torch", info),
+            entry.factory(options, BackboneSpec.of(recipe, info.sha256)),
+            info,
+            store,
+        )
     device = resolve_device(recipe.device)
     runner = runner_for(recipe, parts, root, info, device, built)
     console.device(device, recipe.device, runner.runtime)
-    return runner, info, store
+    return runner, None, info, store
 
 
 def train_on_features(
@@ -173,6 +185,7 @@ def train_on_features(
     parts: Components,
     splits: Splits,
     runner: Runner | None,
+    engine: Engine | None,
     info: BackboneInfo,
     store: FeatureStore,
     console: Console,
@@ -190,7 +203,7 @@ def train_on_features(
     from tlx.train import fit_head, selection_score, with_choices
 
     t0 = time.perf_counter()
-    train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store)
+    train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store, engine=engine)
     extract_s = time.perf_counter() - t0
     console.features((splits.train.name, splits.test.name), (train, test), store.folder)
     t0 = time.perf_counter()

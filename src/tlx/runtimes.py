@@ -130,7 +130,8 @@ class Runner:
     torch module) by :meth:`check` before any feature of the runtime is kept.
     """
 
-    forward: Forward
+    #: None where an engine's workers run the backbone (:mod:`tlx.engines`)
+    forward: Forward | None
     runtime: str
     info: BackboneInfo
     pending: Exported | None = None

@@ -186,7 +186,7 @@ def _combination(
                 "strategy: finetune trains the backbone anew for every combination, which a sweep "
                 "does not do; sweep with strategy: features, then fine-tune the winner with tlx run"
             )
-        parts = resolve(recipe, str(path))
+        parts = resolve(recipe, str(path), engine=True)
     except TlxError as exc:
         raise TlxError(f"sweep combination {label}: {exc}") from None
     return Combination(values, recipe, parts, name)

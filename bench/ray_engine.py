@@ -1,0 +1,105 @@
+"""The ray engine against the local one: Ray's start-up, and images/s with one and two actors.
+
+    .venv/bin/python bench/ray_engine.py [--data DIR] [--json OUT]
+
+On ants/bees (every train and val image) with ``efficientnet_lite0``, no feature cache: (1) the local
+engine (tlx's default: a decoding process per core, one thread each, batch 4); (2) a local Ray started
+with one logical CPU more than the actors need (Ray Data's own tasks), timed as ``ray.init`` and then
+the first batch back (actor start-up: the backbone built and hashed in the actor); (3) the ray engine
+with one and with two actors of one CPU each, batch 4. images/s counts the whole extraction (pool
+start-up included), and the second half of the images alone (the steady state). Needs
+``pip install -e plugins/tlx-ray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+total_images = 0
+DATA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+
+
+def timed(batches) -> dict[str, float]:
+    """Seconds to the first batch and to the last; images/s overall, and over the second half of the
+    images (the steady state: every actor started, the pipeline full)."""
+    start = time.perf_counter()
+    first, half, n, total = None, None, 0, 0
+    for _, indices, failures in batches:
+        n += len(indices) + len(failures)
+        now = time.perf_counter() - start
+        first = now if first is None else first
+        if half is None and n >= total_images / 2:
+            half = (now, n)
+    total = time.perf_counter() - start
+    assert half is not None
+    return {
+        "images": n,
+        "first_batch_s": round(first or 0.0, 2),
+        "total_s": round(total, 2),
+        "images_per_s": round(n / total, 1),
+        "second_half_images_per_s": round((n - half[1]) / (total - half[0]), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from tlx_ray import RayOptions, ray_engine
+
+    from tlx.backbone import build_backbone
+    from tlx.components import resolve
+    from tlx.device import batch_size
+    from tlx.engines import BackboneSpec, Job, LocalEngine
+    from tlx.features import ImageFiles
+    from tlx.preprocess import eval_transform
+    from tlx.recipe import cpu_cores, make_recipe
+    from tlx.runtimes import Runner
+
+    recipe = make_recipe(
+        {"dataset": {"root": str(args.data)}, "backbone": {"name": "efficientnet_lite0"}}, source="bench"
+    )
+    parts = resolve(recipe, "bench")
+    backbone, info = build_backbone(recipe, parts, Path(os.environ.get("TMPDIR", "/tmp")) / "tlx-bench-cache")
+    splits = parts.dataset.factory(parts.dataset_options)
+    paths = [p for split in (splits.train, splits.test) for p, _ in split.samples]
+    cpu = torch.device("cpu")
+    files = ImageFiles([(p, 0) for p in paths], eval_transform(info.data_config))
+    runner = Runner.in_torch(backbone.module, info, cpu)  # the actors run torch: so does the local figure
+    job = Job(files, runner, batch_size(None, cpu), recipe.extract.processes)
+    spec = BackboneSpec.of(recipe, info.sha256)
+    figures: dict[str, object] = {"images": len(paths), "cores": cpu_cores()}
+    global total_images
+    total_images = len(paths)
+
+    torch.set_num_threads(1)
+    figures["local"] = timed(LocalEngine().batches(job))
+    print("local", figures["local"], flush=True)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    figures["ray_init_s"] = round(time.perf_counter() - t0, 2)
+    print("ray.init", figures["ray_init_s"], "s", flush=True)
+    for actors in (1, 2):
+        engine = ray_engine(RayOptions(actors=actors, batch_size=4), spec)
+        figures[f"ray_{actors}_actors"] = timed(engine.batches(job))
+        print(f"ray, {actors} actors", figures[f"ray_{actors}_actors"], flush=True)
+    ray.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
