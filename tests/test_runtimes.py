@@ -95,6 +95,9 @@ def test_the_export_is_cached_and_a_known_backbone_is_not_built_again(
     assert second.metrics["features"] == first.metrics["features"]
     assert second.metrics["test_accuracy"] == first.metrics["test_accuracy"]
     assert second.warnings == []
+    from tlx.cache import clear
+
+    assert clear(cache).removed > 0 and not cache.exists(), "tlx cache clear removes the export too"
 
 
 def test_a_damaged_export_is_deleted_and_exported_again(
