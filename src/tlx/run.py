@@ -214,7 +214,7 @@ def train_on_features(
 
     from tlx.artifacts import Predictions
     from tlx.backbone import flip_averaged
-    from tlx.features import extract
+    from tlx.features import extract, threads_set
     from tlx.scores import Scores
     from tlx.train import fit_head, selection_score, with_choices
 
@@ -251,7 +251,7 @@ def train_on_features(
         )
     cached = train.cached + test.cached
     skipped = {path for path, _ in test.skipped}
-    with torch.inference_mode():
+    with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere
         logits = head.eval()(test.x)
     predictions = Predictions.of([p for p, _ in splits.test.samples if p not in skipped], test.y, logits)
     return Outcome(
