@@ -143,8 +143,8 @@ def _sweep(
     def run_one(number: int, progress: Console, painter: Painter | None = None) -> dict[str, Any]:
         return _run(combinations[number - 1], path, folder, cache, painter, progress)
 
-    jobs = min(jobs, len(todo))
-    if jobs > 1 and can_fork():
+    parallel = min(jobs, len(todo)) > 1 and can_fork()
+    if parallel:
         done = run_in_parallel(
             todo,
             jobs,
@@ -154,10 +154,9 @@ def _sweep(
             lambda n: _backbone_key(combinations[n - 1]),
         )
         results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
-    with _painters() as painters:
-        if not (jobs > 1 and can_fork()):
-            for number in todo:
-                results[combinations[number - 1].name] = run_one(number, console(number), next(painters))
+    with _painters() as painters:  # started after the last fork: a child must not hold their pipes
+        for number in [] if parallel else todo:
+            results[combinations[number - 1].name] = run_one(number, console(number), next(painters))
         rows = leaderboard(combinations, results)
         best = folder / rows[0]["run"]
         write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
