@@ -7,12 +7,14 @@ import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
 
 import tlx
 from tests.conftest import assert_user_error, make_imagefolder, write_recipe
+from tlx import sweep_jobs
 from tlx.logreg import LogRegOptions
 from tlx.sweeps import leaderboard
 from tlx.train import with_choices
@@ -212,3 +214,45 @@ def test_compare_shows_the_keys_that_differ(tmp_path: Path, dataset: Path, count
 
 def test_compare_refuses_a_folder_without_runs(tmp_path: Path, invoke) -> None:
     assert_user_error(invoke("compare", tmp_path), str(tmp_path), "not a tlx run or sweep folder")
+
+
+def _without_timings(value: Any) -> Any:
+    """``value`` less every duration (``seconds``, ``*_s``), which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds" and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_parallel_sweep_gives_the_sequential_results(
+    tmp_path: Path, dataset: Path, counting_backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forked = []
+    fork = sweep_jobs._fork
+    monkeypatch.setattr(sweep_jobs, "_fork", lambda *args: forked.append(args[0]) or fork(*args))
+    recipe, grid = sweep_recipe(tmp_path, dataset), {"head.type": ["linear", "mlp"], "train.lr": [0.01, 0.1]}
+    one = tlx.sweep(recipe, grid, out=tmp_path / "one", cache_dir=tmp_path / "cache1", jobs=1)
+    assert forked == []
+    two = tlx.sweep(recipe, grid, out=tmp_path / "two", cache_dir=tmp_path / "cache2", jobs=2)
+    assert sorted(forked) == [2, 3, 4]  # the first extracts the features, here; the rest in children
+    assert counting_backbone.seen == 2 * 27  # once per sweep (each its own cache)
+    assert _without_timings(one.rows) == _without_timings(two.rows)
+    for row in one.rows:
+        runs = [sweep.folder / row["run"] for sweep in (one, two)]
+        metrics = [_without_timings(json.loads((run / "metrics.json").read_text())) for run in runs]
+        assert [m.pop("features").pop("cache_dir") for m in metrics] == [
+            str(tmp_path / c) for c in ("cache1", "cache2")
+        ]
+        assert metrics[0] == metrics[1]
+        assert (runs[0] / "predictions.csv").read_text() == (runs[1] / "predictions.csv").read_text()
+
+
+def test_an_error_in_a_parallel_combination_is_one_line(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe = sweep_recipe(tmp_path, dataset)
+    args = ["--grid", "train.val_fraction=0.34,0.99", "--jobs", "2", "--out", tmp_path / "sw"]
+    result = invoke("sweep", recipe, *args)  # 0.99 fails in a child: its features are cached by then
+    assert_user_error(result, "train.val_fraction: 0.99 leaves class")
+    assert (tmp_path / "sw" / "0.34" / "metrics.json").is_file()

@@ -121,6 +121,11 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     type=click.IntRange(min=1),
     help="Refuse a grid with more combinations than this.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Combinations trained at once, one core each (default: one per core).",
+)
 def sweep_(
     recipe: Path,
     grid: tuple[str, ...],
@@ -128,6 +133,7 @@ def sweep_(
     out: Path | None,
     cache_dir: Path | None,
     max_combinations: int,
+    jobs: int | None,
 ) -> None:
     """Run RECIPE once per combination of the grid; rank them on the training split (leaderboard.md)."""
     from tlx.recipe import parse_grid
@@ -140,6 +146,7 @@ def sweep_(
         out=out,
         cache_dir=cache_dir,
         max_combinations=max_combinations,
+        jobs=jobs,
         quiet=False,
     )
 

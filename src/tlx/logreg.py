@@ -49,7 +49,12 @@ class LogisticRegression(nn.Module):
     def fit(
         self, train: Features, val: Features | None, *, class_weight: torch.Tensor | None, seed: int
     ) -> tuple[list[dict[str, float]], dict[str, Any]]:
-        with threads_set(1):  # small matrices: more threads only add synchronisation
+        import scipy.optimize  # noqa: F401 -- loads SciPy's BLAS, so that the limit below reaches it
+        from threadpoolctl import threadpool_limits
+
+        # small matrices: more threads (torch's, and the BLAS under SciPy's solver) only add
+        # synchronisation, and spin idle on a busy machine
+        with threads_set(1), threadpool_limits(1, user_api="blas"):
             return self._fit(train, val, class_weight, seed)
 
     def _fit(

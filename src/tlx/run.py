@@ -198,7 +198,7 @@ def train_on_features(
     import torch
 
     from tlx.artifacts import Predictions
-    from tlx.features import extract
+    from tlx.features import extract, threads_set
     from tlx.scores import Scores
     from tlx.train import fit_head, selection_score, with_choices
 
@@ -233,7 +233,7 @@ def train_on_features(
         )
     cached = train.cached + test.cached
     skipped = {path for path, _ in test.skipped}
-    with torch.inference_mode():
+    with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere
         logits = head.eval()(test.x)
     predictions = Predictions.of([p for p, _ in splits.test.samples if p not in skipped], test.y, logits)
     return Outcome(

@@ -34,8 +34,9 @@ import yaml
 from tlx import notices
 from tlx.components import Components, resolve
 from tlx.errors import TlxError, describe, shorten
-from tlx.recipe import Recipe, assign, load_sweep, recipe_from
+from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, recipe_from
 from tlx.report import Console, QuietConsole
+from tlx.sweep_jobs import can_fork, run_in_parallel
 
 if TYPE_CHECKING:
     from tlx.plots import Painter
@@ -85,19 +86,24 @@ def sweep(
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
     max_combinations: int = MAX_COMBINATIONS,
+    jobs: int | None = None,
     quiet: bool = True,
 ) -> Sweep:
     """Run every combination of ``grid`` (and the recipe's ``sweep`` section) and rank them.
 
     ``grid`` maps recipe keys to the values to try (``{"head.type": ["linear", "logreg"]}``);
     ``overrides`` are ``KEY=VALUE`` strings as with ``--set``; ``out`` is the sweep folder (default
-    ``sweeps/<timestamp>-<recipe name>``; an existing sweep folder is resumed). ``quiet`` prints
-    nothing. The whole grid is validated before the first run.
+    ``sweeps/<timestamp>-<recipe name>``; an existing sweep folder is resumed). ``jobs``: how many
+    combinations train at once, one core each (default: one per core; see :mod:`tlx.sweep_jobs`).
+    ``quiet`` prints nothing. The whole grid is validated before the first run.
     """
+    jobs = cpu_cores() if jobs is None else jobs
+    if jobs < 1:
+        raise TlxError(f"jobs: {jobs} is not a number of processes; give 1 or more")
     if quiet:
         with notices.collected([]):
-            return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, quiet=True)
-    return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, quiet=False)
+            return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, jobs, quiet=True)
+    return _sweep(Path(recipe), grid, overrides, out, cache_dir, max_combinations, jobs, quiet=False)
 
 
 def _sweep(
@@ -107,6 +113,7 @@ def _sweep(
     out: str | Path | None,
     cache_dir: str | Path | None,
     max_combinations: int,
+    jobs: int,
     *,
     quiet: bool,
 ) -> Sweep:
@@ -118,17 +125,38 @@ def _sweep(
     finished = {c.name: _finished(folder / c.name, c) for c in combinations}
     cache = Path(cache_dir) if cache_dir is not None else None
     results: dict[str, dict[str, Any]] = {}
-    with _painters() as painters:
-        for number, combination in enumerate(combinations, 1):
-            progress = QuietConsole() if quiet else Progress(number, len(combinations), combination)
-            done = finished[combination.name]
-            if done is not None:
-                progress.echo(
-                    f"[{number}/{len(combinations)}] {combination.label}: kept {folder / combination.name}"
-                )
-                results[combination.name] = done
-                continue
-            results[combination.name] = _run(combination, path, folder, cache, next(painters), progress)
+    todo = []
+    for number, combination in enumerate(combinations, 1):
+        done = finished[combination.name]
+        if done is None:
+            todo.append(number)
+            continue
+        if not quiet:
+            click.echo(
+                f"[{number}/{len(combinations)}] {combination.label}: kept {folder / combination.name}"
+            )
+        results[combination.name] = done
+
+    def console(number: int) -> Console:
+        return QuietConsole() if quiet else Progress(number, len(combinations), combinations[number - 1])
+
+    def run_one(number: int, progress: Console, painter: Painter | None = None) -> dict[str, Any]:
+        return _run(combinations[number - 1], path, folder, cache, painter, progress)
+
+    parallel = min(jobs, len(todo)) > 1 and can_fork()
+    if parallel:
+        done = run_in_parallel(
+            todo,
+            jobs,
+            run_one,
+            console,
+            lambda n: _cached(combinations[n - 1], cache),
+            lambda n: _backbone_key(combinations[n - 1]),
+        )
+        results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
+    with _painters() as painters:  # started after the last fork: a child must not hold their pipes
+        for number in [] if parallel else todo:
+            results[combinations[number - 1].name] = run_one(number, console(number), next(painters))
         rows = leaderboard(combinations, results)
         best = folder / rows[0]["run"]
         write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
@@ -213,6 +241,21 @@ def _backbone_key(combination: Combination) -> str:
     )
 
 
+def _cached(combination: Combination, cache_dir: Path | None) -> bool:
+    """Whether the features of every image of the combination are cached: its run extracts nothing."""
+    from tlx import cache
+    from tlx.backbone import feature_store
+    from tlx.features import all_cached
+
+    recipe, parts = combination.recipe, combination.parts
+    root = cache.cache_dir(cache_dir)
+    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
+    if info is None:
+        return False
+    splits = parts.dataset.factory(parts.dataset_options)
+    return all_cached([splits.train, splits.test], feature_store(recipe, parts, root, info))
+
+
 def _prepare(folder: Path) -> None:
     """Create the sweep folder; a run folder is not a sweep folder."""
     from tlx.artifacts import METRICS_FILE
@@ -269,7 +312,12 @@ def _first_difference(ran: Any, wanted: Any, key: str = "") -> str | None:
 
 
 def _run(
-    combination: Combination, path: Path, folder: Path, cache: Path | None, painter: Painter, console: Console
+    combination: Combination,
+    path: Path,
+    folder: Path,
+    cache: Path | None,
+    painter: Painter | None,
+    console: Console,
 ) -> dict[str, Any]:
     from tlx.artifacts import run_folder
     from tlx.run import run
@@ -393,7 +441,7 @@ class Progress(Console):
         self.prefix = f"[{number}/{total}] {combination.label}"
 
     def data(self, splits: Any, kind: str) -> None:
-        click.echo(f"{self.prefix}: {len(splits.train)} training and {len(splits.test)} test images")
+        self.echo(f"{self.prefix}: {len(splits.train)} training and {len(splits.test)} test images")
 
     def backbone(self, recipe: Recipe, plugin: str, info: Any, splits: Any) -> None:
         pass
@@ -404,17 +452,17 @@ class Progress(Console):
     def features(self, names: tuple[str, str], features: tuple[Any, Any], folder: Path) -> None:
         computed = sum(len(f.y) - f.cached for f in features)
         if computed:
-            click.echo(f"{self.prefix}: computed {computed} features (cached in {folder})")
+            self.echo(f"{self.prefix}: computed {computed} features (cached in {folder})")
         skipped = sum(len(f.skipped) for f in features)
         if skipped:
-            click.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
+            self.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
 
     def epoch(self, record: Any) -> None:
         pass
 
     def done(self, metrics: dict[str, Any], scores: Scores, out: Path) -> None:
         selection, seconds = metrics["selection"], metrics["seconds"]
-        click.echo(
+        self.echo(
             f"{self.prefix}: selection {selection['mean']:.2%} ± {selection['std']:.2%}, test "
             f"{metrics['test_accuracy']:.2%}; extract {seconds['extract']:.1f} s, train "
             f"{seconds['train']:.1f} s, selection {selection['seconds']:.1f} s"

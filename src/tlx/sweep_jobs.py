@@ -1,0 +1,197 @@
+"""A sweep's combinations run several at a time, each in a process forked from this one (``--jobs``).
+
+A head on cached features trains on one thread, so a machine with N cores trains N combinations at
+once. Extracting a backbone's features uses every core, so a combination whose features are not yet
+cached runs in this process while no other runs; the backbones are extracted first, one after the
+other, and the heads then fill the cores. Every number is the same as one at a time: heads train on
+one thread either way, seeded the same.
+
+A forked child sets its torch threads to one before any work (a child forked after this process's
+OpenMP threads started must not start more), reports its progress lines, warnings and metrics to
+this process over a pipe, and stops at this process's error or interrupt. Forking needs Linux;
+elsewhere a sweep runs its combinations one at a time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from tlx import notices
+from tlx.errors import describe
+from tlx.report import Console
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+#: runs one combination (its number in the sweep and its console): returns its metrics
+RunOne = Callable[[int, Console], dict[str, Any]]
+
+
+def can_fork() -> bool:
+    """Whether combinations can run in forked processes here (Linux: fork is safe with torch's libraries)."""
+    return sys.platform.startswith("linux")
+
+
+@dataclass
+class _Child:
+    process: BaseProcess
+    number: int
+    console: Console
+
+
+def run_in_parallel(
+    numbers: Sequence[int],
+    jobs: int,
+    run_one: RunOne,
+    console_of: Callable[[int], Console],
+    cached: Callable[[int], bool],
+    backbone_of: Callable[[int], str],
+) -> dict[int, dict[str, Any]]:
+    """Run combinations ``numbers`` (in this order, as far as the cores allow), ``jobs`` at a time.
+
+    ``console_of(number)`` shows a combination's progress here; ``cached(number)`` says whether its
+    backbone's features are all in the cache (then it runs in a child), ``backbone_of(number)`` which
+    features it shares with others. Returns the metrics of each. The first error stops every child
+    and is raised here.
+    """
+    import tlx.run
+    import tlx.train  # noqa: F401 -- torch and the training code: imported once, here, not by every child
+
+    ready: set[str] = set()
+    queue = deque(_extraction_first(list(numbers), backbone_of, cached, ready))
+    results: dict[int, dict[str, Any]] = {}
+    children: dict[Connection, _Child] = {}
+    try:
+        while queue or children:
+            while queue and len(children) < jobs:
+                number = queue[0]
+                if backbone_of(number) not in ready:
+                    if children:
+                        break  # its extraction waits for every core
+                    queue.popleft()
+                    results[number] = run_one(number, console_of(number))
+                    ready.add(backbone_of(number))
+                    continue
+                queue.popleft()
+                connection, process = _fork(number, run_one, console_of)
+                children[connection] = _Child(process, number, console_of(number))
+            for connection in wait(list(children)) if children else ():
+                child = children[connection]
+                done = _receive(connection, child)
+                if done is not None:
+                    results[child.number] = done
+                    child.process.join()
+                    del children[connection]
+    finally:
+        _stop(children)
+    return results
+
+
+def _extraction_first(
+    numbers: list[int], backbone_of: Callable[[int], str], cached: Callable[[int], bool], ready: set[str]
+) -> list[int]:
+    """The first combination of each backbone not cached first (they extract), then the rest in order."""
+    first: dict[str, int] = {}
+    for number in numbers:
+        key = backbone_of(number)
+        if key in ready or key in first:
+            continue
+        if cached(number):
+            ready.add(key)
+        else:
+            first[key] = number
+    extracting = list(first.values())
+    return extracting + [n for n in numbers if n not in extracting]
+
+
+def _fork(
+    number: int, run_one: RunOne, console_of: Callable[[int], Console]
+) -> tuple[Connection, BaseProcess]:
+    """Start combination ``number`` in a forked child; returns this end of its pipe and the process."""
+    here, there = multiprocessing.Pipe(duplex=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    process = multiprocessing.get_context("fork").Process(
+        target=_child, args=(there, number, run_one, console_of), name=f"tlx-sweep-{number}", daemon=True
+    )
+    process.start()
+    there.close()
+    return here, process
+
+
+def _receive(connection: Connection, child: _Child) -> dict[str, Any] | None:
+    """Handle one message from a child: show a line or a warning; its metrics once done; raise its error."""
+    try:
+        kind, payload = connection.recv()
+    except EOFError:
+        child.process.join()
+        raise RuntimeError(
+            f"sweep: the process running combination {child.number} ended without a result "
+            f"(exit code {child.process.exitcode})"
+        ) from None
+    if kind == "echo":
+        child.console.echo(payload)
+    elif kind == "warning":
+        child.console.warning(payload)
+    elif kind == "notice":
+        notices.warn(payload)
+    elif kind == "error":
+        raise payload
+    else:
+        return payload
+    return None
+
+
+def _stop(children: dict[Connection, _Child]) -> None:
+    """End the children still running (after an error or an interrupt) and wait for them."""
+    for child in children.values():
+        if child.process.is_alive():
+            child.process.terminate()
+    for connection, child in children.items():
+        child.process.join()
+        connection.close()
+
+
+class _Notices(list[str]):
+    """Warnings outside the console (:func:`tlx.notices.warn`), sent to the parent as they come."""
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__()
+        self.connection = connection
+
+    def append(self, text: str) -> None:
+        self.connection.send(("notice", text))
+
+
+def _child(
+    connection: Connection, number: int, run_one: RunOne, console_of: Callable[[int], Console]
+) -> None:
+    """A child's life: one thread, run the combination, send its metrics or its error.
+
+    Its console formats lines as in the parent and sends them there to be shown.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    console = console_of(number)
+    console.echo = lambda text: connection.send(("echo", text))  # type: ignore[method-assign]
+    console.warning = lambda text: connection.send(("warning", text))  # type: ignore[method-assign]
+    try:
+        with notices.collected(_Notices(connection)):
+            metrics = run_one(number, console)
+        connection.send(("done", metrics))
+    except BaseException as exc:
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(describe(exc))
+        connection.send(("error", exc))
+    finally:
+        connection.close()
