@@ -99,13 +99,15 @@ def runner_for(
     built: tuple[Backbone, BackboneInfo] | None = None,
 ) -> Runner:
     """The recipe's runtime for its frozen backbone (flip-averaged if asked); ``built`` if built already."""
+    from tlx.device import batch_size
     from tlx.runtimes import prepare
 
     def build() -> tuple[nn.Module, BackboneInfo]:
         backbone, built_info = built or build_backbone(recipe, parts, root)
         return (flip_averaged(backbone) if recipe.extract.flip else backbone).module, built_info
 
-    return prepare(recipe.extract.runtime, device, root, info, build, recipe.extract.flip)
+    batch = batch_size(recipe.extract.batch_size, device)
+    return prepare(recipe.extract.runtime, device, root, info, build, recipe.extract.flip, batch)
 
 
 def feature_store(recipe: Recipe, parts: Components, root: Path, info: BackboneInfo) -> FeatureStore:

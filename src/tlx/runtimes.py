@@ -6,13 +6,19 @@ EfficientNet-Lite (bench/RESULTS.md). ``auto`` picks ONNX Runtime on the CPU whe
 torch elsewhere. Fine-tuning always trains in torch.
 
 The exported model is a cache entry (``onnx/<key>.onnx`` and its record ``onnx/<key>.json``), keyed
-by the weights' SHA-256, flip averaging, the input size and the versions that shape or run it, so
+by the weights' SHA-256, flip averaging, the input and batch size and the versions that shape or run
+it, so
 the export is paid once per backbone: a later run with a known backbone neither builds the torch
 model nor exports again. The record holds the file's SHA-256 (a damaged file is deleted and
 rebuilt) and the verdict of the parity probe: on the first batch of real images after an export,
 the ONNX features must agree with torch's within :data:`PARITY` of the largest feature value, or the
 run falls back to torch with one warning line (as it does when the export or its session fails).
 A failed export is remembered, so later runs go to torch without trying again.
+
+The model is exported for batches of one size (the extraction's): every shape in it is then static,
+so ONNX Runtime folds the shape arithmetic of TF-style "same" padding, which a dynamic batch keeps
+at run time (about 25% slower for EfficientNet-Lite: bench/RESULTS.md). :class:`OnnxForward` pads
+or splits other batches.
 
 The runtime does not key the feature cache: features agree across runtimes to about 1e-6 of their
 scale, as torch's own do across batch sizes and thread counts, which never keyed it either.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy
 import torch
 from torch import nn
 
@@ -88,16 +95,18 @@ class TorchForward:
 
 
 class OnnxForward:
-    """The exported backbone in ONNX Runtime (CPU). The session is built on first use in each process
-    (a forked extraction worker builds its own) with as many threads as torch has there."""
+    """The exported backbone in ONNX Runtime (CPU), for batches of ``batch`` images: a smaller batch is
+    padded with zeros, a larger one split. The session is built on first use in each process (a
+    forked extraction worker builds its own) with as many threads as torch has there."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, batch: int):
         self.path = path
+        self.batch = batch
         self._session: Any = None
         self._pid = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_session": None, "_pid": 0}
+        return {"path": self.path, "batch": self.batch, "_session": None, "_pid": 0}
 
     def session(self) -> Any:
         if self._session is None or self._pid != os.getpid():
@@ -114,8 +123,14 @@ class OnnxForward:
         return self._session
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session().run(None, {"image": images.contiguous().numpy()})
-        return torch.from_numpy(out)
+        session, n = self.session(), len(images)
+        outputs = []
+        for start in range(0, n, self.batch):
+            part = images[start : start + self.batch]
+            if len(part) < self.batch:
+                part = torch.cat([part, part.new_zeros(self.batch - len(part), *part.shape[1:])])
+            outputs.append(session.run(None, {"image": part.contiguous().numpy()})[0])
+        return torch.from_numpy(outputs[0] if len(outputs) == 1 else numpy.concatenate(outputs))[:n]
 
     def release(self) -> None:
         """Drop this process's session (before extraction workers fork: a child cannot use it)."""
@@ -216,11 +231,11 @@ class Exported:
         notices.warn(f"cache: deleted damaged exported model {self.path}; it is exported again")
         return None, None
 
-    def export(self, module: nn.Module, input_size: tuple[int, int, int]) -> None:
-        """Write ``module`` as ONNX (a batch of any size in, features out), atomically."""
+    def export(self, module: nn.Module, input_size: tuple[int, int, int], batch: int) -> None:
+        """Write ``module`` as ONNX (``batch`` images in, their features out), atomically."""
         from tlx.cache import tag
 
-        example = torch.zeros(2, *input_size)
+        example = torch.zeros(batch, *input_size)
         tag(self.root)
 
         def write(tmp: Path) -> None:
@@ -232,7 +247,6 @@ class Exported:
                     str(tmp),
                     input_names=["image"],
                     output_names=["features"],
-                    dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
                     opset_version=OPSET,
                     dynamo=False,
                 )
@@ -270,7 +284,7 @@ def _file_digest(path: Path) -> str | None:
         return None
 
 
-def export_identity(info: BackboneInfo, flip: bool) -> dict[str, Any]:
+def export_identity(info: BackboneInfo, flip: bool, batch: int) -> dict[str, Any]:
     """What shapes an exported model and its verdict: weights, flip, input, and the versions involved."""
     from tlx.cache import versions
 
@@ -279,6 +293,7 @@ def export_identity(info: BackboneInfo, flip: bool) -> dict[str, Any]:
         "weights_sha256": info.sha256,
         "flip": flip,
         "input_size": list(info.data_config["input_size"]),
+        "batch": batch,
         "opset": OPSET,
         "versions": versions(("torch", "onnx", "onnxruntime")),
     }
@@ -291,30 +306,32 @@ def prepare(
     recalled: BackboneInfo | None,
     build: Callable[[], tuple[nn.Module, BackboneInfo]],
     flip: bool,
+    batch: int,
 ) -> Runner:
-    """The runner for ``extract.runtime`` (``setting``) on ``device``.
+    """The runner for ``extract.runtime`` (``setting``) on ``device``, for batches of ``batch`` images.
 
     ``recalled`` is the backbone as remembered, when it is; ``build()`` builds its torch module
     (flip-averaged when ``flip``). A cached, verified export of a recalled backbone runs without it.
     """
     runtime = choose(setting, device)
     if runtime == "onnxruntime" and recalled is not None:
-        path, failure = Exported(root, export_identity(recalled, flip)).recalled()
+        path, failure = Exported(root, export_identity(recalled, flip, batch)).recalled()
         if path is not None:
-            return Runner(OnnxForward(path), runtime, recalled)
+            return Runner(OnnxForward(path, batch), runtime, recalled)
         if failure is not None:
             warn_fallback(failure)
             runtime = "torch"
     module, info = build()
     if runtime == "torch":
         return Runner.in_torch(module, info, device)
-    exported = Exported(root, export_identity(info, flip))
+    exported = Exported(root, export_identity(info, flip, batch))
     try:
-        exported.export(module, tuple(info.data_config["input_size"]))
+        exported.export(module, tuple(info.data_config["input_size"]), batch)
     except OSError as exc:  # an unwritable cache folder: nothing to remember
         warn_fallback(f"cannot write {exported.path} ({exc.strerror or exc})")
         return Runner.in_torch(module, info, device)
     except Exception as exc:  # the exporter raises many types for modules it cannot trace
         exported.fail(f"the export failed ({describe(exc)})")
         return Runner.in_torch(module, info, device)
-    return Runner(OnnxForward(exported.path), runtime, info, exported, TorchForward(module, device))
+    forward = OnnxForward(exported.path, batch)
+    return Runner(forward, runtime, info, exported, TorchForward(module, device))
