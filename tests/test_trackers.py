@@ -210,9 +210,9 @@ def test_a_sweep_logs_one_tracker_run_per_combination_grouped_by_the_sweep(
     register_recorder(calls)
     recipe_for(tmp_path, tiny_dataset)
     grid = {"train.lr": [0.01, 0.1]}
-    done = sweep(
-        tmp_path / "r.yaml", grid, ["train.epochs=2", "track=[{kind: recorder}]"], out=tmp_path / "sw"
-    )
+    overrides = ["train.epochs=2", "track=[{kind: recorder}]"]
+    # one process: the recorder keeps its calls in this process's memory (--jobs forks)
+    done = sweep(tmp_path / "r.yaml", grid, overrides, out=tmp_path / "sw", jobs=1)
     starts = [c for c in calls if c[0] == "start"]
     assert sorted(c[1]["train.lr"] for c in starts) == [0.01, 0.1]
     assert {c[2]["sweep"] for c in starts} == {"sw"} == {done.folder.name}
