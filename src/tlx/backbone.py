@@ -102,9 +102,9 @@ def runner_for(
     from tlx.device import batch_size
     from tlx.runtimes import prepare
 
-    def build() -> tuple[nn.Module, BackboneInfo]:
-        backbone, built_info = built or build_backbone(recipe, parts, root)
-        return (flip_averaged(backbone) if recipe.extract.flip else backbone).module, built_info
+    def build() -> nn.Module:
+        backbone, _ = built or build_backbone(recipe, parts, root)
+        return (flip_averaged(backbone) if recipe.extract.flip else backbone).module
 
     batch = batch_size(recipe.extract.batch_size, device)
     return prepare(recipe.extract.runtime, device, root, info, build, recipe.extract.flip, batch)

@@ -42,13 +42,12 @@ from torch import nn
 
 from tlx import notices
 from tlx.errors import TlxError, describe
+from tlx.features import to_backbone
 from tlx.files import write_atomic, write_json
 
 if TYPE_CHECKING:
     from tlx.cache import BackboneInfo
 
-#: the choices of ``extract.runtime``
-RUNTIMES = ("auto", "torch", "onnxruntime")
 #: the ONNX opset the backbone is exported with
 OPSET = 17
 #: the parity probe's tolerance: max |onnx - torch| ≤ PARITY × max |torch| on the first batch
@@ -87,8 +86,6 @@ class TorchForward:
         self.device = device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from tlx.features import to_backbone
-
         with torch.inference_mode():
             out = self.module(to_backbone(images, self.device))
         return out.cpu() if isinstance(out, torch.Tensor) else out
@@ -303,28 +300,27 @@ def prepare(
     setting: str,
     device: torch.device,
     root: Path,
-    recalled: BackboneInfo | None,
-    build: Callable[[], tuple[nn.Module, BackboneInfo]],
+    info: BackboneInfo,
+    build: Callable[[], nn.Module],
     flip: bool,
     batch: int,
 ) -> Runner:
     """The runner for ``extract.runtime`` (``setting``) on ``device``, for batches of ``batch`` images.
 
-    ``recalled`` is the backbone as remembered, when it is; ``build()`` builds its torch module
-    (flip-averaged when ``flip``). A cached, verified export of a recalled backbone runs without it.
+    ``build()`` builds the backbone's torch module (flip-averaged when ``flip``): a cached, verified
+    export runs without it.
     """
     runtime = choose(setting, device)
-    if runtime == "onnxruntime" and recalled is not None:
-        path, failure = Exported(root, export_identity(recalled, flip, batch)).recalled()
-        if path is not None:
-            return Runner(OnnxForward(path, batch), runtime, recalled)
-        if failure is not None:
-            warn_fallback(failure)
-            runtime = "torch"
-    module, info = build()
     if runtime == "torch":
-        return Runner.in_torch(module, info, device)
+        return Runner.in_torch(build(), info, device)
     exported = Exported(root, export_identity(info, flip, batch))
+    path, failure = exported.recalled()
+    if path is not None:
+        return Runner(OnnxForward(path, batch), runtime, info)
+    module = build()
+    if failure is not None:
+        warn_fallback(failure)
+        return Runner.in_torch(module, info, device)
     try:
         exported.export(module, tuple(info.data_config["input_size"]), batch)
     except OSError as exc:  # an unwritable cache folder: nothing to remember
