@@ -1,10 +1,14 @@
 """A sweep's combinations run several at a time, each in a process forked from this one (``--jobs``).
 
 A head on cached features trains on one thread, so a machine with N cores trains N combinations at
-once. Extracting a backbone's features uses every core, so a combination whose features are not yet
-cached runs in this process while no other runs; the backbones are extracted first, one after the
-other, and the heads then fill the cores. Every number is the same as one at a time: heads train on
-one thread either way, seeded the same.
+once. A combination whose features are not yet cached runs in this process, which extracts them on
+every core; the backbones are extracted first, one after the other, while up to N - 1 combinations of
+backbones already extracted train beside (so a core is not left idle while this process builds a
+model, exports it or trains a head). Among the combinations ready to train, the longest goes first,
+so that no long one is left running alone at the end: a combination's cost is learned from the
+finished ones that train alike (same head and training settings), and one of a kind not yet seen
+counts as the longest. Every number is the same as one at a time: heads train on one thread either
+way, seeded the same.
 
 A forked child sets its torch threads to one before any work (a child forked after this process's
 OpenMP threads started must not start more), reports its progress lines, warnings and metrics to
@@ -14,10 +18,10 @@ elsewhere a sweep runs its combinations one at a time.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import pickle
 import sys
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -53,45 +57,77 @@ def run_in_parallel(
     console_of: Callable[[int], Console],
     cached: Callable[[int], bool],
     backbone_of: Callable[[int], str],
+    kind_of: Callable[[int], str],
 ) -> dict[int, dict[str, Any]]:
-    """Run combinations ``numbers`` (in this order, as far as the cores allow), ``jobs`` at a time.
+    """Run combinations ``numbers``, ``jobs`` at a time; returns the metrics of each.
 
     ``console_of(number)`` shows a combination's progress here; ``cached(number)`` says whether its
     backbone's features are all in the cache (then it runs in a child), ``backbone_of(number)`` which
-    features it shares with others. Returns the metrics of each. The first error stops every child
-    and is raised here.
+    features it shares with others, ``kind_of(number)`` which combinations train alike (and so cost
+    alike). The first error stops every child and is raised here.
     """
     import tlx.run
     import tlx.train  # noqa: F401 -- torch and the training code: imported once, here, not by every child
 
     ready: set[str] = set()
-    queue = deque(_extraction_first(list(numbers), backbone_of, cached, ready))
+    queue = _extraction_first(list(numbers), backbone_of, cached, ready)
+    costs: dict[str, list[float]] = {}
     results: dict[int, dict[str, Any]] = {}
     children: dict[Connection, _Child] = {}
+
+    def finished(number: int, metrics: dict[str, Any]) -> None:
+        results[number] = metrics
+        seconds = metrics["seconds"]  # its training: an extraction is not the kind's cost
+        costs.setdefault(kind_of(number), []).append(seconds["total"] - seconds["extract"])
+
     try:
         while queue or children:
-            while queue and len(children) < jobs:
-                number = queue[0]
-                if backbone_of(number) not in ready:
-                    if children:
-                        break  # its extraction waits for every core
-                    queue.popleft()
-                    results[number] = run_one(number, console_of(number))
-                    ready.add(backbone_of(number))
-                    continue
-                queue.popleft()
+            extracting = next((n for n in queue if backbone_of(n) not in ready), None)
+            while len(children) < jobs - (extracting is not None):  # an extraction takes a core here
+                number = _longest(queue, ready, backbone_of, kind_of, costs)
+                if number is None:
+                    break
+                queue.remove(number)
                 connection, process = _fork(number, run_one, console_of)
                 children[connection] = _Child(process, number, console_of(number))
-            for connection in wait(list(children)) if children else ():
-                child = children[connection]
-                done = _receive(connection, child)
-                if done is not None:
-                    results[child.number] = done
-                    child.process.join()
-                    del children[connection]
+            if extracting is not None:
+                queue.remove(extracting)
+                finished(extracting, run_one(extracting, console_of(extracting)))
+                ready.add(backbone_of(extracting))
+            # after an extraction, all that came meanwhile (the next extraction waits for nothing);
+            # else until something comes
+            timeout = 0 if extracting is not None else None
+            while children and (arrived := wait(list(children), timeout)):
+                for connection in arrived:
+                    child = children[connection]
+                    done = _receive(connection, child)
+                    if done is not None:
+                        finished(child.number, done)
+                        child.process.join()
+                        del children[connection]
+                if timeout is None:
+                    break
     finally:
         _stop(children)
     return results
+
+
+def _longest(
+    queue: list[int],
+    ready: set[str],
+    backbone_of: Callable[[int], str],
+    kind_of: Callable[[int], str],
+    costs: dict[str, list[float]],
+) -> int | None:
+    """The combination of ``queue`` to start next: of those whose features are cached, the one expected
+    to take longest (a kind with no finished combination first); the earliest in ``queue`` of equals."""
+    waiting = [n for n in queue if backbone_of(n) in ready]
+
+    def expected(number: int) -> float:
+        seen = costs.get(kind_of(number))
+        return sum(seen) / len(seen) if seen else math.inf
+
+    return max(waiting, key=expected, default=None)
 
 
 def _extraction_first(

@@ -152,6 +152,7 @@ def _sweep(
             console,
             lambda n: _cached(combinations[n - 1], cache),
             lambda n: _backbone_key(combinations[n - 1]),
+            lambda n: _training_key(combinations[n - 1]),
         )
         results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
     with _painters() as painters:  # started after the last fork: a child must not hold their pipes
@@ -239,6 +240,12 @@ def _backbone_key(combination: Combination) -> str:
         + recipe.extract.model_dump_json()
         + recipe.dataset.model_dump_json()
     )
+
+
+def _training_key(combination: Combination) -> str:
+    """What decides how long a combination trains once its features are cached: head and training."""
+    recipe = combination.recipe
+    return recipe.head.model_dump_json() + recipe.train.model_dump_json()
 
 
 def _cached(combination: Combination, cache_dir: Path | None) -> bool:
