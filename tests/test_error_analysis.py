@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,23 @@ def test_gallery_without_mistakes_says_so(tmp_path: Path) -> None:
     with Image.open(tmp_path / "errors.png") as image:
         assert image.format == "PNG" and image.width > image.height  # one line of text, no grid
         assert image.convert("L").getextrema()[0] < 128  # the text is drawn
+
+
+def test_figures_drawn_in_process_leave_pyplot_and_the_backend_alone(tmp_path: Path) -> None:
+    """A sweep's forked processes draw in-process: the caller's matplotlib (a notebook's) is untouched."""
+    script = f"""
+import sys, torch
+from pathlib import Path
+from tlx.plots import Painter
+from tlx.scores import Scores
+out = Path({str(tmp_path)!r})
+scores = Scores.of(["a", "b"], torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+history = [{{"epoch": e, "train_loss": 1 / e, "test_accuracy": 0.5 + e / 10}} for e in (1, 2)]
+with Painter(inline=True) as painter:
+    painter.draw(out, history, {{}}, scores, [])
+print("matplotlib.pyplot" in sys.modules, sys.modules["matplotlib"].rcParams._get_backend_or_none())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "None"]  # no pyplot, no backend chosen
+    for name in ("curves.png", "confusion.png", "errors.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)

@@ -69,12 +69,8 @@ class LogisticRegression(nn.Module):
         if len(grid) == 1:
             rows, chosen = [{"l2": grid[0]}], {"l2": grid[0], "selected_by": "head.l2 (one value)"}
         else:
-            from tlx.notices import bar
-
-            rows = [
-                {"l2": l2, "val_loss": self._score(l2, z, y, val, mean, std, weight, seed)}
-                for l2 in bar(grid, desc="choosing head.l2", unit="l2", leave=False, dynamic_ncols=True)
-            ]
+            losses = self._path(grid, z, y, val, mean, std, weight, seed)
+            rows = [{"l2": l2, "val_loss": loss} for l2, loss in zip(grid, losses)]
             best = min(rows, key=lambda r: (r["val_loss"], -r["l2"]))  # ties: the stronger regularization
             where = "validation split" if val is not None else f"{self._folds(y)}-fold cross-validation"
             chosen = {"l2": best["l2"], "selected_by": where}
@@ -85,9 +81,9 @@ class LogisticRegression(nn.Module):
             self.linear.bias.copy_((b - scaled @ mean).float())
         return rows, chosen
 
-    def _score(
+    def _path(
         self,
-        l2: float,
+        grid: list[float],
         z: torch.Tensor,
         y: torch.Tensor,
         val: Features | None,
@@ -95,18 +91,38 @@ class LogisticRegression(nn.Module):
         std: torch.Tensor,
         weight: torch.Tensor | None,
         seed: int,
-    ) -> float:
-        """Held-out cross-entropy of the fit with strength ``l2``: on ``val``, or averaged over folds."""
+    ) -> list[float]:
+        """Held-out cross-entropy of the fit with each strength of ``grid``: on ``val``, or averaged over
+        folds.
+
+        Each split's fits follow the regularization path, strongest first, each solve starting from
+        the previous solution (as glmnet and scikit-learn's ``warm_start`` do): the optimum is unique
+        (the objective is strictly convex) and is reached in fewer iterations, about half the time
+        in all. Where the objective is flat (the weakest strengths on separable features) the solver
+        stops within its tolerance of the optimum, not at it, so such a loss may differ by a percent
+        from a fit started at zero.
+        """
+        from tlx.notices import bar
+
         if val is not None:
-            w, b = self._solve(z, y, l2, weight)
-            return F.cross_entropy(((val.x.double() - mean) / std) @ w.T + b, val.y, weight=weight).item()
-        folds = fold_ids(y, self._folds(y), seed)
-        losses = []
-        for k in range(int(folds.max()) + 1):
-            held = folds == k
-            w, b = self._solve(z[~held], y[~held], l2, weight)
-            losses.append(F.cross_entropy(z[held] @ w.T + b, y[held], weight=weight).item())
-        return sum(losses) / len(losses)
+            splits = [(z, y, (val.x.double() - mean) / std, val.y)]
+        else:
+            folds = fold_ids(y, self._folds(y), seed)
+            splits = [
+                (z[folds != k], y[folds != k], z[folds == k], y[folds == k])
+                for k in range(int(folds.max()) + 1)
+            ]
+        order = sorted(range(len(grid)), key=lambda i: -grid[i])
+        losses = [[0.0] * len(splits) for _ in grid]
+        for j, (z_fit, y_fit, z_out, y_out) in enumerate(
+            bar(splits, desc="choosing head.l2", unit="split", leave=False, dynamic_ncols=True)
+        ):
+            start = None
+            for i in order:
+                w, b = self._solve(z_fit, y_fit, grid[i], weight, start)
+                start = torch.cat([w.flatten(), b])
+                losses[i][j] = F.cross_entropy(z_out @ w.T + b, y_out, weight=weight).item()
+        return [sum(row) / len(row) for row in losses]
 
     def _folds(self, y: torch.Tensor) -> int:
         smallest = int(torch.bincount(y, minlength=self.num_classes).min())
@@ -118,9 +134,15 @@ class LogisticRegression(nn.Module):
         return min(self.options.cv, smallest)
 
     def _solve(
-        self, z: torch.Tensor, y: torch.Tensor, l2: float, weight: torch.Tensor | None
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        l2: float,
+        weight: torch.Tensor | None,
+        start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Minimize mean cross-entropy + l2/2 · |W|² (bias unpenalized) by L-BFGS-B; float64, from zero."""
+        """Minimize mean cross-entropy + l2/2 · |W|² (bias unpenalized) by L-BFGS-B; float64, from
+        ``start`` (flat weights then biases) or zero."""
         from scipy.optimize import minimize
 
         n_classes, dim = self.num_classes, z.shape[1]
@@ -140,7 +162,7 @@ class LogisticRegression(nn.Module):
 
         solution = minimize(
             loss_and_grad,
-            np.zeros(n_classes * (dim + 1)),
+            np.zeros(n_classes * (dim + 1)) if start is None else start.numpy().copy(),
             jac=True,
             method="L-BFGS-B",
             options={"maxiter": self.options.max_iter, "gtol": 1e-7, "ftol": 1e-12, "maxcor": 20},

@@ -3,7 +3,9 @@ mistakes) and of a sweep (its leaderboard): matplotlib, Agg backend, PNG.
 
 They are drawn by a helper process (:class:`Painter`), started when a command starts: it imports
 matplotlib while the command imports torch and trains, so on a machine with a
-spare core the figures cost only their drawing.
+spare core the figures cost only their drawing. Where matplotlib is already imported
+(:func:`preload`, before a sweep forks its processes) they are drawn in-process instead. Figures are
+built with matplotlib's object API, never pyplot: drawing leaves the caller's backend alone.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ if TYPE_CHECKING:
 
 
 class Painter:
-    """A helper process that draws a run's figures on request; a context manager that stops it."""
+    """A helper process that draws a run's figures on request; a context manager that stops it.
 
-    def __init__(self) -> None:
+    ``inline``: no helper, the figures are drawn in this process (see :func:`preload`).
+    """
+
+    def __init__(self, inline: bool = False) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        if inline:
+            return
         env = {**os.environ, "MPLBACKEND": "Agg"}
         source = Path(tlx.__file__).resolve().parents[1]
         if source not in {Path(folder).resolve() for folder in site.getsitepackages()}:
@@ -81,6 +89,9 @@ class Painter:
 
     def _send(self, job: dict[str, Any], out: Path) -> None:
         """Hand the one job to the helper and wait; an OSError there is raised here."""
+        if self._proc is None:
+            _draw(job)
+            return
         stdout, stderr = self._proc.communicate(json.dumps(job))
         if self._proc.returncode == 0:
             return
@@ -94,6 +105,8 @@ class Painter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
@@ -102,33 +115,27 @@ class Painter:
                 stream.close()
 
 
-def _serve() -> None:
-    """The helper process: import matplotlib, then draw the one job read from stdin."""
-    import matplotlib
+def preload() -> None:
+    """Import matplotlib and draw a first figure (fonts, the renderer), so that later figures cost only
+    their drawing."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # the first figure loads fonts and the renderer: do it before the job arrives
-    figure = plt.figure(figsize=(1, 1))
+    figure = Figure(figsize=(1, 1))
     figure.text(0.5, 0.5, "0.5")
     figure.savefig(io.BytesIO(), format="png")
-    plt.close(figure)
+
+
+def _serve() -> None:
+    """The helper process: import matplotlib, then draw the one job read from stdin."""
+    preload()  # before the job arrives
     try:
         text = sys.stdin.read()
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the command reports it
         sys.exit(130)
     if not text:  # the command ended without a run to draw
         return
-    job = json.loads(text)
     try:
-        if job.get("kind") == "leaderboard":
-            leaderboard(job["labels"], job["rows"], Path(job["path"]))
-        else:
-            out = Path(job["out"])
-            training_curves(job["history"], job["chosen"], out / "curves.png")
-            confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
-            error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
+        _draw(json.loads(text))
     except OSError as exc:
         print(json.dumps({"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}))
         sys.stdout.flush()
@@ -136,17 +143,29 @@ def _serve() -> None:
     os._exit(0)  # the files are closed: skip the interpreter's teardown
 
 
+def _draw(job: dict[str, Any]) -> None:
+    """Draw one job of :class:`Painter`: a run's three figures, or a sweep's leaderboard."""
+    if job.get("kind") == "leaderboard":
+        leaderboard(job["labels"], job["rows"], Path(job["path"]))
+        return
+    out = Path(job["out"])
+    training_curves(job["history"], job["chosen"], out / "curves.png")
+    confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
+    error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
+
+
 def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -> None:
     """Per epoch: training (and validation) loss, test (and validation) accuracy.
 
     For a closed-form head the history is its model selection: held-out loss per L2 strength.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     if history and "epoch" in history[0]:
         epochs = [h["epoch"] for h in history]
-        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        loss_ax, acc_ax = fig.subplots(1, 2)
         # fixed margins: the labels are known, and a layout engine doubles the drawing time
         fig.subplots_adjust(left=0.07, right=0.99, bottom=0.12, top=0.92, wspace=0.2)
         loss_ax.plot(epochs, [h["train_loss"] for h in history], marker=".", label="train")
@@ -165,7 +184,8 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
             ax.grid(alpha=0.3)
             ax.legend()
     else:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
         scored = [h for h in history if "val_loss" in h]
         ax.plot([h["l2"] for h in scored], [h["val_loss"] for h in scored], marker="o", label="held-out loss")
@@ -175,16 +195,16 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
         ax.grid(alpha=0.3)
         ax.legend()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def confusion_matrix(classes: list[str], confusion: list[list[int]], path: Path, title: str) -> None:
     """Counts of true (rows) against predicted (columns) classes, row-normalized colours."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(classes)
     size = min(3 + 0.5 * n, 14)
-    fig, ax = plt.subplots(figsize=(size + 1, size), constrained_layout=True)
+    fig = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = fig.subplots()
     rates = [[c / max(sum(row), 1) for c in row] for row in confusion]
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
@@ -197,7 +217,6 @@ def confusion_matrix(classes: list[str], confusion: list[list[int]], path: Path,
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, label="share of the true class")
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 #: the longest side of an image in ``errors.png``, in pixels
@@ -211,23 +230,22 @@ def error_gallery(mistakes: list[dict[str, Any]], path: Path, title: str) -> Non
     The thumbnails are placed pixel for pixel (``figimage``), not resampled into axes. An image that
     cannot be read any more (moved since the run read it) is shown as the reason.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from tlx.data import load_image
     from tlx.errors import describe
 
     if not mistakes:
-        fig = plt.figure(figsize=(6, 1.2))
+        fig = Figure(figsize=(6, 1.2))
         fig.text(0.5, 0.5, f"{title}: no mistakes to show", ha="center", va="center", fontsize=12)
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-        plt.close(fig)
         return
     # places in pixels (dpi 100); each cell is a caption over a thumbnail
     gap, caption, heading = 12, 42, 45
     columns = min(len(mistakes), 4)
     rows = -(-len(mistakes) // columns)
     width, height = columns * (THUMBNAIL + gap) + gap, heading + rows * (caption + THUMBNAIL + gap)
-    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     fig.text(0.5, 1 - heading / 2 / height, title, ha="center", va="center", fontsize=11)
     for n, mistake in enumerate(mistakes):
         row, column = divmod(n, columns)
@@ -252,11 +270,12 @@ def error_gallery(mistakes: list[dict[str, Any]], path: Path, title: str) -> Non
 
 def leaderboard(labels: list[str], rows: list[dict[str, Any]], path: Path) -> None:
     """A sweep's combinations, best first: selection score (bar, ± std) beside test accuracy (dot)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(rows)
     width = max(len(label) for label in labels)
-    fig, ax = plt.subplots(figsize=(7 + 0.07 * width, 1.2 + 0.38 * n), constrained_layout=True)
+    fig = Figure(figsize=(7 + 0.07 * width, 1.2 + 0.38 * n), layout="constrained")
+    ax = fig.subplots()
     places = list(range(n))[::-1]  # the winner at the top
     colours = ["tab:orange" if row["winner"] else "tab:blue" for row in rows]
     ax.barh(places, [r["selection"] for r in rows], xerr=[r["selection_std"] for r in rows],
@@ -270,7 +289,6 @@ def leaderboard(labels: list[str], rows: list[dict[str, Any]], path: Path) -> No
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,13 @@ def _sweep(
 
     parallel = min(jobs, len(todo)) > 1 and can_fork()
     if parallel:
+        from tlx.plots import Painter, preload
+
+        preload()  # once, here: every process forked from this one draws its figures itself
         done = run_in_parallel(
             todo,
             jobs,
-            run_one,
+            lambda number, progress: run_one(number, progress, Painter(inline=True)),
             console,
             lambda n: _cached(combinations[n - 1], cache),
             lambda n: _backbone_key(combinations[n - 1]),
