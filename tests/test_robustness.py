@@ -180,6 +180,11 @@ def test_odd_files_are_skipped_and_listed_odd_formats_work(run_counting, messy_d
         assert f"skipped {messy_dataset}" in result.stdout and name in result.stdout
     # 12 generated + GIF, RGBA PNG, grayscale, CMYK and the non-ASCII name
     assert metrics["n_train"] == 12 + 5
+    images = metrics["features"]["computed"]
+    assert metrics["features"]["cached"] == 0 and images >= metrics["n_train"] + metrics["n_test"] + 4
+    again = metrics_of(run_counting(messy_dataset))  # the failures are remembered too: nothing computed
+    assert again["features"]["computed"] == 0 and again["features"]["cached"] == images
+    assert again["skipped"] == metrics["skipped"]
 
 
 def test_bad_image_policy_error_names_the_file(run_counting, messy_dataset: Path) -> None:

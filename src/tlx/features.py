@@ -29,7 +29,7 @@ class Features:
     x: torch.Tensor  # (n, feature_dim) float32
     y: torch.Tensor  # (n,) int64
     skipped: list[tuple[Path, str]]
-    #: how many of the features came from the cache
+    #: how many of the split's images the cache answered: features, or a decoding failure it remembers
     cached: int = 0
 
 
@@ -123,6 +123,7 @@ def extract(
         for path, label in split.samples:
             if n in reasons:
                 skipped.append((path, reasons[n]))
+                n_cached += keys[n] in failed
             else:
                 rows.append(computed[n] if n in computed else cached[keys[n]])
                 labels.append(label)
