@@ -89,7 +89,7 @@ def test_updates_are_exactly_torch_optims(config: TrainConfig) -> None:
     optimizer = Optimizer(param_groups(ours.named_parameters(), 0.05, config.weight_decay), config, 2)
     groups = param_groups(theirs.named_parameters(), 0.05, config.weight_decay)
     if config.optimizer == "sgd":
-        reference = torch.optim.SGD(groups, lr=0.05, momentum=config.momentum)
+        reference = torch.optim.SGD(groups, lr=0.05, momentum=config.momentum, fused=True)
     else:
         reference = torch.optim.AdamW(groups, lr=0.05, betas=(config.momentum, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: lr_factor(step, config, 2))

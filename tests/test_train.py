@@ -1,4 +1,4 @@
-"""The head's training steps are exactly torch.optim.SGD's."""
+"""The head's training steps are exactly torch.optim.SGD's (fused, as tlx runs it)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_steps_match_torch_optim_sgd() -> None:
     train_head(head, train, train, config, seed=1, on_epoch=lambda record: None)
 
     generator = torch.Generator().manual_seed(1)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=config.lr, momentum=config.momentum, fused=True)
     for _ in range(config.epochs):
         order = torch.randperm(30, generator=generator)
         for start in range(0, 30, config.batch_size):
