@@ -256,3 +256,15 @@ def test_an_error_in_a_parallel_combination_is_one_line(
     result = invoke("sweep", recipe, *args)  # 0.99 fails in a child: its features are cached by then
     assert_user_error(result, "train.val_fraction: 0.99 leaves class")
     assert (tmp_path / "sw" / "0.34" / "metrics.json").is_file()
+
+
+def test_of_the_ready_combinations_the_longest_starts_first() -> None:
+    """A kind not yet seen counts as the longest; a combination whose features are not ready waits."""
+    backbone = {1: "a", 2: "a", 3: "b", 4: "a"}.get
+    kind = {1: "linear", 2: "mlp", 3: "mlp", 4: "logreg"}.get
+    costs = {"linear": [2.0, 2.4], "mlp": [9.0]}
+    assert sweep_jobs._longest([1, 2, 3, 4], {"a"}, backbone, kind, costs) == 4
+    costs["logreg"] = [3.0]
+    assert sweep_jobs._longest([1, 2, 3, 4], {"a"}, backbone, kind, costs) == 2
+    assert sweep_jobs._longest([1, 3, 4], {"a"}, backbone, kind, costs) == 4
+    assert sweep_jobs._longest([3], {"a"}, backbone, kind, costs) is None
