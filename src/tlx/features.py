@@ -32,6 +32,11 @@ class Features:
     #: how many of the split's images the cache answered: features, or a decoding failure it remembers
     cached: int = 0
 
+    @property
+    def computed(self) -> int:
+        """How many of the split's images went through the backbone (decoded or not) in this extraction."""
+        return len(self.y) + len(self.skipped) - self.cached
+
 
 class ImageFiles(Dataset):
     """Decodes (:func:`tlx.data.load_image`) and preprocesses one image per item; a file that cannot

@@ -231,7 +231,6 @@ def train_on_features(
             n_classes=n_classes,
             seed=recipe.seed,
         )
-    cached = train.cached + test.cached
     skipped = {path for path, _ in test.skipped}
     with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere
         logits = head.eval()(test.x)
@@ -244,8 +243,8 @@ def train_on_features(
         n_train=len(train.y),
         n_test=len(test.y),
         skipped=train.skipped + test.skipped,
-        cached=cached,
-        computed=len(splits.train) + len(splits.test) - cached,
+        cached=train.cached + test.cached,
+        computed=train.computed + test.computed,
         extract_s=extract_s,
         train_s=train_s,
         selection=selection,

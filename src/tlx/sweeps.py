@@ -460,7 +460,7 @@ class Progress(Console):
         pass
 
     def features(self, names: tuple[str, str], features: tuple[Any, Any], folder: Path) -> None:
-        computed = sum(len(f.y) + len(f.skipped) - f.cached for f in features)
+        computed = sum(f.computed for f in features)
         if computed:
             self.echo(f"{self.prefix}: computed {computed} features (cached in {folder})")
         skipped = sum(len(f.skipped) for f in features)
