@@ -381,7 +381,7 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
     unreadable, truncated, edited or not finite is a :class:`TlxError` naming it.
     """
     from tlx import cache
-    from tlx.backbone import build_backbone
+    from tlx.backbone import recalled_or_built
     from tlx.components import resolve
 
     for name in (RECIPE_FILE, PROVENANCE_FILE, HEAD_FILE):
@@ -394,11 +394,7 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
     state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
     root = cache.cache_dir(cache_dir)
-    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
-    built = None
-    if info is None:
-        built = build_backbone(recipe, parts, root)
-        info = built[1]
+    info, built = recalled_or_built(recipe, parts, root)
     if info.sha256 != expected:
         raise TlxError(
             f"{folder / PROVENANCE_FILE}: the weights of backbone {recipe.backbone.name} have changed since "

@@ -90,6 +90,20 @@ def build_backbone(recipe: Recipe, parts: Components, root: Path) -> tuple[Backb
     return backbone, info
 
 
+def recalled_or_built(
+    recipe: Recipe, parts: Components, root: Path
+) -> tuple[BackboneInfo, tuple[Backbone, BackboneInfo] | None]:
+    """The backbone's info as remembered from an earlier build of the same weights file; else build it
+    (:func:`build_backbone`) and return the build too."""
+    from tlx import cache
+
+    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
+    if info is not None:
+        return info, None
+    built = build_backbone(recipe, parts, root)
+    return built[1], built
+
+
 def runner_for(
     recipe: Recipe,
     parts: Components,

@@ -150,18 +150,13 @@ def frozen_backbone(
     whose features are all cached needs no backbone, a cached export runs without the torch model,
     and an engine's workers build the backbone themselves.
     """
-    from tlx import cache
-    from tlx.backbone import build_backbone, feature_store, runner_for
+    from tlx.backbone import feature_store, recalled_or_built, runner_for
     from tlx.device import resolve as resolve_device
     from tlx.engines import BackboneSpec
     from tlx.features import all_cached
     from tlx.runtimes import Runner
 
-    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
-    built = None
-    if info is None:
-        built = build_backbone(recipe, parts, root)
-        info = built[1]
+    info, built = recalled_or_built(recipe, parts, root)
     console.backbone(recipe, parts.backbone.plugin, info, splits)
     store = feature_store(recipe, parts, root, info)
     if all_cached([splits.train, splits.test], store):
