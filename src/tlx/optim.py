@@ -126,6 +126,8 @@ def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def make_loss(config: TrainConfig, weight: torch.Tensor | None = None) -> nn.CrossEntropyLoss:
+def make_loss(
+    config: TrainConfig, weight: torch.Tensor | None = None, reduction: str = "mean"
+) -> nn.CrossEntropyLoss:
     """Cross-entropy with the recipe's label smoothing; ``weight`` per class (``class_weight``)."""
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, reduction=reduction)

@@ -26,6 +26,7 @@ from tlx.features import Features, threads_set
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
+from tlx.stacked import stackable, train_stacked
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,9 @@ def selection_score(
 
     With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
     :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
-    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time. The
-    test split plays no part: a sweep chooses its winner by this score.
+    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (linear
+    heads of all folds at once, :mod:`tlx.stacked`). The test split plays no part: a sweep chooses its
+    winner by this score.
 
     ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
     choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
@@ -152,15 +154,22 @@ def selection_score(
             )
         k = min(folds, smallest)
         ids = fold_ids(train.y, k, seed)
-        scores = []
-        for fold in range(k):
-            held = ids == fold
+        parts = [(subset(train, ids != fold), subset(train, ids == fold)) for fold in range(k)]
+        heads = []
+        for _ in parts:
             torch.manual_seed(seed)
-            head = make_head()
-            rest, out = subset(train, ~held), subset(train, held)
-            fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
-            with threads_set(1):  # as it trained: the same score on any number of threads
-                scores.append(accuracy(head, out))
+            heads.append(make_head())
+        fits = [rest for rest, _ in parts]
+        if stackable(heads, fits, config):
+            weights = [
+                class_weights(fit.y, n_classes) if config.class_weight == "balanced" else None for fit in fits
+            ]
+            train_stacked(heads, fits, config, seed=seed, weights=weights)
+        else:
+            for head, (rest, out) in zip(heads, parts):
+                fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
+        with threads_set(1):  # as it trained: the same score on any number of threads
+            scores = [accuracy(head, out) for head, (_, out) in zip(heads, parts)]
         how = f"{k}-fold cross-validation on the training split"
     return {
         "mean": statistics.fmean(scores),

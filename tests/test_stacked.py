@@ -1,0 +1,65 @@
+"""The folds of a linear head trained as one stacked model end where each, trained alone, would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tlx.features import Features
+from tlx.recipe import TrainConfig
+from tlx.stacked import stackable, train_stacked
+from tlx.train import class_weights, train_head
+
+#: fold sizes whose epochs differ in steps at batch size 4 (4, 5 and 4 steps) and in their last batch
+SIZES = (15, 17, 16)
+
+
+def folds(sizes: tuple[int, ...] = SIZES, classes: int = 3) -> list[Features]:
+    g = torch.Generator().manual_seed(0)
+    return [Features(torch.randn(n, 6, generator=g), torch.arange(n) % classes, []) for n in sizes]
+
+
+def heads(k: int, bias: bool = True) -> list[nn.Linear]:
+    made = []
+    for _ in range(k):
+        torch.manual_seed(3)
+        made.append(nn.Linear(6, 3, bias=bias))
+    return made
+
+
+@pytest.mark.parametrize(
+    ("options", "bias"),
+    [
+        ({}, True),
+        ({"class_weight": "balanced", "label_smoothing": 0.1, "weight_decay": 0.01}, True),
+        ({"momentum": 0.0}, False),
+        ({"schedule": "cosine", "warmup_epochs": 1}, True),  # all folds of SIZES[:1] * 3: the same steps
+    ],
+)
+def test_each_fold_ends_where_it_would_alone(options: dict, bias: bool) -> None:
+    config = TrainConfig(epochs=4, lr=0.05, batch_size=4, **options)
+    fits = folds(SIZES[:1] * 3 if "schedule" in options else SIZES)
+    stacked, alone = heads(len(fits), bias), heads(len(fits), bias)
+    weights = [class_weights(f.y, 3) if config.class_weight else None for f in fits]
+    assert stackable(stacked, fits, config)
+
+    train_stacked(stacked, fits, config, seed=7, weights=weights)
+
+    for head, fit, weight in zip(alone, fits, weights):
+        train_head(head, fit, fit, config, seed=7, on_epoch=lambda e: None, weight=weight)
+    for ours, theirs in zip(stacked, alone):
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.equal(ours.weight, heads(1, bias)[0].weight)  # it did train
+
+
+def test_what_cannot_be_stacked_exactly_trains_one_by_one() -> None:
+    fits = folds()
+    mlp = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in fits]
+    assert not stackable(mlp, fits, TrainConfig())
+    assert not stackable(heads(3), fits, TrainConfig(optimizer="adamw"))
+    # the folds' epochs differ in steps, and the learning rate depends on the step within the epoch
+    assert not stackable(heads(3), fits, TrainConfig(schedule="cosine"))
+    assert not stackable(heads(3), fits, TrainConfig(warmup_epochs=1))
+    assert stackable(heads(3), fits, TrainConfig(schedule="cosine", batch_size=32))  # one step each
