@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -238,3 +239,35 @@ def test_eval_of_a_cached_run_reads_features_from_the_cache(
     monkeypatch.setattr(runtimes, "prepare", None)
     scores, test = evaluate(load_run(run.folder, cache_dir=tmp_path / "cache"))
     assert scores.accuracy == run.metrics["test_accuracy"] and test.cached == len(test.y) == 4
+
+
+def test_a_parallel_sweep_readies_its_next_backbone_while_extracting_the_first(
+    tmp_path: Path, few_ants_and_bees: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper process builds, exports and probes Lite1 while the sweep extracts Lite0; the run of
+    Lite1 then recalls both and builds nothing."""
+    from tlx import backbone
+
+    log, create = tmp_path / "builds.txt", backbone.create_backbone
+
+    def logged(entry, config):  # forked processes inherit it: each appends its own line
+        with log.open("a") as f:
+            f.write(f"{os.getpid()} {config.name}\n")
+        return create(entry, config)
+
+    monkeypatch.setattr(backbone, "create_backbone", logged)
+    grid = {"backbone.name": ["efficientnet_lite0", "efficientnet_lite1"]}
+    overrides = [f"dataset.root={few_ants_and_bees}", "device=cpu"]
+    cache = tmp_path / "cache"
+    swept = tlx.sweep(RECIPE, grid, overrides, out=tmp_path / "sw", cache_dir=cache, jobs=2)
+
+    builds = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(name for _, name in builds) == ["efficientnet_lite0", "efficientnet_lite1"]
+    pid = {name: int(process) for process, name in builds}
+    assert pid["efficientnet_lite0"] == os.getpid() != pid["efficientnet_lite1"]
+    records = [json.loads(path.read_text()) for path in (cache / "onnx").glob("*.json")]
+    assert len(records) == 2 and all("sha256" in record for record in records)  # exported, probed
+    for row in swept.rows:
+        metrics = json.loads((swept.folder / row["run"] / "metrics.json").read_text())
+        assert metrics["features"]["runtime"] == "onnxruntime"
+        assert metrics["features"]["computed"] == 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -268,3 +269,25 @@ def test_of_the_ready_combinations_the_longest_starts_first() -> None:
     assert sweep_jobs._longest([1, 2, 3, 4], {"a"}, backbone, kind, costs) == 2
     assert sweep_jobs._longest([1, 3, 4], {"a"}, backbone, kind, costs) == 4
     assert sweep_jobs._longest([3], {"a"}, backbone, kind, costs) is None
+
+
+def test_readying_ahead_leaves_errors_to_the_runs_and_ends_with_its_process(tmp_path: Path) -> None:
+    """A backbone that fails to get ready counts as ready: its run meets the error and reports it."""
+    done = tmp_path / "done"
+
+    def ready_one(number: int) -> None:
+        if number == 1:
+            raise RuntimeError("no weights")
+        (done / str(number)).touch()
+
+    done.mkdir()
+    ahead = sweep_jobs._Ahead([1, 2], ready_one)
+    ahead.wait(2)
+    ahead.wait(1)
+    assert [p.name for p in done.iterdir()] == ["2"]
+    ahead.stop()
+
+    dying = sweep_jobs._Ahead([3, 4], lambda number: os._exit(1))
+    dying.wait(4)  # returns: the process ended without readying 4
+    dying.stop()
+    assert dying.process.exitcode == 1

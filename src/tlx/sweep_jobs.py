@@ -1,14 +1,15 @@
 """A sweep's combinations run several at a time, each in a process forked from this one (``--jobs``).
 
-A head on cached features trains on one thread, so a machine with N cores trains N combinations at
-once. A combination whose features are not yet cached runs in this process, which extracts them on
-every core; the backbones are extracted first, one after the other, while up to N - 1 combinations of
-backbones already extracted train beside (so a core is not left idle while this process builds a
-model, exports it or trains a head). Among the combinations ready to train, the longest goes first,
-so that no long one is left running alone at the end: a combination's cost is learned from the
-finished ones that train alike (same head and training settings), and one of a kind not yet seen
-counts as the longest. Every number is the same as one at a time: heads train on one thread either
-way, seeded the same.
+A head on cached features trains on one thread, so a machine with N cores trains N combinations at once.
+A combination whose features are not yet cached runs in this process, which extracts them on every core;
+the backbones are extracted first, one after the other, while up to N - 1 combinations of backbones
+already extracted train beside (so a core is not left idle while this process builds a model, exports it
+or trains a head). Meanwhile a helper process readies the later backbones (builds, exports and probes
+each, :class:`_Ahead`), so that their runs only recall them. Among the combinations ready to train, the
+longest goes first, so that no long one is left running alone at the end: a combination's cost is
+learned from the finished ones that train alike (same head and training settings), and one of a kind not
+yet seen counts as the longest. Every number is the same as one at a time: heads train on one thread
+either way, seeded the same.
 
 A forked child sets its torch threads to one before any work (a child forked after this process's
 OpenMP threads started must not start more), reports its progress lines, warnings and metrics to
@@ -18,6 +19,7 @@ elsewhere a sweep runs its combinations one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import pickle
@@ -58,13 +60,15 @@ def run_in_parallel(
     cached: Callable[[int], bool],
     backbone_of: Callable[[int], str],
     kind_of: Callable[[int], str],
+    ready_backbone: Callable[[int], None],
 ) -> dict[int, dict[str, Any]]:
     """Run combinations ``numbers``, ``jobs`` at a time; returns the metrics of each.
 
     ``console_of(number)`` shows a combination's progress here; ``cached(number)`` says whether its
     backbone's features are all in the cache (then it runs in a child), ``backbone_of(number)`` which
     features it shares with others, ``kind_of(number)`` which combinations train alike (and so cost
-    alike). The first error stops every child and is raised here.
+    alike), ``ready_backbone(number)`` does what its run would do before extracting (see
+    :class:`_Ahead`). The first error stops every child and is raised here.
     """
     import tlx.run
     import tlx.train  # noqa: F401 -- torch and the training code: imported once, here, not by every child
@@ -74,6 +78,8 @@ def run_in_parallel(
     costs: dict[str, list[float]] = {}
     results: dict[int, dict[str, Any]] = {}
     children: dict[Connection, _Child] = {}
+    extractions = [n for n in queue if backbone_of(n) not in ready]
+    ahead = _Ahead(extractions[1:], ready_backbone) if jobs > 1 and len(extractions) > 1 else None
 
     def finished(number: int, metrics: dict[str, Any]) -> None:
         results[number] = metrics
@@ -92,6 +98,8 @@ def run_in_parallel(
                 children[connection] = _Child(process, number, console_of(number))
             if extracting is not None:
                 queue.remove(extracting)
+                if ahead is not None:
+                    ahead.wait(extracting)
                 finished(extracting, run_one(extracting, console_of(extracting)))
                 ready.add(backbone_of(extracting))
             # after an extraction, all that came meanwhile (the next extraction waits for nothing);
@@ -109,6 +117,8 @@ def run_in_parallel(
                     break
     finally:
         _stop(children)
+        if ahead is not None:
+            ahead.stop()
     return results
 
 
@@ -160,6 +170,57 @@ def _fork(
     process.start()
     there.close()
     return here, process
+
+
+class _Ahead:
+    """A forked process that readies the backbones of combinations ``numbers``, one after the other,
+    while this process extracts the first backbone: each is built, hashed, exported and probed as its
+    run would do before extracting, on the core this process leaves idle while it builds and exports
+    its own. The run then recalls them. Should it fail, its error is left to the run, which meets and
+    reports it; its warnings likewise.
+    """
+
+    def __init__(self, numbers: list[int], ready_one: Callable[[int], None]) -> None:
+        self.waiting = set(numbers)
+        self.connection, there = multiprocessing.Pipe(duplex=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_ready_all, args=(there, numbers, ready_one), name="tlx-sweep-ahead", daemon=True
+        )
+        self.process.start()
+        there.close()
+
+    def wait(self, number: int) -> None:
+        """Until combination ``number``'s backbone is ready, or this helper has ended."""
+        while number in self.waiting:
+            try:
+                self.waiting.discard(self.connection.recv())
+            except EOFError:
+                self.waiting.clear()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+        self.connection.close()
+
+
+def _ready_all(connection: Connection, numbers: list[int], ready_one: Callable[[int], None]) -> None:
+    """The life of :class:`_Ahead`'s process: one thread, each backbone readied, its number sent."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        with notices.collected([]):
+            for number in numbers:
+                with contextlib.suppress(Exception):
+                    ready_one(number)
+                connection.send(number)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the sweep reports it
+        pass
+    finally:
+        connection.close()
 
 
 def _receive(connection: Connection, child: _Child) -> dict[str, Any] | None:

@@ -156,6 +156,7 @@ def _sweep(
             lambda n: _cached(combinations[n - 1], cache),
             lambda n: _backbone_key(combinations[n - 1]),
             lambda n: _training_key(combinations[n - 1]),
+            lambda n: _ready(combinations[n - 1], cache),
         )
         results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
     with _painters() as painters:  # started after the last fork: a child must not hold their pipes
@@ -264,6 +265,15 @@ def _cached(combination: Combination, cache_dir: Path | None) -> bool:
         return False
     splits = parts.dataset.factory(parts.dataset_options)
     return all_cached([splits.train, splits.test], feature_store(recipe, parts, root, info))
+
+
+def _ready(combination: Combination, cache_dir: Path | None) -> None:
+    """Ready the combination's backbone for extraction (:func:`tlx.backbone.ready`)."""
+    from tlx import cache
+    from tlx.backbone import ready
+
+    recipe, parts = combination.recipe, combination.parts
+    ready(recipe, parts, cache.cache_dir(cache_dir), parts.dataset.factory(parts.dataset_options))
 
 
 def _prepare(folder: Path) -> None:
