@@ -145,7 +145,7 @@ def test_patience_without_validation_is_a_recipe_error(tmp_path: Path, tiny_data
 
 
 def test_balanced_class_weights() -> None:
-    weights = class_weights(torch.tensor([0, 0, 0, 1]), 2)
+    weights = class_weights(torch.tensor([0, 0, 0, 1]), 2, "balanced")
     assert weights.tolist() == pytest.approx([4 / 6, 4 / 2])
 
 

@@ -41,7 +41,7 @@ def test_each_fold_ends_where_it_would_alone(options: dict, bias: bool) -> None:
     config = TrainConfig(epochs=4, lr=0.05, batch_size=4, **options)
     fits = folds(SIZES[:1] * 3 if "schedule" in options else SIZES)
     stacked, alone = heads(len(fits), bias), heads(len(fits), bias)
-    weights = [class_weights(f.y, 3) if config.class_weight else None for f in fits]
+    weights = [class_weights(f.y, 3, config.class_weight) for f in fits]
     assert stackable(stacked, fits, config)
 
     train_stacked(stacked, fits, config, seed=7, weights=weights)

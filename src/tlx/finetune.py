@@ -122,9 +122,8 @@ def finetune(
     trained = unfreeze(backbone.module, options.unfreeze)
     on_start(backbone, head, recipe)
     fit_split, val_split = _hold_out(splits, config.val_fraction, recipe.seed)
-    weight = None
-    if config.class_weight == "balanced":
-        weight = class_weights(torch.tensor([y for _, y in fit_split.samples]), len(splits.classes))
+    labels = torch.tensor([y for _, y in fit_split.samples])
+    weight = class_weights(labels, len(splits.classes), config.class_weight)
     # channels-last is what convolution kernels are fastest with
     model = nn.Sequential(backbone.module, head).to(device, memory_format=torch.channels_last)
     decay = config.weight_decay

@@ -81,8 +81,11 @@ class BestEpoch:
         return record.epoch - self.epoch >= self.patience
 
 
-def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``balanced`` weights: n / (n_classes · n_c), so every class weighs the same in the loss."""
+def class_weights(y: torch.Tensor, n_classes: int, how: str | None) -> torch.Tensor | None:
+    """The loss's class weights ``train.class_weight`` (``how``) asks for: None when unset; ``balanced``:
+    n / (n_classes · n_c), so every class weighs the same in the loss."""
+    if how is None:
+        return None
     counts = torch.bincount(y, minlength=n_classes).float()
     return len(y) / (n_classes * counts.clamp(min=1))
 
@@ -99,7 +102,7 @@ def fit_head(
 ) -> Fit:
     """Hold out the validation share, weigh the classes, then fit ``head`` the way its kind needs."""
     fit, val = hold_out(train, config.val_fraction, seed) if config.val_fraction else (train, None)
-    weight = class_weights(fit.y, n_classes) if config.class_weight == "balanced" else None
+    weight = class_weights(fit.y, n_classes, config.class_weight)
     n_val = len(val.y) if val is not None else 0
     if isinstance(head, ClosedFormHead):
         rows, chosen = head.fit(fit, val, class_weight=weight, seed=seed)
@@ -161,9 +164,7 @@ def selection_score(
             heads.append(make_head())
         fits = [rest for rest, _ in parts]
         if stackable(heads, fits, config):
-            weights = [
-                class_weights(fit.y, n_classes) if config.class_weight == "balanced" else None for fit in fits
-            ]
+            weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
             train_stacked(heads, fits, config, seed=seed, weights=weights)
         else:
             for head, (rest, out) in zip(heads, parts):
