@@ -161,11 +161,16 @@ def _fork(
     number: int, run_one: RunOne, console_of: Callable[[int], Console]
 ) -> tuple[Connection, BaseProcess]:
     """Start combination ``number`` in a forked child; returns this end of its pipe and the process."""
+    return _start(_child, (number, run_one, console_of), f"tlx-sweep-{number}")
+
+
+def _start(target: Callable[..., None], args: tuple[Any, ...], name: str) -> tuple[Connection, BaseProcess]:
+    """Fork a process running ``target(its end of a new pipe, *args)``; returns this end and the process."""
     here, there = multiprocessing.Pipe(duplex=False)
     sys.stdout.flush()
     sys.stderr.flush()
     process = multiprocessing.get_context("fork").Process(
-        target=_child, args=(there, number, run_one, console_of), name=f"tlx-sweep-{number}", daemon=True
+        target=target, args=(there, *args), name=name, daemon=True
     )
     process.start()
     there.close()
@@ -182,14 +187,7 @@ class _Ahead:
 
     def __init__(self, numbers: list[int], ready_one: Callable[[int], None]) -> None:
         self.waiting = set(numbers)
-        self.connection, there = multiprocessing.Pipe(duplex=False)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.process = multiprocessing.get_context("fork").Process(
-            target=_ready_all, args=(there, numbers, ready_one), name="tlx-sweep-ahead", daemon=True
-        )
-        self.process.start()
-        there.close()
+        self.connection, self.process = _start(_ready_all, (numbers, ready_one), "tlx-sweep-ahead")
 
     def wait(self, number: int) -> None:
         """Until combination ``number``'s backbone is ready, or this helper has ended."""
