@@ -20,7 +20,6 @@ from tlx.registry import Entry
 if TYPE_CHECKING:
     from tlx.cache import BackboneInfo, FeatureStore
     from tlx.components import Components
-    from tlx.data import Splits
     from tlx.runtimes import Runner
 
 
@@ -123,30 +122,6 @@ def runner_for(
 
     batch = batch_size(recipe.extract.batch_size, device)
     return prepare(recipe.extract.runtime, device, root, info, build, recipe.extract.flip, batch)
-
-
-def ready(recipe: Recipe, parts: Components, root: Path, splits: Splits) -> None:
-    """Do now what a cold run of ``recipe`` does before extracting with ONNX Runtime: remember the
-    backbone (build and hash it), export it and probe the export on the first images of ``splits``.
-    A later run then recalls both and builds nothing. Other runtimes and strategies build their
-    model in the run itself: nothing to do ahead for them.
-    """
-    from tlx.device import batch_size
-    from tlx.device import resolve as resolve_device
-    from tlx.features import ImageFiles, first_batch
-    from tlx.preprocess import eval_transform
-    from tlx.runtimes import choose
-
-    device = resolve_device(recipe.device)
-    local = parts.engine is None or recipe.extract.engine.kind == "local"
-    if recipe.strategy != "features" or not local or choose(recipe.extract.runtime, device) != "onnxruntime":
-        return
-    info, built = recalled_or_built(recipe, parts, root)
-    runner = runner_for(recipe, parts, root, info, device, built)
-    if runner.pending is not None:  # a fresh export: probed as extraction would, on the first images
-        images = [(path, label) for split in (splits.train, splits.test) for path, label in split.samples]
-        files = ImageFiles(images, eval_transform(info.data_config))
-        runner.check(first_batch(files, batch_size(recipe.extract.batch_size, device)))
 
 
 def feature_store(recipe: Recipe, parts: Components, root: Path, info: BackboneInfo) -> FeatureStore:

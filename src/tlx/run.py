@@ -161,7 +161,7 @@ def frozen_backbone(
     store = feature_store(recipe, parts, root, info)
     if all_cached([splits.train, splits.test], store):
         return None, None, info, store
-    if parts.engine is not None and recipe.extract.engine.kind != "local":  # its workers run torch
+    if _elsewhere(recipe, parts):  # its workers run torch
         entry, options = parts.engine
         return (
             Runner(None, "torch", info),
@@ -173,6 +173,35 @@ def frozen_backbone(
     runner = runner_for(recipe, parts, root, info, device, built)
     console.device(device, recipe.device, runner.runtime)
     return runner, None, info, store
+
+
+def _elsewhere(recipe: Recipe, parts: Components) -> bool:
+    """Whether the recipe's engine extracts on other machines (``extract.engine``), not this one."""
+    return parts.engine is not None and recipe.extract.engine.kind != "local"
+
+
+def ready_backbone(recipe: Recipe, parts: Components, root: Path, splits: Splits) -> None:
+    """Do now what a cold run of ``recipe`` does before extracting with ONNX Runtime: its
+    :func:`frozen_backbone` (the backbone built, hashed and exported), then the export's parity probe
+    on the first images of ``splits``. A later run recalls both and builds nothing. Other runtimes,
+    engines and strategies build their model in the run itself: nothing to do ahead for them.
+    """
+    from tlx.device import batch_size
+    from tlx.device import resolve as resolve_device
+    from tlx.features import ImageFiles, first_batch
+    from tlx.preprocess import eval_transform
+    from tlx.report import QuietConsole
+    from tlx.runtimes import choose
+
+    device = resolve_device(recipe.device)
+    onnx = choose(recipe.extract.runtime, device) == "onnxruntime"
+    if recipe.strategy != "features" or _elsewhere(recipe, parts) or not onnx:
+        return
+    runner, _, info, _ = frozen_backbone(recipe, parts, root, splits, QuietConsole())
+    if runner is not None and runner.pending is not None:  # a fresh export: probed as extraction would
+        images = [(path, label) for split in (splits.train, splits.test) for path, label in split.samples]
+        files = ImageFiles(images, eval_transform(info.data_config))
+        runner.check(first_batch(files, batch_size(recipe.extract.batch_size, device)))
 
 
 def train_on_features(

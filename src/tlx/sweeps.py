@@ -268,12 +268,12 @@ def _cached(combination: Combination, cache_dir: Path | None) -> bool:
 
 
 def _ready(combination: Combination, cache_dir: Path | None) -> None:
-    """Ready the combination's backbone for extraction (:func:`tlx.backbone.ready`)."""
+    """Ready the combination's backbone for extraction (:func:`tlx.run.ready_backbone`)."""
     from tlx import cache
-    from tlx.backbone import ready
+    from tlx.run import ready_backbone
 
     recipe, parts = combination.recipe, combination.parts
-    ready(recipe, parts, cache.cache_dir(cache_dir), parts.dataset.factory(parts.dataset_options))
+    ready_backbone(recipe, parts, cache.cache_dir(cache_dir), parts.dataset.factory(parts.dataset_options))
 
 
 def _prepare(folder: Path) -> None:
