@@ -88,7 +88,7 @@ def train_stacked(
                     total = sum(losses[i](logits[i, :m], targets[i, :m]) for i, m in enumerate(counts) if m)
                 total.backward()
                 idle = [i for i, m in enumerate(counts) if not m]
-                kept = _slices(optimizer, idle)
+                kept = _slices(optimizer, idle) if idle else []
                 optimizer.step()
                 _restore(kept)
     with torch.no_grad():
