@@ -1,4 +1,4 @@
-"""The folds of a linear head trained as one stacked model end where each, trained alone, would."""
+"""The folds of a head trained as one stacked model end where each, trained alone, would."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from tlx.features import Features
 from tlx.recipe import TrainConfig
+from tlx.span import in_span, span_basis
 from tlx.stacked import stackable, train_stacked
 from tlx.train import class_weights, train_head
 
@@ -15,9 +16,9 @@ from tlx.train import class_weights, train_head
 SIZES = (15, 17, 16)
 
 
-def folds(sizes: tuple[int, ...] = SIZES, classes: int = 3) -> list[Features]:
+def folds(sizes: tuple[int, ...] = SIZES, classes: int = 3, width: int = 6) -> list[Features]:
     g = torch.Generator().manual_seed(0)
-    return [Features(torch.randn(n, 6, generator=g), torch.arange(n) % classes, []) for n in sizes]
+    return [Features(torch.randn(n, width, generator=g), torch.arange(n) % classes, []) for n in sizes]
 
 
 def heads(k: int, bias: bool = True) -> list[nn.Linear]:
@@ -54,10 +55,45 @@ def test_each_fold_ends_where_it_would_alone(options: dict, bias: bool) -> None:
         assert not torch.equal(ours.weight, heads(1, bias)[0].weight)  # it did train
 
 
+def mlps(k: int, width: int = 6, dropout: float = 0.0) -> list[nn.Sequential]:
+    made = []
+    for _ in range(k):
+        torch.manual_seed(3)
+        made.append(nn.Sequential(nn.Linear(width, 5), nn.GELU(), nn.Dropout(dropout), nn.Linear(5, 3)))
+    return made
+
+
+@pytest.mark.parametrize("narrowed", [False, True])
+def test_mlp_folds_end_where_they_would_alone(narrowed: bool) -> None:
+    config = TrainConfig(epochs=4, lr=0.05, batch_size=4, class_weight="balanced")
+    width = 64 if narrowed else 6  # narrowed: more features than all the folds' rows
+    fits = folds(width=width)
+    stacked, alone = mlps(len(fits), width), mlps(len(fits), width)
+    weights = [class_weights(f.y, 3, config.class_weight) for f in fits]
+    trained, inputs = stacked, fits
+    if narrowed:  # as selection_score does: one basis spanning every fold's rows
+        basis = span_basis(torch.cat([fit.x for fit in fits]))
+        spans = [in_span(head, basis, config) for head in stacked]
+        trained, inputs = [s.narrow for s in spans], [s.features(f) for s, f in zip(spans, fits)]
+    assert stackable(trained, inputs, config)
+
+    train_stacked(trained, inputs, config, seed=7, weights=weights)
+    for span in spans if narrowed else []:
+        span.write_back()
+
+    for head, fit, weight in zip(alone, fits, weights):
+        train_head(head, fit, fit, config, seed=7, on_epoch=lambda e: None, weight=weight)
+    for ours, theirs in zip(stacked, alone):
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert not torch.equal(ours[0].weight, mlps(1, width)[0][0].weight)  # it did train
+
+
 def test_what_cannot_be_stacked_exactly_trains_one_by_one() -> None:
     fits = folds()
-    mlp = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in fits]
-    assert not stackable(mlp, fits, TrainConfig())
+    assert not stackable(mlps(3, dropout=0.1), fits, TrainConfig())  # other random masks than alone
+    wide = [nn.Sequential(nn.Linear(1280, 512), nn.ReLU(), nn.Linear(512, 2)) for _ in fits]
+    assert not stackable(wide, fits, TrainConfig())  # k copies would not fit the cache
     assert not stackable(heads(3), fits, TrainConfig(optimizer="adamw"))
     # the folds' epochs differ in steps, and the learning rate depends on the step within the epoch
     assert not stackable(heads(3), fits, TrainConfig(schedule="cosine"))

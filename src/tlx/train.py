@@ -26,6 +26,7 @@ from tlx.features import Features, threads_set
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
+from tlx.span import in_span, span_basis
 from tlx.stacked import stackable, train_stacked
 
 
@@ -133,9 +134,10 @@ def selection_score(
 
     With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
     :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
-    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (linear
-    heads of all folds at once, :mod:`tlx.stacked`). The test split plays no part: a sweep chooses its
-    winner by this score.
+    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (an mlp's
+    first layer within the span of the training rows, :mod:`tlx.span`; the heads of all folds at once
+    where that is exact and fits the cache, :mod:`tlx.stacked`). The test split plays no part: a sweep
+    chooses its winner by this score.
 
     ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
     choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
@@ -162,6 +164,11 @@ def selection_score(
         for _ in parts:
             torch.manual_seed(seed)
             heads.append(make_head())
+        basis = span_basis(train.x)  # spans every fold's rows: one basis lets the folds stack
+        spans = [in_span(head, basis, config) for head in heads]
+        if all(spans):
+            heads = [span.narrow for span in spans]
+            parts = [(span.features(rest), span.features(out)) for span, (rest, out) in zip(spans, parts)]
         fits = [rest for rest, _ in parts]
         if stackable(heads, fits, config):
             weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
@@ -214,7 +221,13 @@ def train_head(
     The head's small operations run on one thread; more only add overhead (same numbers).
     With ``val`` and ``best``, training stops once the validation loss has not improved for
     ``best.patience`` epochs, and the head keeps the weights of its best validation epoch.
+    An mlp's first layer trains within the span of the training rows where that is exact
+    (:mod:`tlx.span`): the same steps, to float rounding, on a fraction of the memory.
     """
+    span = in_span(head, span_basis(train.x), config)
+    if span is not None:
+        head, train, test = span.narrow, span.features(train), span.features(test)
+        val = span.features(val) if val is not None else None
     generator = torch.Generator().manual_seed(seed)
     n = len(train.y)
     groups = param_groups(head.named_parameters(), config.lr, config.weight_decay)
@@ -241,6 +254,8 @@ def train_head(
                 break
     if best is not None:
         head.load_state_dict(best.kept)
+    if span is not None:
+        span.write_back()
     return history
 
 
