@@ -3,10 +3,10 @@
 Rounds alternate the code under test (this tree, and optionally an earlier commit given with
 ``--before``) so that a shared machine's drift falls on both alike. Per run: wall seconds, the CPU
 seconds of the sweep and every process it waited for (user + system), the 1-minute load average at the
-start, the extraction seconds the sweep reported, and how many features it computed. Then the
-standalone extraction of each backbone (a cold ``tlx run`` per backbone, one after the other, this
-tree): the reference for "cold ≤ extraction + 30 s", since a sweep's own extraction seconds grow when
-heads train beside it.
+start, the extraction seconds the sweep reported, and how many features it computed. Every round
+starts with the standalone extraction of each backbone (a cold ``tlx run`` per backbone, one after the
+other, this tree): the reference for that round's "cold ≤ extraction + 30 s", taken minutes from the
+sweeps it is compared with (a sweep's own extraction seconds grow when heads train beside it).
 
     python bench/sweep.py --data ../shared/data/hymenoptera_data [--before d26b474] [--rounds 2]
 """
@@ -86,25 +86,27 @@ def main() -> None:
             subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
             (work / "src").rename(work / "before")
             trees = {"before": work / "before", **trees}
-        runs = []
+        runs, extraction = [], []
         for k in range(args.rounds):
+            extraction.append(standalone(args.data.resolve(), work / f"standalone-{k}"))
+            print(f"round {k + 1} standalone extraction: {extraction[-1]}", flush=True)
             for label, src in trees.items():
                 cache = work / f"cache-{label}-{k}"
                 for state in ("cold", "warm"):
                     figures = sweep(src, args.data.resolve(), cache, work / f"{label}-{state}-{k}")
                     runs.append({"code": label, "state": state, "round": k + 1, **figures})
                     print(json.dumps(runs[-1]), flush=True)
-        extraction = standalone(args.data.resolve(), work)
-        total = round(sum(extraction.values()), 2)
-        print(f"standalone extraction: {extraction} = {total} s")
+        totals = [round(sum(seconds.values()), 2) for seconds in extraction]
         print("\n| code | state | round | load | wall s | CPU s | extraction s (in the sweep) | computed |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in runs:
             print(f"| {r['code']} | {r['state']} | {r['round']} | {r['load']} | {r['wall_s']} | {r['cpu_s']} "
                   f"| {r['extract_s']} | {r['computed']} |")  # fmt: skip
         for r in runs:
-            if r["code"] == "after" and r["state"] == "cold":
-                print(f"cold round {r['round']}: standalone extraction + {r['wall_s'] - total:.1f} s")
+            if r["state"] == "cold":
+                total = totals[r["round"] - 1]
+                print(f"{r['code']}, cold round {r['round']}: that round's standalone extraction ({total} s) "
+                      f"+ {r['wall_s'] - total:.1f} s")  # fmt: skip
         if args.json:
             args.json.write_text(json.dumps({"runs": runs, "standalone_extract_s": extraction}, indent=2))
     finally:
