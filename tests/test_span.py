@@ -11,8 +11,8 @@ from tlx.recipe import TrainConfig
 from tlx.span import in_span, span_basis
 from tlx.train import class_weights, fit_head, selection_score, train_head
 
-#: more features than training rows, as with 1280 features of about 200 images
-ROWS, WIDTH, CLASSES = 30, 64, 3
+#: over twice as many features as training rows, as with 1280 features of about 245 images
+ROWS, WIDTH, CLASSES = 30, 128, 3
 
 
 def data(n: int = ROWS, seed: int = 0) -> Features:
@@ -60,6 +60,7 @@ def test_training_in_the_span_takes_torch_optim_sgds_steps() -> None:
 def test_early_stopping_keeps_the_best_epochs_full_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     config = TrainConfig(epochs=30, lr=0.2, batch_size=4, val_fraction=0.3, patience=2)
     train = data(40)
+    assert span_basis(train.x) is not None  # nor then the rows left after the hold-out
     narrowed, plain = mlp(), mlp()
     fit = fit_head(narrowed, train, train, config, n_classes=CLASSES, seed=3, on_epoch=lambda e: None)
     monkeypatch.setattr("tlx.train.in_span", lambda *args: None)
@@ -75,7 +76,7 @@ def test_early_stopping_keeps_the_best_epochs_full_weights(monkeypatch: pytest.M
     [
         (mlp(), TrainConfig(weight_decay=0.01), ROWS),  # decay shrinks the initial weight too
         (mlp(), TrainConfig(optimizer="adamw"), ROWS),  # per coordinate: not blind to the rotation
-        (mlp(), TrainConfig(), WIDTH),  # as many rows as features: nothing to save
+        (mlp(), TrainConfig(), WIDTH // 2 + 1),  # over half as many rows as features: little to save
         (nn.Linear(WIDTH, CLASSES), TrainConfig(), ROWS),  # a linear head is bound by overhead
         (nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, CLASSES)), TrainConfig(), ROWS),
     ],
@@ -96,6 +97,7 @@ def test_an_mlps_selection_score_is_the_one_its_full_folds_get(monkeypatch: pyte
     def score() -> list[float]:
         return selection_score(mlp(), mlp, train, config, n_classes=CLASSES, seed=4)["scores"]
 
+    assert span_basis(train.x) is not None
     narrowed = score()  # the folds narrowed to one basis and stacked
     monkeypatch.setattr("tlx.train.in_span", lambda *args: None)
     monkeypatch.setattr("tlx.train.stackable", lambda *args: False)

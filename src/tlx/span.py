@@ -38,9 +38,9 @@ class SpanLinear(nn.Module):
 
 def span_basis(rows: torch.Tensor) -> torch.Tensor | None:
     """An orthonormal basis (float64, ``(in, n)``) of the span of ``rows`` ``(n, in)``; None when
-    ``n ≥ in``, where it would save nothing."""
+    ``n > in / 2``, where the narrowed layer would save less than half of the full one."""
     n, width = rows.shape
-    if n >= width:
+    if 2 * n > width:
         return None
     return torch.linalg.qr(rows.double().t()).Q
 
