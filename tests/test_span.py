@@ -71,6 +71,17 @@ def test_early_stopping_keeps_the_best_epochs_full_weights(monkeypatch: pytest.M
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+class Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](x + self[0](x))
+
+
+def frozen_first() -> nn.Sequential:
+    head = mlp()
+    head[0].requires_grad_(False)
+    return head
+
+
 @pytest.mark.parametrize(
     ("head", "config", "rows"),
     [
@@ -79,6 +90,8 @@ def test_early_stopping_keeps_the_best_epochs_full_weights(monkeypatch: pytest.M
         (mlp(), TrainConfig(), WIDTH // 2 + 1),  # over half as many rows as features: little to save
         (nn.Linear(WIDTH, CLASSES), TrainConfig(), ROWS),  # a linear head is bound by overhead
         (nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, CLASSES)), TrainConfig(), ROWS),
+        (Residual(nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, CLASSES)), TrainConfig(), ROWS),  # own forward
+        (frozen_first(), TrainConfig(), ROWS),  # a first layer that does not train
     ],
 )
 def test_what_breaks_the_identity_trains_the_full_layer(

@@ -94,6 +94,16 @@ def test_what_cannot_be_stacked_exactly_trains_one_by_one() -> None:
     assert not stackable(mlps(3, dropout=0.1), fits, TrainConfig())  # other random masks than alone
     wide = [nn.Sequential(nn.Linear(1280, 512), nn.ReLU(), nn.Linear(512, 2)) for _ in fits]
     assert not stackable(wide, fits, TrainConfig())  # k copies would not fit the cache
+    frozen = mlps(3)
+    for head in frozen:
+        head[0].requires_grad_(False)
+    assert not stackable(frozen, fits, TrainConfig())
+
+    class Residual(nn.Sequential):  # its own forward: its layers in turn are not what it computes
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[1](x + self[0](x))
+
+    assert not stackable([Residual(nn.Linear(6, 6), nn.Linear(6, 3)) for _ in fits], fits, TrainConfig())
     assert not stackable(heads(3), fits, TrainConfig(optimizer="adamw"))
     # the folds' epochs differ in steps, and the learning rate depends on the step within the epoch
     assert not stackable(heads(3), fits, TrainConfig(schedule="cosine"))

@@ -72,12 +72,15 @@ class InSpan:
 
 def in_span(head: nn.Module, basis: torch.Tensor | None, config: TrainConfig) -> InSpan | None:
     """``head`` narrowed to ``basis`` (:func:`span_basis` of its training rows) when training it that way
-    is exact: an ``nn.Sequential`` that starts with an ``nn.Linear`` and has more layers, plain SGD."""
+    is exact: a plain ``nn.Sequential`` (a subclass may have its own forward) that starts with a
+    trainable ``nn.Linear`` and has more layers, plain SGD."""
     exact = config.optimizer == "sgd" and config.weight_decay == 0
-    if basis is None or not exact or not isinstance(head, nn.Sequential) or len(head) < 2:
+    if basis is None or not exact or type(head) is not nn.Sequential or len(head) < 2:
         return None
     first = head[0]
     if type(first) is not nn.Linear or first.in_features != basis.shape[0]:
+        return None
+    if not all(param.requires_grad for param in first.parameters()):
         return None
     span = SpanLinear(basis.shape[1], first.out_features, first.bias)
     narrow = nn.Sequential(span, *list(head)[1:])

@@ -31,7 +31,8 @@ ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 def _layers(head: nn.Module) -> list[nn.Module]:
-    return list(head) if isinstance(head, nn.Sequential) else [head]
+    """The layers ``head`` applies in turn (a subclass of ``nn.Sequential`` may have its own forward)."""
+    return list(head) if type(head) is nn.Sequential else [head]
 
 
 def _stackable_layer(layer: nn.Module) -> bool:
@@ -49,6 +50,8 @@ def stackable(heads: list[nn.Module], fits: list[Features], config: TrainConfig)
     on them.
     """
     if config.optimizer != "sgd" or not all(_stackable_layer(m) for m in _layers(heads[0])):
+        return False
+    if not all(param.requires_grad for param in heads[0].parameters()):
         return False
     if 3 * 4 * len(heads) * sum(p.numel() for p in heads[0].parameters()) > CACHE_BYTES:
         return False
