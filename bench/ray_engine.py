@@ -2,18 +2,23 @@
 
     .venv/bin/python bench/ray_engine.py [--data DIR] [--json OUT]
 
-On ants/bees (every train and val image) with ``efficientnet_lite0``, no feature cache: (1) the local
+On ants/bees (every train and val image) with ``efficientnet_lite0``, no feature cache, for each
+runtime (``torch``, and ``onnxruntime``: what ``extract.runtime: auto`` runs on a CPU): (1) the local
 engine (tlx's default: a decoding process per core, one thread each, batch 4); (2) a local Ray started
-with one logical CPU more than the actors need (Ray Data's own tasks), timed as ``ray.init`` and then
-the first batch back (actor start-up: the backbone built and hashed in the actor); (3) the ray engine
-with one and with two actors of one CPU each, batch 4. images/s counts the whole extraction (pool
-start-up included), and the second half of the images alone (the steady state). Needs
+with one logical CPU more than the actors need (Ray Data's own tasks), timed as ``ray.init``, once;
+(3) the ray engine with one and with two actors of one CPU each, batch 4, timed to the first batch
+back (actor start-up: the backbone built and hashed in the actor, and with ONNX Runtime exported and
+probed in the node's cache folder by the first actor, recalled by the later ones) and to the last.
+The local engine's export is written before its timing starts; its parity probe is timed.
+images/s counts the whole extraction (pool start-up included), and the second half of the images
+alone (the steady state). Every export goes to a fresh cache folder. Needs
 ``pip install -e plugins/tlx-ray``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -55,8 +60,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    import ray
+    import tempfile
+
     import torch
+
+    # before Ray starts: its actors keep their exports in this node cache folder
+    os.environ["TLX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tlx-bench-node-cache-")
+    import ray
     from tlx_ray import RayOptions, ray_engine
 
     from tlx.backbone import build_backbone
@@ -66,36 +76,43 @@ def main() -> None:
     from tlx.features import ImageFiles
     from tlx.preprocess import eval_transform
     from tlx.recipe import cpu_cores, make_recipe
-    from tlx.runtimes import Runner
+    from tlx.runtimes import Runner, prepare
 
-    recipe = make_recipe(
-        {"dataset": {"root": str(args.data)}, "backbone": {"name": "efficientnet_lite0"}}, source="bench"
-    )
+    spec = {"dataset": {"root": str(args.data)}, "backbone": {"name": "efficientnet_lite0"}}
+    recipe = make_recipe(spec, source="bench")
     parts = resolve(recipe, "bench")
-    backbone, info = build_backbone(recipe, parts, Path(os.environ.get("TMPDIR", "/tmp")) / "tlx-bench-cache")
+    root = Path(tempfile.mkdtemp(prefix="tlx-bench-cache-"))
+    backbone, info = build_backbone(recipe, parts, root)
     splits = parts.dataset.factory(parts.dataset_options)
     paths = [p for split in (splits.train, splits.test) for p, _ in split.samples]
     cpu = torch.device("cpu")
     files = ImageFiles([(p, 0) for p in paths], eval_transform(info.data_config))
-    runner = Runner.in_torch(backbone.module, info, cpu)  # the actors run torch: so does the local figure
-    job = Job(files, runner, batch_size(None, cpu), recipe.extract.processes)
-    spec = BackboneSpec.of(recipe, info.sha256)
+    batch = batch_size(None, cpu)
     figures: dict[str, object] = {"images": len(paths), "cores": cpu_cores()}
     global total_images
     total_images = len(paths)
 
     torch.set_num_threads(1)
-    figures["local"] = timed(LocalEngine().batches(job))
-    print("local", figures["local"], flush=True)
+    for runtime in ("torch", "onnxruntime"):
+        runner = prepare(runtime, cpu, root, info, lambda: backbone.module, False, batch)
+        figures[f"local_{runtime}"] = timed(
+            LocalEngine().batches(Job(files, runner, batch, recipe.extract.processes))
+        )
+        print(f"local, {runtime}", figures[f"local_{runtime}"], flush=True)
     t0 = time.perf_counter()
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     figures["ray_init_s"] = round(time.perf_counter() - t0, 2)
     print("ray.init", figures["ray_init_s"], "s", flush=True)
-    for actors in (1, 2):
-        engine = ray_engine(RayOptions(actors=actors, batch_size=4), spec)
-        figures[f"ray_{actors}_actors"] = timed(engine.batches(job))
-        print(f"ray, {actors} actors", figures[f"ray_{actors}_actors"], flush=True)
+    for runtime in ("torch", "onnxruntime"):
+        backbone_spec = dataclasses.replace(BackboneSpec.of(recipe, info.sha256), runtime=runtime)
+        for actors in (1, 2):
+            engine = ray_engine(RayOptions(actors=actors, batch_size=batch), backbone_spec)
+            runner = Runner(None, runtime, info)  # the engine sets what its actors ran
+            batches = engine.batches(Job(files, runner, batch, recipe.extract.processes))
+            name = f"ray_{actors}_actors_{runtime}"
+            figures[name] = {**timed(batches), "ran": runner.runtime}
+            print(f"ray, {actors} actors, {runtime}", figures[name], flush=True)
     ray.shutdown()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -115,11 +115,12 @@ class BackboneInfo:
     weights: str
 
     @classmethod
-    def of(cls, backbone: Backbone) -> BackboneInfo:
+    def of(cls, backbone: Backbone, sha256: str | None = None) -> BackboneInfo:
+        """``backbone``'s info; ``sha256``: its weights' digest when already known (else computed)."""
         from tlx.weights import state_digest
 
         config = json.loads(json.dumps(backbone.data_config))  # tuples as lists, as read back from JSON
-        return cls(state_digest(backbone.module), backbone.feature_dim, config, backbone.weights)
+        return cls(sha256 or state_digest(backbone.module), backbone.feature_dim, config, backbone.weights)
 
 
 def _backbone_record(root: Path, entry: Entry, config: BackboneConfig, plugin_version: str) -> Path | None:

@@ -8,6 +8,10 @@ need no shared cache folder, and a job killed midway resumes from the chunks alr
 
 A worker on another machine builds the backbone itself from a :class:`BackboneSpec` (never from
 weights sent to it) and refuses to run when its weights or pixel libraries differ from the driver's.
+It runs the backbone with the recipe's ``extract.runtime`` as the driver would on that worker's device
+(:func:`tlx.runtimes.prepare`: ONNX Runtime on a CPU, the export kept in the node's own cache folder
+and probed against its torch module), and the engine sets the job's ``runner.runtime`` to what the
+workers ran.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlx.errors import TlxError
 
 if TYPE_CHECKING:
+    import torch
+
     from tlx.backbone import Backbone
     from tlx.features import ImageFiles
     from tlx.recipe import BackboneConfig, ExtractConfig, Recipe
@@ -34,7 +40,8 @@ class Job:
     """One extraction: the images with the driver's preprocessing, and the driver's backbone."""
 
     files: ImageFiles
-    #: the backbone ready to run on this machine (:mod:`tlx.runtimes`); only the local engine runs it
+    #: the backbone ready to run on this machine (:mod:`tlx.runtimes`); only the local engine runs it.
+    #: Another sets its ``runtime`` to what its workers ran (else it stays the recipe's setting)
     runner: Runner
     batch_size: int
     #: decoding processes on this machine (``extract.workers``)
@@ -100,10 +107,13 @@ class BackboneSpec:
     sha256: str
     #: :func:`environment` on the driver
     versions: dict[str, str]
+    #: ``extract.runtime``: what runs the backbone on the worker's device (:func:`tlx.runtimes.choose`)
+    runtime: str = "torch"
 
     @classmethod
     def of(cls, recipe: Recipe, sha256: str) -> BackboneSpec:
-        return cls(recipe.backbone, recipe.seed, recipe.extract.flip, sha256, environment(recipe.backbone))
+        flip, runtime = recipe.extract.flip, recipe.extract.runtime
+        return cls(recipe.backbone, recipe.seed, flip, sha256, environment(recipe.backbone), runtime)
 
     def build(self, node: str) -> Backbone:
         """The backbone built on this ``node`` through its plugins (flip-averaged when asked); a
@@ -127,6 +137,17 @@ class BackboneSpec:
                 "reachable on every node"
             )
         return flip_averaged(backbone) if self.flip else backbone
+
+    def runner(self, node: str, device: torch.device, batch: int) -> Runner:
+        """The backbone built on ``node`` (:meth:`build`) for ``extract.runtime`` on ``device``, for batches
+        of ``batch`` images; its export, on a CPU, in the node's cache folder (a fresh one is probed by
+        :meth:`tlx.runtimes.Runner.check` on the first batch)."""
+        from tlx.cache import BackboneInfo, cache_dir
+        from tlx.runtimes import prepare
+
+        backbone = self.build(node)
+        info = BackboneInfo.of(backbone, self.sha256)  # build() checked the digest
+        return prepare(self.runtime, device, cache_dir(), info, lambda: backbone.module, self.flip, batch)
 
 
 def environment(config: BackboneConfig) -> dict[str, str]:

@@ -161,10 +161,10 @@ def frozen_backbone(
     store = feature_store(recipe, parts, root, info)
     if all_cached([splits.train, splits.test], store):
         return None, None, info, store
-    if _elsewhere(recipe, parts):  # its workers run torch
+    if _elsewhere(recipe, parts):  # its workers build the backbone; the engine names what they ran
         entry, options = parts.engine
         return (
-            Runner(None, "torch", info),
+            Runner(None, recipe.extract.runtime, info),
             entry.factory(options, BackboneSpec.of(recipe, info.sha256)),
             info,
             store,

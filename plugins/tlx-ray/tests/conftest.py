@@ -22,7 +22,10 @@ from tlx import plugins
 TIMEOUT_S = 120
 
 PLUGIN = '''
-"""Test backbones for the ray engine: ``wide`` (large features), ``slow`` (records where it ran)."""
+"""Test backbones for the ray engine: ``wide`` (large features), ``slow`` (records where it ran).
+
+Both run Python in their forward pass, so their tests run them in torch (``extract.runtime: torch``).
+"""
 import os
 import time
 
@@ -76,10 +79,13 @@ def _install_test_plugin() -> Path:
 SITE = _install_test_plugin()
 RECORD = SITE / "record"
 RECORD.mkdir()
+#: the actors' own cache folder (their exported models), as a node's would be; tests give the driver theirs
+NODE_CACHE = SITE / "node-cache"
 # before Ray starts: its workers inherit this environment
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TLX_RAY_TEST_RECORD"] = str(RECORD)
+os.environ["TLX_CACHE_DIR"] = str(NODE_CACHE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(SITE))
 importlib.invalidate_caches()

@@ -44,7 +44,8 @@ def test_a_job_completes_when_the_node_of_its_actor_is_removed(cluster: Cluster,
     for i in range(24):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", (20, 20), (10 * i, 80, 160)).save(paths[-1])
-    recipe = make_recipe({"dataset": {"root": "."}, "backbone": {"name": "slow"}}, source="test")
+    spec = {"dataset": {"root": "."}, "backbone": {"name": "slow"}, "extract": {"runtime": "torch"}}
+    recipe = make_recipe(spec, source="test")
     built, info = build_backbone(recipe, resolve(recipe, "test"), tmp_path / "cache")
     runner = Runner.in_torch(built.module, info, torch.device("cpu"))
     engine = ray_engine(RayOptions(actors=1, batch_size=2), BackboneSpec.of(recipe, info.sha256))

@@ -20,7 +20,7 @@ import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import RECORD  # noqa: E402
+from conftest import NODE_CACHE, RECORD  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tlx_ray import RayOptions, ray_engine  # noqa: E402
@@ -97,7 +97,8 @@ def features_of(cache: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def engine(backbone: str, **options: object):
     """A ray engine for the test backbone ``backbone``, and the backbone the driver built, in torch."""
-    recipe = make_recipe({"dataset": {"root": "."}, "backbone": {"name": backbone}}, source="test")
+    spec = {"dataset": {"root": "."}, "backbone": {"name": backbone}, "extract": {"runtime": "torch"}}
+    recipe = make_recipe(spec, source="test")
     built, info = build_backbone(recipe, resolve(recipe, "test"), Path(os.environ["TLX_CACHE_DIR"]))
     runner = Runner.in_torch(built.module, info, torch.device("cpu"))
     return ray_engine(RayOptions(**options), BackboneSpec.of(recipe, info.sha256)), runner, recipe
@@ -118,9 +119,8 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
         "--set",
         "extract.engine.kind=ray",
     )
-    # the actors run torch: so does the local run compared with them (ONNX Runtime agrees to ~1e-5)
-    local = ("--set", "extract.runtime=torch")
-    tlx("run", recipe, "--cache-dir", tmp_path / "local", "--out", tmp_path / "b", *local)
+    # the actors ran ONNX Runtime (extract.runtime: auto on CPU actors), as the local run does
+    tlx("run", recipe, "--cache-dir", tmp_path / "local", "--out", tmp_path / "b")
     ray_features, ray_failed = features_of(tmp_path / "ray")
     local_features, local_failed = features_of(tmp_path / "local")
     assert ray_features.keys() == local_features.keys() and len(ray_features) == 10
@@ -131,6 +131,10 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
     ]
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     assert a["skipped"] == b["skipped"] and a["test_accuracy"] == b["test_accuracy"]
+    assert a["features"]["runtime"] == b["features"]["runtime"] == "onnxruntime"
+    # the actors exported the backbone into their node's cache folder and probed it against torch
+    records = [json.loads(r.read_text()) for r in (NODE_CACHE / "onnx").glob("*.json")]
+    assert any(r.get("weights_sha256") == a["backbone"]["sha256"] and "difference" in r for r in records)
 
     def refuse(*args: object) -> None:
         raise AssertionError("a warm run builds no backbone")

@@ -1,7 +1,8 @@
 """The workers' side of the ray engine: actors that build the model once and take batches of paths.
 
 Nothing but paths and small specs reaches them: each builds the backbone through its own node's
-tlx plugins and checks it against the driver's (:class:`tlx.engines.BackboneSpec`).
+tlx plugins and checks it against the driver's (:class:`tlx.engines.BackboneSpec`), then runs it with
+the recipe's ``extract.runtime`` (ONNX Runtime on a CPU actor, the export in the node's cache folder).
 """
 
 from __future__ import annotations
@@ -56,25 +57,28 @@ class _Worker:
 
 
 class Extractor(_Worker):
-    """Features of a batch of ``(position, path)`` rows: ``position``, ``features``, ``failure``."""
+    """Features of a batch of ``(position, path)`` rows: ``position``, ``features``, ``failure`` and the
+    ``runtime`` that computed them."""
 
-    def __init__(self, spec: BackboneSpec) -> None:
+    def __init__(self, spec: BackboneSpec, batch_size: int) -> None:
         super().__init__()
-        backbone = spec.build(self.node)
-        self.transform = eval_transform(backbone.data_config)
-        self.feature_dim = backbone.feature_dim
-        self.module = backbone.module.to(self.device, memory_format=torch.channels_last)
+        self.runner = spec.runner(self.node, self.device, batch_size)
+        self.transform = eval_transform(self.runner.info.data_config)
+        self.feature_dim = self.runner.info.feature_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, indices, failures = self.decoded(batch["path"].tolist(), self.transform)
         features = np.zeros((len(batch["path"]), self.feature_dim), np.float32)
         if images is not None:
-            with torch.inference_mode():
-                features[indices] = self.module(images).float().cpu().numpy()
+            if self.runner.pending is not None:  # a fresh export: checked on this first batch
+                self.runner.check(images)
+            assert self.runner.forward is not None
+            features[indices] = self.runner.forward(images).float().cpu().numpy()
         reasons = np.full(len(features), "", dtype=object)
         for index, reason in failures:
             reasons[index] = reason
-        return {"position": batch["position"], "features": features, "failure": reasons}
+        runtime = np.full(len(features), self.runner.runtime, dtype=object)
+        return {"position": batch["position"], "features": features, "failure": reasons, "runtime": runtime}
 
 
 class Predictor(_Worker):

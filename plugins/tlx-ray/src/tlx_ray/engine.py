@@ -18,6 +18,8 @@ from tlx_ray import RayOptions
 if TYPE_CHECKING:
     import ray.data
 
+    from tlx.runtimes import Runner
+
 #: blocks of the dataset of paths, at most: a block is what a failed actor's work is retried as
 MAX_BLOCKS = 1000
 
@@ -33,8 +35,8 @@ class RayEngine:
         from tlx_ray.actors import Extractor
 
         paths = [path for path, _ in job.files.samples]
-        mapped = self._map(paths, Extractor, {"spec": self.spec})
-        return self._stream(mapped)
+        mapped = self._map(paths, Extractor, {"spec": self.spec, "batch_size": self._batch_size()})
+        return self._stream(mapped, job.runner)
 
     def predict(self, run: Path, paths: list[Path], top_k: int, output: Path) -> list[tuple[str, str]]:
         import pyarrow.compute as pc
@@ -53,13 +55,10 @@ class RayEngine:
     def _map(self, paths: list[Path], actor: type, kwargs: dict[str, Any]) -> ray.data.Dataset:
         """The dataset of ``(position, path)`` rows through a pool of ``actor``."""
         import ray.data
-        import torch
-
-        from tlx.device import batch_size
 
         connect(self.options)
         rows = [{"position": n, "path": str(path)} for n, path in enumerate(paths)]
-        size = batch_size(self.options.batch_size, torch.device("cuda" if self.options.num_gpus else "cpu"))
+        size = self._batch_size()
         blocks = max(1, min(MAX_BLOCKS, -(-len(rows) // size)))
         return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             actor,
@@ -70,6 +69,14 @@ class RayEngine:
             num_cpus=self.options.num_cpus,
             num_gpus=self.options.num_gpus or None,
         )
+
+    def _batch_size(self) -> int:
+        """Images per actor call: ``batch_size``, else tlx's default for the actors' device."""
+        import torch
+
+        from tlx.device import batch_size
+
+        return batch_size(self.options.batch_size, torch.device("cuda" if self.options.num_gpus else "cpu"))
 
     def _pool(self) -> ray.data.ActorPoolStrategy:
         """A fixed pool of ``actors``, else one from ``min_actors`` to what the cluster holds."""
@@ -88,14 +95,17 @@ class RayEngine:
             min_size=options.min_actors, max_size=max(options.min_actors, largest)
         )
 
-    def _stream(self, mapped: ray.data.Dataset) -> Iterator[Batch]:
-        """The actors' results as they come; a position is yielded once even when Ray retried its batch."""
+    def _stream(self, mapped: ray.data.Dataset, runner: Runner) -> Iterator[Batch]:
+        """The actors' results as they come; a position is yielded once even when Ray retried its batch.
+        At the end, ``runner.runtime`` names what the actors ran (``onnxruntime+torch`` if both)."""
         import numpy as np
         import torch
 
         seen: set[int] = set()
+        runtimes: set[str] = set()
         with _errors():
             for batch in mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                runtimes.update(batch["runtime"].tolist())
                 positions = batch["position"].tolist()
                 reasons = batch["failure"].tolist()
                 new = [k for k, n in enumerate(positions) if n not in seen]
@@ -103,6 +113,8 @@ class RayEngine:
                 ok = [k for k in new if not reasons[k]]
                 out = torch.from_numpy(np.ascontiguousarray(batch["features"][ok])) if ok else None
                 yield out, [positions[k] for k in ok], [(positions[k], reasons[k]) for k in new if reasons[k]]
+        if runtimes:
+            runner.runtime = "+".join(sorted(runtimes))
 
 
 def connect(options: RayOptions) -> None:
