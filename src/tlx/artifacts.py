@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -48,6 +48,9 @@ from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
 from tlx.scores import Scores
+
+if TYPE_CHECKING:
+    from tlx.runtimes import Runner
 
 HEAD_FILE = "head.safetensors"
 RECIPE_FILE = "recipe.yaml"
@@ -352,23 +355,26 @@ class TrainedRun:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
         return nn.Sequential(self.backbone.module, self.head).eval()
 
+    def runner(self, device: torch.device) -> Runner:
+        """What runs the backbone on ``device``: the recipe's runtime (a fine-tuned backbone: torch)."""
+        from tlx.backbone import runner_for
+        from tlx.runtimes import Runner
+
+        if self.tuned:
+            return Runner.in_torch(self.backbone.module, self.info, device)
+        return runner_for(self.recipe, self.parts, self.root, self.info, device, self.built)
+
     def extract(self, split: Split) -> Features:
         """The features of ``split``'s images: from the cache where there, else through the backbone in
         the recipe's runtime on its device (a fine-tuned backbone: torch, and no cache)."""
-        from tlx.backbone import feature_store, runner_for
+        from tlx.backbone import feature_store
         from tlx.device import resolve as resolve_device
         from tlx.features import all_cached, extract
-        from tlx.runtimes import Runner
 
         store = None if self.tuned else feature_store(self.recipe, self.parts, self.root, self.info)
         runner = None
         if store is None or not all_cached([split], store):
-            device = resolve_device(self.recipe.device)
-            runner = (
-                Runner.in_torch(self.backbone.module, self.info, device)
-                if self.tuned
-                else runner_for(self.recipe, self.parts, self.root, self.info, device, self.built)
-            )
+            runner = self.runner(resolve_device(self.recipe.device))
         (features,) = extract([split], runner, self.recipe.extract, store=store)
         return features
 

@@ -83,7 +83,8 @@ class Extractor(_Worker):
 
 class Predictor(_Worker):
     """Predictions of a batch of ``(position, path)`` rows with a run folder every node can read:
-    ``path``, ``label``, ``probability``, ``top_k`` and ``skipped`` (the reason, for an image skipped)."""
+    ``path``, ``label``, ``probability``, ``top_k`` and ``skipped`` (the reason, for an image skipped).
+    The backbone runs in the run's ``extract.runtime``, as ``tlx predict`` runs it on one machine."""
 
     def __init__(self, run: str, versions: dict[str, str], top_k: int) -> None:
         from tlx.artifacts import load_run
@@ -96,7 +97,7 @@ class Predictor(_Worker):
         check_environment(versions, self.run.recipe.backbone, self.node)
         self.top_k = top_k
         self.transform = eval_transform(self.run.info.data_config)
-        self.module = self.run.backbone.module.to(self.device, memory_format=torch.channels_last)
+        self.runner = self.run.runner(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
@@ -108,8 +109,10 @@ class Predictor(_Worker):
         rows: dict[int, dict[str, Any]] = {i: {"path": paths[i], "skipped": reason} for i, reason in failures}
         if images is not None:
             kept = [paths[i] for i in indices]
-            with torch.inference_mode():
-                x = self.module(images).float().cpu()
+            if self.runner.pending is not None:  # a fresh export: checked on this first batch
+                self.runner.check(images)
+            assert self.runner.forward is not None
+            x = self.runner.forward(images).float().cpu()
             for i, result in zip(
                 indices, ranked(kept, classify(self.run, kept, x), self.run.classes, self.top_k)
             ):
