@@ -158,6 +158,14 @@ class Runner:
     def device(self) -> torch.device:
         return self.forward.device if isinstance(self.forward, TorchForward) else torch.device("cpu")
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` through the backbone, in this process; a fresh export is checked on them first."""
+        if self.pending is not None:
+            self.check(images)
+        if self.forward is None:
+            raise TlxError("extract.engine: this backbone runs in the engine's workers, not here")
+        return self.forward(images)
+
     def check(self, images: torch.Tensor | None) -> None:
         """Run the parity probe of a fresh export on ``images``; on failure, become the torch runner.
 

@@ -70,10 +70,7 @@ class Extractor(_Worker):
         images, indices, failures = self.decoded(batch["path"].tolist(), self.transform)
         features = np.zeros((len(batch["path"]), self.feature_dim), np.float32)
         if images is not None:
-            if self.runner.pending is not None:  # a fresh export: checked on this first batch
-                self.runner.check(images)
-            assert self.runner.forward is not None
-            features[indices] = self.runner.forward(images).float().cpu().numpy()
+            features[indices] = self.runner.features(images).float().cpu().numpy()
         reasons = np.full(len(features), "", dtype=object)
         for index, reason in failures:
             reasons[index] = reason
@@ -109,10 +106,7 @@ class Predictor(_Worker):
         rows: dict[int, dict[str, Any]] = {i: {"path": paths[i], "skipped": reason} for i, reason in failures}
         if images is not None:
             kept = [paths[i] for i in indices]
-            if self.runner.pending is not None:  # a fresh export: checked on this first batch
-                self.runner.check(images)
-            assert self.runner.forward is not None
-            x = self.runner.forward(images).float().cpu()
+            x = self.runner.features(images).float().cpu()
             for i, result in zip(
                 indices, ranked(kept, classify(self.run, kept, x), self.run.classes, self.top_k)
             ):
