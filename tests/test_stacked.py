@@ -8,7 +8,7 @@ from torch import nn
 
 from tlx.features import Features
 from tlx.recipe import TrainConfig
-from tlx.span import in_span, span_basis
+from tlx.span import in_span, narrowable, span_basis
 from tlx.stacked import stackable, train_stacked
 from tlx.train import class_weights, train_head
 
@@ -73,7 +73,8 @@ def test_mlp_folds_end_where_they_would_alone(narrowed: bool) -> None:
     trained, inputs = stacked, fits
     if narrowed:  # as selection_score does: one basis spanning every fold's rows
         basis = span_basis(torch.cat([fit.x for fit in fits]))
-        spans = [in_span(head, basis, config) for head in stacked]
+        assert narrowable(stacked[0], config)
+        spans = [in_span(head, basis) for head in stacked]
         trained, inputs = [s.narrow for s in spans], [s.features(f) for s, f in zip(spans, fits)]
     assert stackable(trained, inputs, config)
 

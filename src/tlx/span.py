@@ -70,17 +70,22 @@ class InSpan:
             first.bias.copy_(span.bias)
 
 
-def in_span(head: nn.Module, basis: torch.Tensor | None, config: TrainConfig) -> InSpan | None:
-    """``head`` narrowed to ``basis`` (:func:`span_basis` of its training rows) when training it that way
-    is exact: a plain ``nn.Sequential`` (a subclass may have its own forward) that starts with a
-    trainable ``nn.Linear`` and has more layers, plain SGD."""
-    exact = config.optimizer == "sgd" and config.weight_decay == 0
-    if basis is None or not exact or type(head) is not nn.Sequential or len(head) < 2:
-        return None
+def narrowable(head: nn.Module, config: TrainConfig) -> bool:
+    """Whether training ``head``'s first layer within a span is exact: a plain ``nn.Sequential`` (a
+    subclass may have its own forward) that starts with a trainable ``nn.Linear`` and has more layers,
+    plain SGD. Cheap: ask before computing a :func:`span_basis`."""
+    if config.optimizer != "sgd" or config.weight_decay != 0:
+        return False
+    if type(head) is not nn.Sequential or len(head) < 2 or type(head[0]) is not nn.Linear:
+        return False
+    return all(param.requires_grad for param in head[0].parameters())
+
+
+def in_span(head: nn.Sequential, basis: torch.Tensor | None) -> InSpan | None:
+    """``head`` (:func:`narrowable`) narrowed to ``basis``, the :func:`span_basis` of its training rows;
+    None without a basis."""
     first = head[0]
-    if type(first) is not nn.Linear or first.in_features != basis.shape[0]:
-        return None
-    if not all(param.requires_grad for param in first.parameters()):
+    if basis is None or first.in_features != basis.shape[0]:
         return None
     span = SpanLinear(basis.shape[1], first.out_features, first.bias)
     narrow = nn.Sequential(span, *list(head)[1:])

@@ -26,7 +26,7 @@ from tlx.features import Features, threads_set
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
-from tlx.span import in_span, span_basis
+from tlx.span import in_span, narrowable, span_basis
 from tlx.stacked import stackable, train_stacked
 
 
@@ -164,11 +164,12 @@ def selection_score(
         for _ in parts:
             torch.manual_seed(seed)
             heads.append(make_head())
-        basis = span_basis(train.x)  # spans every fold's rows: one basis lets the folds stack
-        spans = [in_span(head, basis, config) for head in heads]
-        if all(spans):
-            heads = [span.narrow for span in spans]
-            parts = [(span.features(rest), span.features(out)) for span, (rest, out) in zip(spans, parts)]
+        if narrowable(heads[0], config):  # every fold's head is of one kind
+            basis = span_basis(train.x)  # spans every fold's rows: one basis lets the folds stack
+            spans = [in_span(head, basis) for head in heads]
+            if all(spans):
+                heads = [span.narrow for span in spans]
+                parts = [(span.features(rest), span.features(out)) for span, (rest, out) in zip(spans, parts)]
         fits = [rest for rest, _ in parts]
         if stackable(heads, fits, config):
             weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
@@ -224,7 +225,7 @@ def train_head(
     An mlp's first layer trains within the span of the training rows where that is exact
     (:mod:`tlx.span`): the same steps, to float rounding, on a fraction of the memory.
     """
-    span = in_span(head, span_basis(train.x), config)
+    span = in_span(head, span_basis(train.x)) if narrowable(head, config) else None
     if span is not None:
         head, train, test = span.narrow, span.features(train), span.features(test)
         val = span.features(val) if val is not None else None
