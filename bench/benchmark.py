@@ -23,7 +23,7 @@ feature extractor" algorithm (the frozen backbone rerun on every batch of every 
 size 4, RandomResizedCrop + flip, SGD 0.001/0.9, StepLR(7, 0.1)), compared with (a) = the cold ONNX
 Runtime run, export cached; and the peak memory of cold runs on the dataset and on the dataset
 replicated 4x (export cached). Where torch sees CUDA, extraction throughput on the GPU too. Each part
-runs in its own process; memory is the peak over that process and its children (DataLoader workers, the
+runs in its own process; memory is the peak over that process and its children (extraction workers, the
 figure helper), sampled every 0.2 s: RSS summed (counts pages shared by forked workers once per process)
 and PSS summed (shares them). A full run takes about 25 minutes on 2 cores, most of it the tutorial and
 the floors. ``--quick`` runs the tutorial for one epoch instead of 25, one round, batches of 4 and 8 and
@@ -187,12 +187,13 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
 
     Decoded batches of ``batches`` images run through the backbone as tlx runs it (torch: inference
     mode, channels-last; ONNX Runtime: the exported model in :class:`tlx.runtimes.OnnxForward`'s
-    session, with as many threads as torch has) in two layouts: one process with a thread per core,
+    session) in two layouts: one process with a thread per core,
     and a process per core with one thread each. Two interleaved rounds of at least ``min_s``
     seconds per runtime in all; each measurement leaves out the first batch of each process. A
     runtime's floor is the best of its measurements. ``parity``: the largest difference between the
     runtimes' features on the largest batch, as a fraction of the largest feature.
     """
+    import numpy as np
     import torch
 
     from tlx.features import threads_set
@@ -203,17 +204,20 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
     images = decoded(data, backbone.data_config, max(batches))
     cores = cpu_cores()
     sizes = [n for n in batches if n <= len(images)]
-    in_torch = TorchForward(backbone.module, torch.device("cpu"))
+    in_torch = TorchForward(backbone.module, "cpu")
     forwards = {  # ONNX Runtime: a model exported for each batch size, as extraction exports it
         n: {"torch": in_torch, "onnxruntime": OnnxForward(exported(backbone, name, onnx_dir, n), n)}
         for n in sizes
     }
-    inputs = {"torch": images.contiguous(memory_format=torch.channels_last), "onnxruntime": images}
+    inputs = {
+        "torch": torch.from_numpy(images).contiguous(memory_format=torch.channels_last),
+        "onnxruntime": images,
+    }
     layouts = ["threads", "processes"] if cores > 1 else ["threads"]
     slot = min_s / (2 * len(sizes) * len(layouts))
     rounds = {rt: {layout: {n: [] for n in sizes} for layout in layouts} for rt in RUNTIMES}
     with threads_set(cores):
-        features = {rt: forward(inputs[rt][: sizes[-1]]) for rt, forward in forwards[sizes[-1]].items()}
+        features = {rt: forward(inputs[rt][: sizes[-1]], None) for rt, forward in forwards[sizes[-1]].items()}
         for _ in range(2):
             for n in sizes:
                 for rt, forward in forwards[n].items():
@@ -222,12 +226,12 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
                     if "processes" in layouts:
                         rounds[rt]["processes"][n].append(_processes_throughput(forward, batch, slot, cores))
     best = {rt: _best(by_layout) for rt, by_layout in rounds.items()}
-    scale = float(features["torch"].abs().max())
+    scale = float(np.abs(features["torch"]).max())
     return {
         "cores": cores,
         "runtimes": best,
         "fastest": max(best, key=lambda rt: best[rt]["images_per_s"]),
-        "parity": float((features["onnxruntime"] - features["torch"]).abs().max()) / scale,
+        "parity": float(np.abs(features["onnxruntime"] - features["torch"]).max()) / scale,
     }
 
 
@@ -265,11 +269,12 @@ def _best(by_layout: dict[str, dict[int, list[float]]]) -> dict:
 
 
 def _threads_throughput(forward, batch, seconds: float) -> float:
-    """Images/s of ``forward`` on ``batch`` over ``seconds``, in this process, after one warm-up call."""
-    forward(batch)
+    """Images/s of ``forward`` on ``batch`` over ``seconds``, in this process (on every core), after one
+    warm-up call."""
+    forward(batch, None)
     done, started = 0, time.perf_counter()
     while done < 32 or time.perf_counter() - started < seconds:
-        forward(batch)
+        forward(batch, None)
         done += len(batch)
     return done / (time.perf_counter() - started)
 
@@ -285,7 +290,7 @@ class _Timed:
 
     def __getitem__(self, k: int) -> tuple[int, float, float, int]:
         started = time.perf_counter()
-        self.forward(self.batch)
+        self.forward(self.batch, 1)
         return os.getpid(), started, time.perf_counter(), len(self.batch)
 
 
@@ -411,7 +416,7 @@ def gpu(data: Path) -> dict:
     result: dict = {"device": torch.cuda.get_device_name(cuda), "images": images}
     for name, pretrained in BACKBONES.items():
         backbone = built(name, pretrained=pretrained)
-        runner = Runner.in_torch(backbone.module, BackboneInfo.of(backbone), cuda)
+        runner = Runner.in_torch(backbone.module, BackboneInfo.of(backbone), "cuda")
         extract([splits.test], runner, ExtractConfig())  # cuDNN picks its kernels
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -463,7 +468,7 @@ def cold_runs(data: Path, work: Path, name: str, rounds: int, quick: bool) -> di
             {**summary(a_), "floor_s": {rt: floor_s(a_, d_, rt) for rt in RUNTIMES}} for a_, d_ in pairs
         ],
         "first": summary(first),
-        "cold": summary(a),
+        "cold": {**summary(a), "floor_s": {rt: floor_s(a, d, rt) for rt in RUNTIMES}},
         "torch": summary(in_torch),
         "ratios": {
             "extract_over_fastest_floor": extraction(a) / floor_s(a, d, d["fastest"]),
@@ -720,7 +725,9 @@ def targets(f: dict) -> list[tuple[str, bool]]:
         (
             f"Lite0 cold run <= extraction + 2.5 s, export cached: process wall {a['wall_s']:.1f} s = "
             f"extraction {a['extract_s']:.1f} s + {overhead:.1f} s (metrics total: + "
-            f"{a['total_s'] - a['extract_s']:.1f} s)",
+            f"{a['total_s'] - a['extract_s']:.1f} s; torch is imported during the extraction, so the "
+            f"wall against the fastest floor is the fairer sum: + "
+            f"{a['wall_s'] - a['floor_s'][lite0['floor']['fastest']]:.1f} s)",
             overhead <= 2.5,
         ),
         (

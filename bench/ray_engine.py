@@ -85,7 +85,7 @@ def main() -> None:
     backbone, info = build_backbone(recipe, parts, root)
     splits = parts.dataset.factory(parts.dataset_options)
     paths = [p for split in (splits.train, splits.test) for p, _ in split.samples]
-    cpu = torch.device("cpu")
+    cpu = "cpu"
     files = ImageFiles([(p, 0) for p in paths], eval_transform(info.data_config))
     batch = batch_size(None, cpu)
     figures: dict[str, object] = {"images": len(paths), "cores": cpu_cores()}
@@ -96,7 +96,7 @@ def main() -> None:
     for runtime in ("torch", "onnxruntime"):
         runner = prepare(runtime, cpu, root, info, lambda: backbone.module, False, batch)
         figures[f"local_{runtime}"] = timed(
-            LocalEngine().batches(Job(files, runner, batch, recipe.extract.processes))
+            LocalEngine().batches(Job(files, runner, batch, recipe.extract.processes, 1))
         )
         print(f"local, {runtime}", figures[f"local_{runtime}"], flush=True)
     t0 = time.perf_counter()

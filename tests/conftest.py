@@ -150,7 +150,7 @@ def in_torch(backbone: Backbone) -> Runner:
     """``backbone`` as extraction runs it in torch on the CPU."""
     from tlx.cache import BackboneInfo
 
-    return Runner.in_torch(backbone.module, BackboneInfo.of(backbone), torch.device("cpu"))
+    return Runner.in_torch(backbone.module, BackboneInfo.of(backbone), "cpu")
 
 
 def recipe_for(tmp_path: Path, root: Path, *overrides: str) -> Recipe:

@@ -154,19 +154,19 @@ def test_interrupted_extraction_keeps_finished_chunks(
 def test_crash_while_writing_a_chunk_leaves_no_partial_file(
     tmp_path: Path, data: Path, colours: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safetensors.torch
+    import safetensors.numpy
 
-    real_save = safetensors.torch.save_file
+    real_save = safetensors.numpy.save_file
 
     def save_half_then_die(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         Path(path).write_bytes(Path(path).read_bytes()[:50])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_die)
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_half_then_die)
     with pytest.raises(KeyboardInterrupt):
         tlx_run(tmp_path, data, "a")
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(safetensors.numpy, "save_file", real_save)
     features = cache.cache_dir() / "features"
     assert not [p for p in features.rglob("*") if p.suffix in {".safetensors", ".tmp"}]
     assert tlx_run(tmp_path, data, "b")["features"]["computed"] == 18
@@ -232,9 +232,9 @@ def test_full_disk_while_writing_warns_and_leaves_no_partial_chunk(
 ) -> None:
     import errno
 
-    import safetensors.torch
+    import safetensors.numpy
 
-    real_save = safetensors.torch.save_file
+    real_save = safetensors.numpy.save_file
 
     def disk_full(tensors, path, metadata=None):
         if not str(path).startswith(str(cache.cache_dir())):
@@ -242,7 +242,7 @@ def test_full_disk_while_writing_warns_and_leaves_no_partial_chunk(
         Path(path).write_bytes(b"\0" * 10)  # what a filling disk leaves behind
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
     metrics = tlx_run(tmp_path, data, "a")
     assert metrics["features"]["computed"] == 18 and len(metrics["history"]) == 3
     assert "No space left on device" in capsys.readouterr().err

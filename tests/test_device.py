@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tlx import device
 from tlx.device import batch_size, resolve
 
 from .conftest import assert_user_error, write_recipe
@@ -15,9 +18,36 @@ from .conftest import assert_user_error, write_recipe
 def test_auto_is_the_cpu_on_a_machine_without_accelerators() -> None:
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has an accelerator")
-    assert resolve("auto") == torch.device("cpu")
-    assert batch_size(None, torch.device("cpu")) == 4 and batch_size(None, torch.device("cuda")) == 64
-    assert batch_size(16, torch.device("cuda")) == 16
+    assert resolve("auto") == "cpu"
+    assert batch_size(None, "cpu") == 4 and batch_size(None, "cuda") == 64
+    assert batch_size(16, "cuda") == 16
+
+
+def test_the_cpu_is_known_without_torch_where_no_accelerator_driver_is() -> None:
+    """``cpu``, and ``auto`` without accelerator device nodes, import no torch; ``auto`` agrees with
+    what torch finds."""
+    code = (
+        "import sys; from tlx.device import no_accelerator, resolve; "
+        "print(resolve('cpu'), resolve('auto') if no_accelerator() else '-', 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    if not device.no_accelerator():
+        assert out.split() == ["cpu", "-", "False"]
+        pytest.skip("this machine has an accelerator driver")
+    assert out.split() == ["cpu", "cpu", "False"]
+    assert not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def test_auto_asks_torch_where_an_accelerator_driver_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = tmp_path / "nvidiactl"
+    node.touch()
+    monkeypatch.setattr(device, "ACCELERATOR_NODES", (str(node),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("auto") == "cuda"
+    node.unlink()
+    assert resolve("auto") == ("cpu" if sys.platform == "linux" else "cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

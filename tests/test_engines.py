@@ -21,14 +21,13 @@ class Elsewhere:
         self.spec = spec
 
     def batches(self, job: Job) -> Iterable[Batch]:
-        import torch
 
         from tlx.features import on_cpu
         from tlx.runtimes import TorchForward
 
         assert job.runner.forward is None, "the driver builds no backbone for an engine elsewhere"
-        forward = TorchForward(self.spec.build("test node").module, torch.device("cpu"))
-        return on_cpu(forward, job.files, job.batch_size, 0)
+        forward = TorchForward(self.spec.build("test node").module, "cpu")
+        return on_cpu(forward, job.files, job.batch_size, 0, 1)
 
 
 class Nodes(BaseModel):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from tlx.backbone import Backbone
 from tlx.data import scan_imagefolder
-from tlx.features import ImageFiles, extract, on_device
+from tlx.errors import TlxError
+from tlx.features import ImageFiles, extract, on_cpu, on_device
 from tlx.preprocess import eval_transform
 from tlx.recipe import ExtractConfig
 
@@ -53,6 +56,17 @@ def test_workers_give_each_image_the_features_this_process_gives_it(tmp_path: Pa
     assert len(pooled[0].x.unique(dim=0)) == 15, "every image has features of its own"
 
 
+def test_a_worker_that_dies_is_a_clear_error(tmp_path: Path) -> None:
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=(4, 1))
+    files = ImageFiles(scan_imagefolder(data, "train", "val").train.samples, eval_transform(CONFIG))
+
+    def killed(images: np.ndarray, threads: int | None) -> np.ndarray:  # as the kernel's OOM killer would
+        os._exit(9)
+
+    with pytest.raises(TlxError, match=r"extract.workers: an extraction worker died .*set extract.workers"):
+        list(on_cpu(killed, files, 2, 2, 1))
+
+
 def test_a_single_batch_is_extracted_in_this_process(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "data", classes=2, per_class=(1, 1))
     splits = scan_imagefolder(data, "train", "val")
@@ -79,4 +93,5 @@ def test_the_accelerator_pipeline_gives_the_same_features(tmp_path: Path) -> Non
         [scan_imagefolder(data, "train", "val").train], in_torch(backbone), ExtractConfig(workers=0)
     )
     assert [samples[i][0].name for i, _ in failed] == ["broken.jpg"]
-    assert torch.allclose(torch.stack([by_index[i] for i in sorted(by_index)]), expected.x, atol=1e-6)
+    computed = torch.from_numpy(np.stack([by_index[i] for i in sorted(by_index)]))
+    assert torch.allclose(computed, expected.x, atol=1e-6)

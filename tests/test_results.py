@@ -7,16 +7,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from tlx.backbone import FlipAveraged
+from tlx.default_plugins.heads import LogRegOptions
 from tlx.features import Features
+from tlx.flip import FlipAveraged
 from tlx.folds import hold_out
-from tlx.logreg import LogisticRegression, LogRegOptions
+from tlx.logreg import LogisticRegression
 from tlx.recipe import load_recipe
 from tlx.run import run
 from tlx.train import class_weights
@@ -301,8 +303,8 @@ def test_onnx_export_of_a_real_backbone_matches_pytorch(tmp_path: Path, hymenopt
     trained = load_run(out)
     paths = sorted((hymenoptera / "val" / "ants").iterdir())[:3]
     transform = eval_transform(trained.info.data_config)
-    images = torch.stack(
-        [transform(Image.open(p).convert("RGB")) for p in paths]
+    images = torch.from_numpy(
+        np.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     )  # batch of 3, exported with 2
     with torch.inference_mode():
         expected = trained.model()(images).numpy()

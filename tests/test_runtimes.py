@@ -23,7 +23,7 @@ from tlx.errors import TlxError
 from .conftest import REPO
 
 RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+CPU, CUDA = "cpu", "cuda"
 
 
 @pytest.fixture
@@ -151,7 +151,11 @@ def test_features_that_disagree_with_torch_are_never_kept(
     cache = tmp_path / "cache"
     reference = fit(few_ants_and_bees, tmp_path / "torch-cache", "extract.runtime=torch")
     call = runtimes.OnnxForward.__call__
-    monkeypatch.setattr(runtimes.OnnxForward, "__call__", lambda self, images: call(self, images) * 1.01)
+    monkeypatch.setattr(
+        runtimes.OnnxForward,
+        "__call__",
+        lambda self, images, threads=None: call(self, images, threads) * 1.01,
+    )
     run = fit(few_ants_and_bees, cache)
     assert run.metrics["features"]["runtime"] == "torch"
     assert any("differ from torch's" in w for w in run.warnings), run.warnings
@@ -207,24 +211,34 @@ def test_predict_gives_the_same_probabilities_in_either_runtime(
 def test_a_known_backbone_runs_without_timm_or_its_torch_model(
     tmp_path: Path, few_ants_and_bees: Path
 ) -> None:
-    """The cold start of a backbone seen before: no timm, no torchvision, no torch model built."""
+    """The cold start of a backbone seen before: no timm, no torchvision, no torch model built, and
+    torch itself imported only once the extraction workers run (off the main thread)."""
     cache = tmp_path / "cache"
     run = fit(few_ants_and_bees, cache)
     shutil.rmtree(cache / "features")
     script = (
-        "import sys, tlx\n"
+        "import multiprocessing, sys, threading\n"
+        "first = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not first:\n"
+        "            main = threading.current_thread() is threading.main_thread()\n"
+        "            first.append(f'{main}/{len(multiprocessing.active_children())}')\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import tlx\n"
         "from tlx import backbone\n"
         "backbone.create_backbone = None  # building the model would fail\n"
-        f"run = tlx.fit({str(RECIPE)!r}, ['dataset.root={few_ants_and_bees}', 'device=cpu'], "
-        f"cache_dir={str(cache)!r})\n"
-        "print(run.metrics['features']['computed'], run.metrics['test_accuracy'],"
+        f"run = tlx.fit({str(RECIPE)!r}, ['dataset.root={few_ants_and_bees}', 'device=cpu', "
+        f"'extract.workers=2'], cache_dir={str(cache)!r})\n"
+        "print(run.metrics['features']['computed'], run.metrics['test_accuracy'], first[0],"
         " sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    computed, accuracy, imported = result.stdout.split(maxsplit=2)
+    computed, accuracy, first, imported = result.stdout.split(maxsplit=3)
     assert int(computed) == 10 and float(accuracy) == run.metrics["test_accuracy"]
     assert imported.strip() == "[]"
+    assert first == "False/2", "torch is first imported by a thread while both workers extract"
 
 
 def test_eval_of_a_cached_run_reads_features_from_the_cache(

@@ -66,6 +66,15 @@ def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
     assert (tmp_path / "warm" / "confusion.png").stat().st_size > 0
 
 
+def test_registering_the_installed_plugins_imports_no_torch() -> None:
+    """Plugins import torch when they build a model, not when registered: a run whose backbone is
+    known starts extracting before torch is loaded."""
+    code = "import sys; from tlx import plugins; print(len(plugins.load().plugins), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    count, torch_loaded = out.split()
+    assert int(count) >= 4 and torch_loaded == "False"
+
+
 def test_painter_draws_every_figure(tmp_path: Path) -> None:
     import torch
 
@@ -107,7 +116,8 @@ def test_logreg_fits_on_one_thread_without_importing_the_compiler() -> None:
     code = """
 import sys, torch
 from tlx.features import Features
-from tlx.logreg import LogisticRegression, LogRegOptions
+from tlx.default_plugins.heads import LogRegOptions
+from tlx.logreg import LogisticRegression
 seen = []
 class Spy(LogisticRegression):
     def _solve(self, *args):

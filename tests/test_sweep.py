@@ -16,7 +16,7 @@ import yaml
 import tlx
 from tests.conftest import assert_user_error, make_imagefolder, write_recipe
 from tlx import sweep_jobs
-from tlx.logreg import LogRegOptions
+from tlx.default_plugins.heads import LogRegOptions
 from tlx.sweeps import leaderboard
 from tlx.train import with_choices
 

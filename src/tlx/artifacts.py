@@ -33,23 +33,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 from pydantic import BaseModel
-from torch import nn
 
-from tlx.backbone import Backbone
 from tlx.cache import BackboneInfo
 from tlx.components import Components
 from tlx.data import RUN_MARKER, Split
 from tlx.errors import TlxError, describe, shorten
-from tlx.features import Features
 from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
 from tlx.scores import Scores
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder needs none
+    import torch
+    from torch import nn
+
+    from tlx.backbone import Backbone
+    from tlx.features import Features
     from tlx.runtimes import Runner
 
 HEAD_FILE = "head.safetensors"
@@ -77,6 +78,8 @@ class Predictions:
 
     @classmethod
     def of(cls, paths: list[Path], truth: torch.Tensor, logits: torch.Tensor) -> Predictions:
+        import torch
+
         return cls(paths, truth, torch.softmax(logits.float(), dim=1))
 
     @property
@@ -213,6 +216,8 @@ def provenance(backbone: dict[str, str]) -> dict[str, Any]:
     timm's version is read from its metadata: a run whose features are all cached never imports timm.
     """
     from importlib.metadata import version
+
+    import torch
 
     from tlx import __version__, plugins
 
@@ -353,9 +358,11 @@ class TrainedRun:
 
     def model(self) -> nn.Module:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
+        from torch import nn
+
         return nn.Sequential(self.backbone.module, self.head).eval()
 
-    def runner(self, device: torch.device) -> Runner:
+    def runner(self, device: str) -> Runner:
         """What runs the backbone on ``device``: the recipe's runtime (a fine-tuned backbone: torch)."""
         from tlx.backbone import runner_for
         from tlx.runtimes import Runner

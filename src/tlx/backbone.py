@@ -2,6 +2,7 @@
 
 A recipe's backbone is built once per weights file (:func:`build_backbone`), then recalled from the
 cache; :func:`runner_for` gives what extraction runs, :func:`feature_store` where its features are kept.
+Recalling needs no torch: it is imported where a model is built.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from tlx.errors import TlxError
 from tlx.recipe import BackboneConfig, Recipe
 from tlx.registry import Entry
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from tlx.cache import BackboneInfo, FeatureStore
     from tlx.components import Components
     from tlx.runtimes import Runner
@@ -40,6 +40,8 @@ class Backbone:
 
 def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
     """Build the backbone named in the recipe, frozen and in eval mode."""
+    from torch import nn
+
     if config.weights is not None and not config.pretrained:
         raise TlxError("backbone.weights is set but backbone.pretrained is false; drop one of the two")
     backbone = entry.factory(config.name, pretrained=config.pretrained, weights=config.weights)
@@ -58,20 +60,10 @@ def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
     return backbone
 
 
-class FlipAveraged(nn.Module):
-    """Features of each image and of its mirror image, averaged: ``(f(x) + f(flip(x))) / 2``."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = self.module(torch.cat([x, x.flip(-1)]))  # one pass: (2N, D)
-        return both.unflatten(0, (2, -1)).mean(dim=0)
-
-
 def flip_averaged(backbone: Backbone) -> Backbone:
     """The same backbone, its features averaged over each image and its horizontal mirror."""
+    from tlx.flip import FlipAveraged
+
     return replace(backbone, module=FlipAveraged(backbone.module))
 
 
@@ -81,6 +73,8 @@ def build_backbone(recipe: Recipe, parts: Components, root: Path) -> tuple[Backb
     A later run whose features are all cached then neither builds nor hashes the model; a changed
     weights file (size, mtime, ctime or inode) is a new key, so the model is built again.
     """
+    import torch
+
     from tlx import cache
 
     torch.manual_seed(recipe.seed)  # a randomly initialised backbone depends on the seed
@@ -109,7 +103,7 @@ def runner_for(
     parts: Components,
     root: Path,
     info: BackboneInfo,
-    device: torch.device,
+    device: str,
     built: tuple[Backbone, BackboneInfo] | None = None,
 ) -> Runner:
     """The recipe's runtime for its frozen backbone (flip-averaged if asked); ``built`` if built already."""

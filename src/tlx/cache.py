@@ -43,7 +43,7 @@ from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
 
 if TYPE_CHECKING:
-    import torch
+    import numpy
 
     from tlx.backbone import Backbone
     from tlx.recipe import BackboneConfig
@@ -215,7 +215,7 @@ class FeatureStore:
         #: image key -> where its features (or decoding failure) are, from the chunks' metadata
         self._index: dict[str, Location] | None = None
         #: verified chunks not yet served by :meth:`get`
-        self._tables: dict[Path, torch.Tensor] = {}
+        self._tables: dict[Path, numpy.ndarray] = {}
         self._writable = True
 
     def _load_index(self) -> dict[str, Location]:
@@ -228,7 +228,7 @@ class FeatureStore:
         chunks = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
         for chunk in chunks:
             try:
-                with safe_open(str(chunk), framework="pt") as f:
+                with safe_open(str(chunk), framework="np") as f:
                     meta = f.metadata() or {}
                 keys = json.loads(meta["keys"])
                 failed = json.loads(meta.get("failed", "{}"))
@@ -270,10 +270,10 @@ class FeatureStore:
         index = self._verified(keys)
         return [key for key in keys if key not in index]
 
-    def get(self, keys: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def get(self, keys: list[str]) -> tuple[dict[str, numpy.ndarray], dict[str, str]]:
         """Verified features of the cached ``keys``, and the reasons of those that failed to decode."""
         index = self._verified(keys)
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, numpy.ndarray] = {}
         failed: dict[str, str] = {}
         for key in keys:
             if key not in index:
@@ -286,14 +286,15 @@ class FeatureStore:
         self._tables.clear()  # served: the rows hold what is still needed
         return found, failed
 
-    def put(self, keys: list[str], features: torch.Tensor, failed: dict[str, str]) -> None:
+    def put(self, keys: list[str], features: numpy.ndarray, failed: dict[str, str]) -> None:
         """Write one chunk atomically; a cache that cannot be written is warned about, never fatal."""
         if not self._writable or not (keys or failed):
             return
-        from safetensors.torch import save_file
+        import numpy
+        from safetensors.numpy import save_file
 
         self._cleanup_tmp()
-        table = features.detach().float().contiguous()
+        table = numpy.ascontiguousarray(features, dtype=numpy.float32)
         meta = {"keys": json.dumps(keys), "failed": json.dumps(failed)}
         meta["sha256"] = _chunk_digest(meta["keys"], meta["failed"], table)
         try:
@@ -332,27 +333,26 @@ def _discard(damaged: list[tuple[Path, str]]) -> None:
         _warn(f"deleted damaged chunk {first} ({problem}){more}; their images are recomputed")
 
 
-def _chunk_digest(keys: str, failed: str, table: torch.Tensor) -> str:
+def _chunk_digest(keys: str, failed: str, table: numpy.ndarray) -> str:
     """SHA-256 of a chunk's keys, decoding failures and feature bytes (what a flipped bit changes)."""
     h = hashlib.sha256()
     for part in (keys, failed):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(table.numpy().tobytes())
+    h.update(table.tobytes())
     return h.hexdigest()
 
 
-def _read_chunk(chunk: Path) -> tuple[torch.Tensor | None, str | None]:
+def _read_chunk(chunk: Path) -> tuple[numpy.ndarray | None, str | None]:
     """A chunk's features once verified, else None and why (None too when the file is gone).
 
     Verified: the file parses, its checksum matches, its rows match its keys and every value is finite.
     """
     import numpy
-    import torch
     from safetensors import safe_open
 
     try:
-        with safe_open(str(chunk), framework="pt") as f:
+        with safe_open(str(chunk), framework="np") as f:
             meta = f.metadata() or {}
             table = f.get_tensor("features")
         keys = json.loads(meta["keys"])
@@ -362,11 +362,11 @@ def _read_chunk(chunk: Path) -> tuple[torch.Tensor | None, str | None]:
         return None, f"unreadable: {type(exc).__name__}"
     if "sha256" not in meta:
         return None, "no checksum"
-    if table.dtype != torch.float32 or table.dim() != 2 or (keys and table.shape[0] != len(keys)):
+    if table.dtype != numpy.float32 or table.ndim != 2 or (keys and table.shape[0] != len(keys)):
         return None, f"features of shape {tuple(table.shape)} for {len(keys)} images"
     if _chunk_digest(meta["keys"], meta.get("failed", "{}"), table) != meta["sha256"]:
         return None, "checksum mismatch"
-    if not numpy.isfinite(table.numpy()).all():  # numpy: torch's threads cost more than the check here
+    if not numpy.isfinite(table).all():
         return None, "non-finite features"
     return table, None
 
@@ -440,7 +440,7 @@ def summary(root: Path) -> tuple[list[NamespaceSummary], int]:
         keys: set[str] = set()
         chunks = sorted(folder.glob("*.safetensors"))
         for chunk in chunks:
-            with contextlib.suppress(Exception), safe_open(str(chunk), framework="pt") as f:
+            with contextlib.suppress(Exception), safe_open(str(chunk), framework="np") as f:
                 meta = f.metadata() or {}
                 keys.update(json.loads(meta["keys"]), json.loads(meta.get("failed", "{}")))
         try:

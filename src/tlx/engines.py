@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlx.errors import TlxError
 
 if TYPE_CHECKING:
-    import torch
-
     from tlx.backbone import Backbone
     from tlx.features import ImageFiles
     from tlx.recipe import BackboneConfig, ExtractConfig, Recipe
@@ -46,6 +44,8 @@ class Job:
     batch_size: int
     #: decoding processes on this machine (``extract.workers``)
     workers: int
+    #: threads of the backbone where it runs in this process (``extract.threads``)
+    threads: int
 
 
 class Engine(Protocol):
@@ -72,8 +72,8 @@ class LocalEngine:
         runner = job.runner
         if runner.pending is not None:
             runner.check(first_batch(job.files, job.batch_size))
-        if runner.device.type == "cpu":
-            return on_cpu(runner.forward, job.files, job.batch_size, job.workers)
+        if runner.device == "cpu":
+            return on_cpu(runner.forward, job.files, job.batch_size, job.workers, job.threads)
         return on_device(runner.forward, job.files, job.batch_size, job.workers)
 
     def predict(self, run: Path, paths: list[Path], top_k: int, output: Path) -> list[tuple[str, str]]:
@@ -138,7 +138,7 @@ class BackboneSpec:
             )
         return flip_averaged(backbone) if self.flip else backbone
 
-    def runner(self, node: str, device: torch.device, batch: int) -> Runner:
+    def runner(self, node: str, device: str, batch: int) -> Runner:
         """The backbone built on ``node`` (:meth:`build`) for ``extract.runtime`` on ``device``, for batches
         of ``batch`` images; its export, on a CPU, in the node's cache folder (a fresh one is probed by
         :meth:`tlx.runtimes.Runner.check` on the first batch)."""

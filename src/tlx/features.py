@@ -1,25 +1,40 @@
-"""Feature extraction: each image through the frozen backbone once, streamed, and kept in the cache."""
+"""Feature extraction: each image through the frozen backbone once, streamed, and kept in the cache.
+
+Decoding, preprocessing and ONNX Runtime need no torch, so neither does this module until it hands
+the features over as tensors: a run whose backbone runs in ONNX Runtime starts its extraction
+workers before torch is imported, and imports it while they work (:func:`on_cpu`).
+"""
 
 from __future__ import annotations
 
+import importlib
+import multiprocessing
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from tlx.data import Split, load_image
 from tlx.errors import TlxError, describe
 from tlx.recipe import ExtractConfig, cpu_cores
 
 if TYPE_CHECKING:
+    import torch
+
     from tlx.cache import FeatureStore
     from tlx.engines import Engine
     from tlx.runtimes import Forward, Runner, TorchForward
+
+#: one batch of the pipeline: features (n, D) or None, the positions they belong to, and failures
+Batch = tuple[Any, list[int], list[tuple[int, str]]]
 
 
 @dataclass
@@ -38,12 +53,12 @@ class Features:
         return len(self.y) + len(self.skipped) - self.cached
 
 
-class ImageFiles(Dataset):
+class ImageFiles:
     """Decodes (:func:`tlx.data.load_image`) and preprocesses one image per item; a file that cannot
-    be decoded yields its reason."""
+    be decoded yields its reason. A map-style dataset, as torch's ``DataLoader`` takes it."""
 
     def __init__(
-        self, samples: list[tuple[Path | Image.Image, int]], transform: Callable[[Image.Image], torch.Tensor]
+        self, samples: list[tuple[Path | Image.Image, int]], transform: Callable[[Image.Image], np.ndarray]
     ):
         self.samples = samples
         self.transform = transform
@@ -51,7 +66,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, int, str]:
         path = self.samples[index][0]
         try:
             return self.transform(load_image(path)), index, ""
@@ -60,13 +75,23 @@ class ImageFiles(Dataset):
 
 
 def collate(
-    batch: list[tuple[torch.Tensor | None, int, str]],
-) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    batch: list[tuple[np.ndarray | None, int, str]],
+) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
     """Items of :class:`ImageFiles` as ``(images or None, their indices, (index, reason) failures)``."""
     images = [item[0] for item in batch if item[0] is not None]
     indices = [item[1] for item in batch if item[0] is not None]
     failures = [(item[1], item[2]) for item in batch if item[0] is None]
-    return (torch.stack(images) if images else None), indices, failures
+    return (np.stack(images) if images else None), indices, failures
+
+
+def collate_tensors(
+    batch: list[tuple[np.ndarray | None, int, str]],
+) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """:func:`collate` with the images as a tensor: a ``DataLoader``'s ``collate_fn`` (it pins them)."""
+    import torch
+
+    images, indices, failures = collate(batch)
+    return (None if images is None else torch.from_numpy(images)), indices, failures
 
 
 def extract(
@@ -100,7 +125,7 @@ def extract(
         if key is None or (key not in cached and key not in failed and first.setdefault(key, n) == n):
             todo.append(n)
     reasons = {n: failed[key] for n, key in enumerate(keys) if key in failed}
-    computed: dict[int, torch.Tensor] = {}
+    computed: dict[int, np.ndarray] = {}
     if todo:
         if runner is None:  # changed, or their chunk removed, since the caller checked all_cached
             raise TlxError(
@@ -120,6 +145,7 @@ def extract(
                 else:
                     reasons[n] = reasons[source]
     enforce_bad_image_policy([(paths[n], reasons[n]) for n in sorted(reasons)], settings.on_bad_image)
+    import torch
 
     results = []
     n = 0
@@ -137,7 +163,8 @@ def extract(
         if not rows:
             first = skipped[0][1]
             raise TlxError(f"dataset: no image of split {split.name!r} could be decoded (first: {first})")
-        results.append(Features(torch.stack(rows), torch.tensor(labels, dtype=torch.long), skipped, n_cached))
+        x = torch.from_numpy(np.stack(rows))
+        results.append(Features(x, torch.tensor(labels, dtype=torch.long), skipped, n_cached))
     return results
 
 
@@ -175,7 +202,7 @@ def _run_backbone(
     settings: ExtractConfig,
     store: FeatureStore | None,
     engine: Engine | None,
-) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Features of ``paths`` by position, and decoding failures; chunks go to ``store`` as they fill."""
     from tlx import engines, notices
     from tlx.cache import CHUNK_IMAGES
@@ -183,32 +210,29 @@ def _run_backbone(
     from tlx.preprocess import eval_transform
 
     files = ImageFiles([(p, 0) for p in paths], eval_transform(runner.info.data_config))
-    job = engines.Job(files, runner, batch_size(settings.batch_size, runner.device), settings.processes)
-    batches = (engine or engines.local(settings)).batches(job)
-    features: dict[int, torch.Tensor] = {}
+    size = batch_size(settings.batch_size, runner.device)
+    job = engines.Job(files, runner, size, settings.processes, settings.threads or cpu_cores())
+    features: dict[int, np.ndarray] = {}
     failures: dict[int, str] = {}
     pending: list[int] = []
     pending_failed: dict[str, str] = {}
 
     def flush() -> None:
         if store is not None and (pending or pending_failed):
-            rows = torch.stack([features[j] for j in pending]) if pending else torch.empty(0, 0)
+            rows = np.stack([features[j] for j in pending]) if pending else np.empty((0, 0), np.float32)
             store.put([keys[j] for j in pending], rows, dict(pending_failed))
         pending.clear()
         pending_failed.clear()
 
-    with (
-        threads_set(settings.threads or cpu_cores()),
-        notices.bar(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar,
-    ):
-        for out, indices, batch_failures in batches:
+    with notices.bar(total=len(paths), unit="img", desc="features", leave=False, dynamic_ncols=True) as bar:
+        for out, indices, batch_failures in (engine or engines.local(settings)).batches(job):
             for j, reason in batch_failures:
                 failures[j] = reason
                 if keys[j]:
                     pending_failed[keys[j]] = reason
             if indices:
                 _check_output(out, runner, [paths[j] for j in indices])
-                for j, row in zip(indices, out.float()):
+                for j, row in zip(indices, out.astype(np.float32, copy=False)):
                     features[j] = row
                     if keys[j]:
                         pending.append(j)
@@ -219,7 +243,7 @@ def _run_backbone(
     return features, failures
 
 
-def first_batch(files: ImageFiles, size: int) -> torch.Tensor | None:
+def first_batch(files: ImageFiles, size: int) -> np.ndarray | None:
     """The first ``size`` images of ``files`` that decode, as a batch (None when none does)."""
     decoded = []
     for i in range(len(files)):
@@ -232,47 +256,97 @@ def first_batch(files: ImageFiles, size: int) -> torch.Tensor | None:
 
 
 def on_cpu(
-    forward: Forward, files: ImageFiles, batch_size: int, workers: int
-) -> Iterable[tuple[Any, list[int], list[tuple[int, str]]]]:
+    forward: Forward, files: ImageFiles, batch_size: int, workers: int, threads: int
+) -> Iterator[Batch]:
     """``(features, indices, failures)`` per batch, in any order: each of ``workers`` processes decodes
-    and runs ``forward`` for the batches it takes (see :class:`FeatureBatches`)."""
+    and runs ``forward`` on one thread for the batches it takes (see :class:`FeatureBatches`); with
+    one worker or none, this process does it all on ``threads`` threads.
+
+    The workers are forked, with the backbone already loaded, before anything here waits on them.
+    When torch is not imported yet (ONNX Runtime, whose workers never need it), it is imported then,
+    in a thread: the caller turns the features into tensors and trains a torch head on them, and
+    the import would otherwise delay the workers' start by seconds.
+    """
     batches = FeatureBatches(files, forward, batch_size)
-    # a single worker would only add a process. Workers run one thread each (DataLoader's setting):
-    # more can deadlock in a child forked after this process's OpenMP threads started
     workers = min(workers, len(batches))
-    return DataLoader(batches, batch_size=None, num_workers=workers if workers > 1 else 0, in_order=False)
+    if workers <= 1:  # a single worker would only add a process
+        return (batches.run(k, threads) for k in range(len(batches)))
+    # fork: the workers inherit the loaded model and the file list; each runs one thread, as more can
+    # deadlock in a child forked after this process's OpenMP threads started
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _start_worker, (batches,))
+    futures = {pool.submit(_worker_batch, k) for k in range(len(batches))}  # forks every worker now
+    if "torch" not in sys.modules:
+        importer = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+        importer.daemon = True
+        importer.start()
+    return _as_done(pool, futures)
 
 
-def on_device(
-    forward: TorchForward, files: ImageFiles, batch_size: int, workers: int
-) -> Iterator[tuple[Any, list[int], list[tuple[int, str]]]]:
+def _as_done(pool: ProcessPoolExecutor, futures: set[Any]) -> Iterator[Batch]:
+    """The results of ``futures`` as they come; the pool is shut down when done or abandoned."""
+    try:
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    except BrokenProcessPool:
+        raise TlxError(
+            "extract.workers: an extraction worker died (out of memory?); set extract.workers or "
+            "extract.batch_size lower"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: the batches a forked extraction worker runs (set by :func:`_start_worker`)
+_worker_batches: FeatureBatches | None = None
+
+
+def _start_worker(batches: FeatureBatches) -> None:
+    global _worker_batches
+    _worker_batches = batches
+    if "torch" in sys.modules:  # a torch backbone: one thread here, whatever the parent had set
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _worker_batch(k: int) -> Batch:
+    assert _worker_batches is not None
+    return _worker_batches.run(k, threads=1)
+
+
+def on_device(forward: TorchForward, files: ImageFiles, batch_size: int, workers: int) -> Iterator[Batch]:
     """``(features, indices, failures)`` per batch, in any order: ``workers`` processes decode, and
     ``forward`` runs in this process on its device (batches come through pinned memory on CUDA)."""
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
         files,
         batch_size=batch_size,
         num_workers=min(workers, -(-len(files) // batch_size)),
-        collate_fn=collate,
-        pin_memory=forward.device.type == "cuda",
+        collate_fn=collate_tensors,
+        pin_memory=forward.device.startswith("cuda"),
         in_order=False,
     )
     for images, indices, failures in loader:
-        yield (forward(images) if images is not None else None), indices, failures
+        yield (forward(images, threads=None) if images is not None else None), indices, failures
 
 
-def to_backbone(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A decoded batch on ``device``, channels-last (what convolution kernels are fastest with)."""
+def to_backbone(images: Any, device: str) -> torch.Tensor:
+    """A decoded batch (array or tensor) on ``device``, channels-last (what convolution kernels are
+    fastest with)."""
+    import torch
+
+    images = torch.as_tensor(images)
     return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
-class FeatureBatches(Dataset):
-    """Item ``k``: batch ``k`` of ``files`` decoded and through the backbone, in the process that asks.
+class FeatureBatches:
+    """Batch ``k`` of ``files`` decoded and through the backbone, in the process that asks.
 
-    On a CPU each DataLoader worker runs the whole pipeline (decode, resize, backbone) for its batches
-    on its own core: the cores never wait for one another, as the threads of one backbone call do at
-    every layer, and a worker decodes between its own backbone calls, never preempting another's
-    (figures in bench/RESULTS.md).
-    Yields ``(features or None, indices, failures)``; only features cross between processes.
+    On a CPU each extraction worker runs the whole pipeline (decode, resize, backbone) for its
+    batches on its own core: the cores never wait for one another, as the threads of one backbone
+    call do at every layer, and a worker decodes between its own backbone calls, never preempting
+    another's (figures in bench/RESULTS.md). Only features cross between processes.
     """
 
     def __init__(self, files: ImageFiles, forward: Forward, batch_size: int):
@@ -283,15 +357,18 @@ class FeatureBatches(Dataset):
     def __len__(self) -> int:
         return -(-len(self.files) // self.batch_size)
 
-    def __getitem__(self, k: int) -> tuple[Any, list[int], list[tuple[int, str]]]:
+    def run(self, k: int, threads: int) -> Batch:
+        """``(features or None, indices, failures)`` of batch ``k``, the backbone on ``threads`` threads."""
         stop = min(len(self.files), (k + 1) * self.batch_size)
         images, indices, failures = collate([self.files[i] for i in range(k * self.batch_size, stop)])
-        return (self.forward(images) if images is not None else None), indices, failures
+        return (self.forward(images, threads) if images is not None else None), indices, failures
 
 
 @contextmanager
 def threads_set(n: int) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads (more than the free cores only adds contention)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -303,13 +380,13 @@ def threads_set(n: int) -> Iterator[None]:
 def _check_output(out: Any, runner: Runner, paths: list[Path]) -> None:
     """Refuse a batch's output that is not (n, feature_dim) finite features: it would train silently wrong."""
     n, feature_dim = len(paths), runner.info.feature_dim
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, feature_dim):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, np.ndarray) or out.shape != (n, feature_dim):
+        shape = tuple(out.shape) if isinstance(out, np.ndarray) else type(out).__name__
         raise TlxError(
             f"backbone.name: the backbone returned {shape} for a batch of {n} images, "
             f"not pooled features of shape ({n}, {feature_dim})"
         )
-    finite = torch.isfinite(out).all(dim=1)
+    finite = np.isfinite(out).all(axis=1)
     if not finite.all():
         bad = [path for path, ok in zip(paths, finite.tolist()) if not ok]
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""

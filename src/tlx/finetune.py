@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -21,9 +22,9 @@ from tlx import notices
 from tlx.backbone import Backbone
 from tlx.data import Split, Splits, stratified_split
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, collate, enforce_bad_image_policy, to_backbone
+from tlx.features import ImageFiles, collate_tensors, enforce_bad_image_policy, to_backbone
 from tlx.optim import Optimizer, make_loss, param_groups
-from tlx.preprocess import eval_transform
+from tlx.preprocess import AsArray, eval_transform
 from tlx.recipe import Recipe
 from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
 
@@ -84,13 +85,13 @@ def set_modes(module: nn.Module, trained: list[str], head: nn.Module) -> None:
     head.train()
 
 
-def training_transform(backbone: Backbone, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
+def training_transform(backbone: Backbone, augment: bool) -> Callable[[Image.Image], np.ndarray]:
     """Random resized crop and horizontal flip at the backbone's input size, then its normalization."""
     from timm.data import create_transform
 
     if not augment:
         return eval_transform(backbone.data_config)
-    return create_transform(**backbone.data_config, is_training=True, color_jitter=None)
+    return AsArray(create_transform(**backbone.data_config, is_training=True, color_jitter=None))
 
 
 def finetune(
@@ -99,7 +100,7 @@ def finetune(
     splits: Splits,
     recipe: Recipe,
     *,
-    device: torch.device | None = None,
+    device: str = "cpu",
     on_start: Callable[[Backbone, nn.Module, Recipe], None],
     on_epoch: Callable[[Epoch], None],
 ) -> Finetuned:
@@ -117,7 +118,6 @@ def finetune(
             f"head.type: {recipe.head.type} fits itself on fixed features and cannot be trained end to "
             "end; with strategy: finetune use a head trained by gradient (linear, mlp)"
         )
-    device = device or torch.device("cpu")
     config, options = recipe.train, recipe.finetune
     trained = unfreeze(backbone.module, options.unfreeze)
     on_start(backbone, head, recipe)
@@ -184,7 +184,7 @@ def _train_epoch(
     skipped: dict[Path, str],
     loss_fn: nn.Module,
     optimizer: Optimizer,
-    device: torch.device,
+    device: str,
     on_bad_image: str,
 ) -> tuple[float, int]:
     """One pass over the training batches: (mean loss, images trained on); failures go to ``skipped``."""
@@ -215,7 +215,7 @@ def _hold_out(splits: Splits, fraction: float, seed: int) -> tuple[Split, Split 
 
 
 def _loader(
-    split: Split, transform: Callable, recipe: Recipe, batch_size: int, device: torch.device, *, shuffle: bool
+    split: Split, transform: Callable, recipe: Recipe, batch_size: int, device: str, *, shuffle: bool
 ) -> DataLoader:
     workers = recipe.extract.processes
     return DataLoader(
@@ -225,14 +225,14 @@ def _loader(
         generator=torch.Generator().manual_seed(recipe.seed) if shuffle else None,
         num_workers=workers,
         persistent_workers=workers > 0,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_tensors,
+        pin_memory=device.startswith("cuda"),
         worker_init_fn=yield_to_backbone,
     )
 
 
 def _evaluate(
-    model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str], device: torch.device
+    model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str], device: str
 ) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
     """Paths, true classes and logits of the images of ``split`` that could be decoded (on the CPU)."""
     model.eval()

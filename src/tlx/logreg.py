@@ -8,11 +8,10 @@ The solver is SciPy's L-BFGS-B (torch's LBFGS class imports ``torch._dynamo`` wh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,18 +19,8 @@ from tlx.errors import TlxError
 from tlx.features import Features, threads_set
 from tlx.folds import fold_ids
 
-#: L2 strengths tried by default: 1e-5 … 10 in half-decade steps (loss = mean CE + l2/2 · |W|²)
-DEFAULT_GRID = [round(10.0 ** (e / 2), 8) for e in range(-10, 3)]
-
-
-class LogRegOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    #: candidate L2 strengths; one value skips the selection
-    l2: list[PositiveFloat] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
-    #: cross-validation folds when there is no validation split
-    cv: int = Field(5, ge=2)
-    max_iter: int = Field(500, ge=1)
+if TYPE_CHECKING:
+    from tlx.default_plugins.heads import LogRegOptions
 
 
 class LogisticRegression(nn.Module):

@@ -1,10 +1,10 @@
-"""The evaluation transform a backbone's data config asks for: image → normalized (3, H, W) tensor.
+"""The evaluation transform a backbone's data config asks for: image → normalized (3, H, W) array.
 
 timm's ``create_transform(**data_config, is_training=False)`` defines it. For the configs nearly every
 model has (crop mode ``center`` or ``squash``, a crop inside the resized image) the same steps are done
 here with Pillow and NumPy, giving the same values bit for bit: importing timm and torchvision costs a
-cold start seconds, and a backbone whose exported model is cached needs neither. Any other config
-goes to timm itself.
+cold start seconds, and a backbone whose exported model is cached needs neither (nor torch: the
+extraction workers of ONNX Runtime never import it). Any other config goes to timm itself.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 #: torchvision's names of Pillow's resampling filters (timm's ``interpolation``)
@@ -30,14 +29,24 @@ _RESAMPLE = {
 DEFAULT_CROP_PCT = 0.875
 
 
-def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """The transform of ``data_config`` (an RGB image in, float32 (3, H, W) out)."""
+def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+    """The transform of ``data_config`` (an RGB image in, a float32 (3, H, W) array out)."""
     plan = _plan(data_config)
     if plan is None:
         from timm.data import create_transform
 
-        return create_transform(**data_config, is_training=False)
+        return AsArray(create_transform(**data_config, is_training=False))
     return _Transform(*plan)
+
+
+class AsArray:
+    """A torchvision transform (image → tensor) giving NumPy arrays, as every tlx transform does."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any]):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.transform(image).numpy()
 
 
 def _plan(cfg: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -73,7 +82,7 @@ class _Transform:
         self.mode, self.scale, self.crop, self.resample = mode, scale, crop, resample
         self.mean, self.std = mean[:, None, None], std[:, None, None]
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> np.ndarray:
         width, height = image.size
         if self.mode == "squash":
             new_h, new_w = self.scale
@@ -87,4 +96,4 @@ class _Transform:
         top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)
         image = image.crop((left, top, left + crop_w, top + crop_h))
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-        return torch.from_numpy((pixels - self.mean) / self.std)
+        return (pixels - self.mean) / self.std

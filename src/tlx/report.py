@@ -12,18 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tlx.cache import BackboneInfo
-from tlx.data import Splits
-from tlx.features import Features
-from tlx.recipe import Recipe
-from tlx.scores import Scores
-from tlx.train import Epoch
-
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from tlx.backbone import Backbone
+    from tlx.cache import BackboneInfo
+    from tlx.data import Splits
+    from tlx.features import Features
+    from tlx.recipe import Recipe
+    from tlx.scores import Scores
+    from tlx.train import Epoch
 
 
 class Console:
@@ -111,7 +109,7 @@ class Console:
     def warning(self, text: str) -> None:
         click.echo(f"warning: {text}", err=True)
 
-    def device(self, device: torch.device, configured: str, runtime: str | None = None) -> None:
+    def device(self, device: str, configured: str, runtime: str | None = None) -> None:
         """Where the backbone runs, and what runs it (:mod:`tlx.runtimes`) when features are computed."""
         runs = f"; runtime {runtime}" if runtime else ""
         self.echo(f"device    {device} (recipe: device: {configured}){runs}")

@@ -18,7 +18,6 @@ from tlx.report import Console
 from tlx.tracking import tracked
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from tlx.artifacts import Predictions
@@ -218,17 +217,21 @@ def train_on_features(
     """Features of every image (from the cache, else through the frozen backbone), then the head on them.
 
     ``select``: then also the head's selection score on the training features (no extra backbone work).
+    Torch is imported after the extraction has started (:func:`tlx.features.on_cpu`).
     """
-    import torch
-
-    from tlx.artifacts import Predictions
-    from tlx.features import extract, threads_set
-    from tlx.scores import Scores
-    from tlx.train import fit_head, selection_score, with_choices
+    from tlx.features import extract
 
     t0 = time.perf_counter()
     train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store, engine=engine)
     extract_s = time.perf_counter() - t0
+
+    import torch
+
+    from tlx.artifacts import Predictions
+    from tlx.features import threads_set
+    from tlx.scores import Scores
+    from tlx.train import fit_head, selection_score, with_choices
+
     console.features((splits.train.name, splits.test.name), (train, test), store.folder)
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -282,7 +285,7 @@ def finetune_end_to_end(
     splits: Splits,
     backbone: Backbone,
     info: BackboneInfo,
-    device: torch.device,
+    device: str,
     console: Console,
 ) -> Outcome:
     """The backbone (its ``finetune.unfreeze`` part) and the head trained together on the images."""

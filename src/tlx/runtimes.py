@@ -22,6 +22,10 @@ or splits other batches.
 
 The runtime does not key the feature cache: features agree across runtimes to about 1e-6 of their
 scale, as torch's own do across batch sizes and thread counts, which never keyed it either.
+
+A forward pass takes a batch (an array, or a tensor on its device) and the threads to run on
+(None: as this process is set), and returns the features as a NumPy array. ONNX Runtime's runs
+without torch, so its extraction workers never import it (:func:`tlx.features.on_cpu`).
 """
 
 from __future__ import annotations
@@ -37,15 +41,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy
-import torch
-from torch import nn
 
 from tlx import notices
 from tlx.errors import TlxError, describe
-from tlx.features import to_backbone
+from tlx.features import threads_set, to_backbone
 from tlx.files import write_atomic, write_json
+from tlx.recipe import cpu_cores
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from tlx.cache import BackboneInfo
 
 #: the ONNX opset the backbone is exported with
@@ -55,10 +60,11 @@ PARITY = 1e-4
 #: bumped whenever the export or its record changes meaning
 EXPORT_FORMAT = 1
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+#: a batch and the threads to run it on (None: as this process is set) → features (n, D)
+Forward = Callable[[Any, "int | None"], numpy.ndarray]
 
 
-def choose(setting: str, device: torch.device) -> str:
+def choose(setting: str, device: str) -> str:
     """The runtime for ``extract.runtime`` on ``device``: ``auto`` is ONNX Runtime on a CPU if installed."""
     installed = importlib.util.find_spec("onnxruntime") is not None
     if setting == "onnxruntime":
@@ -67,67 +73,77 @@ def choose(setting: str, device: torch.device) -> str:
                 "extract.runtime: onnxruntime is not installed; pip install onnxruntime, "
                 "or set extract.runtime=auto"
             )
-        if device.type != "cpu":
+        if device != "cpu":
             raise TlxError(
                 f"extract.runtime: onnxruntime runs the backbone on the CPU, the recipe's device is "
                 f"{device}; set device=cpu or extract.runtime=auto"
             )
         return "onnxruntime"
-    if setting == "auto" and installed and device.type == "cpu":
+    if setting == "auto" and installed and device == "cpu":
         return "onnxruntime"
     return "torch"
 
 
 class TorchForward:
-    """The backbone's module on ``device``: a batch in, its features (on the CPU) out."""
+    """The backbone's module on ``device`` (``cpu``, ``cuda:0``...): a batch in, its features out."""
 
-    def __init__(self, module: nn.Module, device: torch.device):
+    def __init__(self, module: nn.Module, device: str):
+        import torch
+
         self.module = module.to(device=device, memory_format=torch.channels_last)
         self.device = device
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.module(to_backbone(images, self.device))
-        return out.cpu() if isinstance(out, torch.Tensor) else out
+    def __call__(self, images: Any, threads: int | None = None) -> numpy.ndarray:
+        import torch
+
+        with contextlib.ExitStack() as stack:
+            if threads is not None:
+                stack.enter_context(threads_set(threads))
+            with torch.inference_mode():
+                out = self.module(to_backbone(images, self.device))
+        return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
 
 
 class OnnxForward:
     """The exported backbone in ONNX Runtime (CPU), for batches of ``batch`` images: a smaller batch is
     padded with zeros, a larger one split. The session is built on first use in each process (a
-    forked extraction worker builds its own) with as many threads as torch has there."""
+    forked extraction worker builds its own) and for each thread count (None: every core)."""
 
     def __init__(self, path: Path, batch: int):
         self.path = path
         self.batch = batch
         self._session: Any = None
-        self._pid = 0
+        self._built_for: tuple[int, int] = (0, 0)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "batch": self.batch, "_session": None, "_pid": 0}
+        return {"path": self.path, "batch": self.batch, "_session": None, "_built_for": (0, 0)}
 
-    def session(self) -> Any:
-        if self._session is None or self._pid != os.getpid():
+    def session(self, threads: int | None = None) -> Any:
+        threads = threads or cpu_cores()
+        if self._session is None or self._built_for != (os.getpid(), threads):
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
+            options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3  # errors only: its notes on the graph are not the user's business
             self._session = onnxruntime.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
             )
-            self._pid = os.getpid()
+            self._built_for = (os.getpid(), threads)
         return self._session
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        session, n = self.session(), len(images)
-        outputs = []
+    def __call__(self, images: Any, threads: int | None = None) -> numpy.ndarray:
+        session, images = self.session(threads), numpy.asarray(images, dtype=numpy.float32)
+        n, outputs = len(images), []
         for start in range(0, n, self.batch):
             part = images[start : start + self.batch]
             if len(part) < self.batch:
-                part = torch.cat([part, part.new_zeros(self.batch - len(part), *part.shape[1:])])
-            outputs.append(session.run(None, {"image": part.contiguous().numpy()})[0])
-        return torch.from_numpy(outputs[0] if len(outputs) == 1 else numpy.concatenate(outputs))[:n]
+                part = numpy.concatenate(
+                    [part, numpy.zeros((self.batch - len(part), *part.shape[1:]), part.dtype)]
+                )
+            outputs.append(session.run(None, {"image": numpy.ascontiguousarray(part)})[0])
+        return (outputs[0] if len(outputs) == 1 else numpy.concatenate(outputs))[:n]
 
     def release(self) -> None:
         """Drop this process's session (before extraction workers fork: a child cannot use it)."""
@@ -150,23 +166,23 @@ class Runner:
     reference: TorchForward | None = field(default=None, repr=False)
 
     @classmethod
-    def in_torch(cls, module: nn.Module, info: BackboneInfo, device: torch.device) -> Runner:
+    def in_torch(cls, module: nn.Module, info: BackboneInfo, device: str) -> Runner:
         """``module`` run by torch on ``device``."""
         return cls(TorchForward(module, device), "torch", info)
 
     @property
-    def device(self) -> torch.device:
-        return self.forward.device if isinstance(self.forward, TorchForward) else torch.device("cpu")
+    def device(self) -> str:
+        return self.forward.device if isinstance(self.forward, TorchForward) else "cpu"
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: Any, threads: int | None = None) -> numpy.ndarray:
         """``images`` through the backbone, in this process; a fresh export is checked on them first."""
         if self.pending is not None:
             self.check(images)
         if self.forward is None:
             raise TlxError("extract.engine: this backbone runs in the engine's workers, not here")
-        return self.forward(images)
+        return self.forward(images, threads)
 
-    def check(self, images: torch.Tensor | None) -> None:
+    def check(self, images: Any) -> None:
         """Run the parity probe of a fresh export on ``images``; on failure, become the torch runner.
 
         With no image to probe on (none decodes), this run uses torch and the export stays unverified.
@@ -179,12 +195,13 @@ class Runner:
             self.forward, self.runtime = reference, "torch"
             return
         try:
-            ours, theirs = self.forward(images), reference(images)
+            ours, theirs = self.forward(images, None), reference(images, None)
         except Exception as exc:  # ONNX Runtime raises its own types for sessions it cannot build or run
             problem = f"ONNX Runtime cannot run it ({describe(exc)})"
         else:
-            scale = float(theirs.abs().max())
-            difference = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+            scale = float(numpy.abs(theirs).max())
+            same_shape = ours.shape == theirs.shape
+            difference = float(numpy.abs(ours - theirs).max()) if same_shape else float("inf")
             problem = None
             if not difference <= PARITY * scale:
                 problem = (
@@ -238,6 +255,8 @@ class Exported:
 
     def export(self, module: nn.Module, input_size: tuple[int, int, int], batch: int) -> None:
         """Write ``module`` as ONNX (``batch`` images in, their features out), atomically."""
+        import torch
+
         from tlx.cache import tag
 
         example = torch.zeros(batch, *input_size)
@@ -306,7 +325,7 @@ def export_identity(info: BackboneInfo, flip: bool, batch: int) -> dict[str, Any
 
 def prepare(
     setting: str,
-    device: torch.device,
+    device: str,
     root: Path,
     info: BackboneInfo,
     build: Callable[[], nn.Module],

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -16,7 +20,7 @@ class Scores:
     @classmethod
     def of(cls, classes: list[str], truth: torch.Tensor, predicted: torch.Tensor) -> Scores:
         n = len(classes)
-        counts = torch.bincount(truth * n + predicted, minlength=n * n).reshape(n, n)
+        counts = np.bincount(np.asarray(truth) * n + np.asarray(predicted), minlength=n * n).reshape(n, n)
         return cls(classes, counts.tolist())
 
     @property

@@ -19,7 +19,6 @@ from tlx.recipe import dotted
 from tlx.report import Console
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from tlx.backbone import Backbone
@@ -106,7 +105,7 @@ class TrackingConsole(Console):
         self.started = list(self.trackers)
         self._each(self.trackers, "start", flatten(self.params), tags)
 
-    def device(self, device: torch.device, configured: str, runtime: str | None = None) -> None:
+    def device(self, device: str, configured: str, runtime: str | None = None) -> None:
         self.console.device(device, configured, runtime)
 
     def features(self, names: tuple[str, str], features: tuple[Features, Features], folder: Path) -> None:

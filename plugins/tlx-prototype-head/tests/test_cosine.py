@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tlx_prototype_head import CosineHead, CosineOptions
+from tlx_prototype_head import CosineOptions
+from tlx_prototype_head.head import CosineHead
 
 from tlx import plugins, validate_options
 from tlx.cli import cli

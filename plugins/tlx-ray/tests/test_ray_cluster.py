@@ -11,7 +11,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-import torch  # noqa: E402
 from conftest import RECORD  # noqa: E402
 from PIL import Image  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -47,7 +46,7 @@ def test_a_job_completes_when_the_node_of_its_actor_is_removed(cluster: Cluster,
     spec = {"dataset": {"root": "."}, "backbone": {"name": "slow"}, "extract": {"runtime": "torch"}}
     recipe = make_recipe(spec, source="test")
     built, info = build_backbone(recipe, resolve(recipe, "test"), tmp_path / "cache")
-    runner = Runner.in_torch(built.module, info, torch.device("cpu"))
+    runner = Runner.in_torch(built.module, info, "cpu")
     engine = ray_engine(RayOptions(actors=1, batch_size=2), BackboneSpec.of(recipe, info.sha256))
     removed: list[str] = []
 

@@ -100,7 +100,7 @@ def engine(backbone: str, **options: object):
     spec = {"dataset": {"root": "."}, "backbone": {"name": backbone}, "extract": {"runtime": "torch"}}
     recipe = make_recipe(spec, source="test")
     built, info = build_backbone(recipe, resolve(recipe, "test"), Path(os.environ["TLX_CACHE_DIR"]))
-    runner = Runner.in_torch(built.module, info, torch.device("cpu"))
+    runner = Runner.in_torch(built.module, info, "cpu")
     return ray_engine(RayOptions(**options), BackboneSpec.of(recipe, info.sha256)), runner, recipe
 
 
@@ -177,12 +177,12 @@ def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Pat
 def test_features_far_larger_than_the_object_store_stream_through_a_flat_driver(tmp_path: Path) -> None:
     paths = coloured(tmp_path / "images", 400, size=16)
     eng, runner, _ = engine("wide", batch_size=4)
-    job = Job(ImageFiles([(p, 0) for p in paths], eval_transform(runner.info.data_config)), runner, 4, 0)
+    job = Job(ImageFiles([(p, 0) for p in paths], eval_transform(runner.info.data_config)), runner, 4, 0, 1)
     me = psutil.Process()
     before, peak, total, seen = me.memory_info().rss, 0, 0, 0
     for out, indices, failures in eng.batches(job):
         assert not failures
-        total += out.numel() * 4
+        total += out.nbytes
         seen += len(indices)
         peak = max(peak, me.memory_info().rss - before)
         del out
@@ -206,7 +206,7 @@ def test_an_image_a_worker_cannot_read_is_an_error_not_a_bad_image(tmp_path: Pat
     eng, runner, _ = engine("slow", actors=1)
     gone = tmp_path / "elsewhere" / "gone.png"
     job = Job(
-        ImageFiles([(p, 0) for p in [*paths, gone]], eval_transform(runner.info.data_config)), runner, 4, 0
+        ImageFiles([(p, 0) for p in [*paths, gone]], eval_transform(runner.info.data_config)), runner, 4, 0, 1
     )
     with pytest.raises(TlxError, match=r"node .* cannot read .*gone.png .*every node must see the images"):
         list(eng.batches(job))

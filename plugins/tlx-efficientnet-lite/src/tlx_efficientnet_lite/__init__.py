@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from tlx import Backbone, TlxError, hookimpl
 
-from tlx import Backbone, StateDict, TlxError, hookimpl, load_into, read_state_dict
+if TYPE_CHECKING:  # torch and timm are imported when a backbone is built: registering needs neither
+    import torch
+
+    from tlx import StateDict
 
 #: tlx name -> (timm architecture, weights package, its model-file class)
 VARIANTS = {
@@ -42,6 +46,8 @@ def weight_files(name: str, *, pretrained: bool, weights: Path | None) -> list[P
 def create_backbone(name: str, *, pretrained: bool, weights: Path | None) -> Backbone:
     import timm
     from timm.data import resolve_data_config
+
+    from tlx import load_into, read_state_dict
 
     arch, package, _ = VARIANTS[name]
     model = timm.create_model(arch, pretrained=False, num_classes=0)

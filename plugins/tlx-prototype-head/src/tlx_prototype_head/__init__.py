@@ -2,18 +2,20 @@
 
 Only the direction of a feature vector counts, not its length, which suits pooled features whose norm
 varies from image to image; ``scale`` (a temperature) sets how sharp the softmax over classes is.
+The module (:mod:`tlx_prototype_head.head`) is imported when a head is built: registering it imports
+no torch, so it never delays a run that needs none before its extraction starts.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, PositiveFloat
-from torch import nn
-from torch.nn import functional as F
 
 from tlx import hookimpl
+
+if TYPE_CHECKING:
+    from tlx_prototype_head.head import CosineHead
 
 
 class CosineOptions(BaseModel):
@@ -23,24 +25,6 @@ class CosineOptions(BaseModel):
     scale: PositiveFloat = 16.0
     #: train the scale along with the prototypes
     learn_scale: bool = False
-
-
-class CosineHead(nn.Module):
-    """One prototype per class; a feature's logit for a class is ``scale · cos(feature, prototype)``."""
-
-    def __init__(self, in_features: int, num_classes: int, scale: float, learn_scale: bool) -> None:
-        super().__init__()
-        self.prototypes = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.normal_(self.prototypes)
-        log_scale = torch.tensor(math.log(scale))
-        if learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cosine = F.normalize(features, dim=1) @ F.normalize(self.prototypes, dim=1).T
-        return self.log_scale.exp() * cosine
 
 
 @hookimpl
@@ -53,5 +37,7 @@ def register_heads(register):
     )
 
 
-def cosine_head(in_features: int, num_classes: int, options: CosineOptions) -> nn.Module:
+def cosine_head(in_features: int, num_classes: int, options: CosineOptions) -> CosineHead:
+    from tlx_prototype_head.head import CosineHead
+
     return CosineHead(in_features, num_classes, options.scale, options.learn_scale)

@@ -34,8 +34,9 @@ class _Worker:
 
         self.node = node()
         given = ray.get_runtime_context().get_assigned_resources()
-        torch.set_num_threads(max(1, int(given.get("CPU", 1))))
-        self.device = torch.device("cuda" if given.get("GPU") else "cpu")
+        self.threads = max(1, int(given.get("CPU", 1)))
+        torch.set_num_threads(self.threads)
+        self.device = "cuda" if given.get("GPU") else "cpu"
 
     def decoded(
         self, paths: list[str], transform: Any
@@ -70,7 +71,7 @@ class Extractor(_Worker):
         images, indices, failures = self.decoded(batch["path"].tolist(), self.transform)
         features = np.zeros((len(batch["path"]), self.feature_dim), np.float32)
         if images is not None:
-            features[indices] = self.runner.features(images).float().cpu().numpy()
+            features[indices] = self.runner.features(images, self.threads)
         reasons = np.full(len(features), "", dtype=object)
         for index, reason in failures:
             reasons[index] = reason
@@ -106,7 +107,7 @@ class Predictor(_Worker):
         rows: dict[int, dict[str, Any]] = {i: {"path": paths[i], "skipped": reason} for i, reason in failures}
         if images is not None:
             kept = [paths[i] for i in indices]
-            x = self.runner.features(images).float().cpu()
+            x = torch.from_numpy(self.runner.features(images, self.threads))
             for i, result in zip(
                 indices, ranked(kept, classify(self.run, kept, x), self.run.classes, self.top_k)
             ):

@@ -72,11 +72,9 @@ class RayEngine:
 
     def _batch_size(self) -> int:
         """Images per actor call: ``batch_size``, else tlx's default for the actors' device."""
-        import torch
-
         from tlx.device import batch_size
 
-        return batch_size(self.options.batch_size, torch.device("cuda" if self.options.num_gpus else "cpu"))
+        return batch_size(self.options.batch_size, "cuda" if self.options.num_gpus else "cpu")
 
     def _pool(self) -> ray.data.ActorPoolStrategy:
         """A fixed pool of ``actors``, else one from ``min_actors`` to what the cluster holds."""
@@ -99,7 +97,6 @@ class RayEngine:
         """The actors' results as they come; a position is yielded once even when Ray retried its batch.
         At the end, ``runner.runtime`` names what the actors ran (``onnxruntime+torch`` if both)."""
         import numpy as np
-        import torch
 
         seen: set[int] = set()
         runtimes: set[str] = set()
@@ -111,7 +108,7 @@ class RayEngine:
                 new = [k for k, n in enumerate(positions) if n not in seen]
                 seen.update(positions)
                 ok = [k for k in new if not reasons[k]]
-                out = torch.from_numpy(np.ascontiguousarray(batch["features"][ok])) if ok else None
+                out = np.ascontiguousarray(batch["features"][ok], dtype=np.float32) if ok else None
                 yield out, [positions[k] for k in ok], [(positions[k], reasons[k]) for k in new if reasons[k]]
         if runtimes:
             runner.runtime = "+".join(sorted(runtimes))
