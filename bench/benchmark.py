@@ -153,18 +153,22 @@ def part(name: str, data: Path, *extra: str) -> dict:
 
 
 def replicate(data: Path, times: int, dest: Path) -> Path:
-    """``data`` with every image ``times`` times (hard links where possible, else copies)."""
+    """``data`` with every image ``times`` times: one copy, hard links to it for the others (where the
+    file system allows). Never a link to ``data``'s own files: a new link changes an image's ctime, a
+    part of its cache key, so every cached feature of ``data`` would be computed again."""
     for src in data.rglob("*"):
         if not src.is_file():
             continue
         rel = src.relative_to(data)
         (dest / rel.parent).mkdir(parents=True, exist_ok=True)
-        for k in range(times):
+        first = dest / rel.parent / f"{src.stem}-0{src.suffix}"
+        shutil.copy2(src, first)
+        for k in range(1, times):
             target = dest / rel.parent / f"{src.stem}-{k}{src.suffix}"
             try:
-                os.link(src, target)
+                os.link(first, target)
             except OSError:
-                shutil.copy2(src, target)
+                shutil.copy2(first, target)
     return dest
 
 

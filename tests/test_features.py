@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tlx import features
 from tlx.backbone import Backbone
 from tlx.data import scan_imagefolder
 from tlx.errors import TlxError
@@ -54,6 +55,20 @@ def test_workers_give_each_image_the_features_this_process_gives_it(tmp_path: Pa
         assert [p.name for p, _ in a.skipped] == [p.name for p, _ in b.skipped]
     assert [p.name for p, _ in pooled[0].skipped] == ["broken.jpg"]
     assert len(pooled[0].x.unique(dim=0)) == 15, "every image has features of its own"
+
+
+def test_workers_are_spawned_where_fork_is_not_safe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elsewhere than on Linux the workers are spawned: the backbone and files reach them pickled."""
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=(4, 1))
+    split = scan_imagefolder(data, "train", "val").train
+    log = tmp_path / "pids.txt"
+    backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
+    (alone,) = extract([split], in_torch(backbone), ExtractConfig(batch_size=2, workers=0))
+    log.unlink()
+    monkeypatch.setattr(features, "can_fork", lambda: False)
+    (spawned,) = extract([split], in_torch(backbone), ExtractConfig(batch_size=2, workers=2))
+    assert str(os.getpid()) not in set(log.read_text().split())
+    assert torch.allclose(alone.x, spawned.x, atol=1e-6) and torch.equal(alone.y, spawned.y)
 
 
 def test_a_worker_that_dies_is_a_clear_error(tmp_path: Path) -> None:

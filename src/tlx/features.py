@@ -271,15 +271,22 @@ def on_cpu(
     workers = min(workers, len(batches))
     if workers <= 1:  # a single worker would only add a process
         return (batches.run(k, threads) for k in range(len(batches)))
-    # fork: the workers inherit the loaded model and the file list; each runs one thread, as more can
-    # deadlock in a child forked after this process's OpenMP threads started
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _start_worker, (batches,))
-    futures = {pool.submit(_worker_batch, k) for k in range(len(batches))}  # forks every worker now
+    # forked, the workers inherit the loaded model and the file list (elsewhere they are spawned and
+    # get them pickled); each runs one thread, as more can deadlock in a child forked after this
+    # process's OpenMP threads started
+    context = multiprocessing.get_context("fork" if can_fork() else "spawn")
+    pool = ProcessPoolExecutor(workers, context, _start_worker, (batches,))
+    futures = {pool.submit(_worker_batch, k) for k in range(len(batches))}  # every worker starts now
     if "torch" not in sys.modules:
         importer = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
         importer.daemon = True
         importer.start()
     return _as_done(pool, futures)
+
+
+def can_fork() -> bool:
+    """Whether worker processes can be forked from this one (Linux: fork is safe with torch's libraries)."""
+    return sys.platform.startswith("linux")
 
 
 def _as_done(pool: ProcessPoolExecutor, futures: set[Any]) -> Iterator[Batch]:

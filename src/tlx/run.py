@@ -217,9 +217,13 @@ def train_on_features(
     """Features of every image (from the cache, else through the frozen backbone), then the head on them.
 
     ``select``: then also the head's selection score on the training features (no extra backbone work).
-    Torch is imported after the extraction has started (:func:`tlx.features.on_cpu`).
+    Torch is imported while the extraction workers run (:func:`tlx.features.on_cpu`), or first when
+    every feature is cached: its import is then start-up, not extraction, in ``seconds.extract``.
     """
     from tlx.features import extract
+
+    if runner is None and engine is None:  # all cached: torch's import is start-up, not extraction
+        import torch
 
     t0 = time.perf_counter()
     train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store, engine=engine)

@@ -40,11 +40,6 @@ if TYPE_CHECKING:
 RunOne = Callable[[int, Console], dict[str, Any]]
 
 
-def can_fork() -> bool:
-    """Whether combinations can run in forked processes here (Linux: fork is safe with torch's libraries)."""
-    return sys.platform.startswith("linux")
-
-
 @dataclass
 class _Child:
     process: BaseProcess

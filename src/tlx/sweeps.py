@@ -34,9 +34,10 @@ import yaml
 from tlx import notices
 from tlx.components import Components, resolve
 from tlx.errors import TlxError, describe, shorten
+from tlx.features import can_fork
 from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, recipe_from
 from tlx.report import Console, QuietConsole
-from tlx.sweep_jobs import can_fork, run_in_parallel
+from tlx.sweep_jobs import run_in_parallel
 
 if TYPE_CHECKING:
     from tlx.plots import Painter
