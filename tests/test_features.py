@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +83,24 @@ def test_a_worker_that_dies_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(TlxError, match=r"extract.workers: an extraction worker died .*set extract.workers"):
         list(on_cpu(killed, files, 2, 2, 1))
+
+
+def test_the_workers_leave_ctrl_c_to_this_process(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the workers too: they go on (no traceback, no broken pool) and
+    this process, which gets it as well, stops them."""
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=(6, 1))
+    files = ImageFiles(scan_imagefolder(data, "train", "val").train.samples, eval_transform(CONFIG))
+
+    def slow(images: np.ndarray, threads: int | None) -> np.ndarray:
+        time.sleep(0.3)
+        return images.mean(axis=(2, 3))
+
+    batches = on_cpu(slow, files, 2, 2, 1)
+    seen = len(next(batches)[1])
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signal.SIGINT)
+    seen += sum(len(indices) for _, indices, _ in batches)
+    assert seen == 12
 
 
 def test_a_single_batch_is_extracted_in_this_process(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -291,28 +292,37 @@ def test_unwritable_output_folder_is_found_before_work(
     assert "features" not in result.stdout
 
 
-@pytest.mark.parametrize("delay", [0.0, 3.0])
+@pytest.mark.parametrize("delay", [0.0, 2.0])
 def test_ctrl_c_during_extraction_exits_130(delay: float, hymenoptera: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group (the extraction workers too), as a terminal sends it."""
     command = [*TLX, "run", "recipes/hymenoptera-lite0.yaml", "--set", f"dataset.root={hymenoptera}"]
+    command += ["--set", "extract.workers=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TLX_CACHE_DIR": str(tmp_path / "cache")}
+    first = subprocess.run([*command, "--out", tmp_path / "first"], cwd=REPO, capture_output=True, env=env)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(tmp_path / "cache" / "features")  # the backbone is known: the workers start at once
     process = subprocess.Popen(
         [*command, "--out", tmp_path / "o"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env=env,
+        start_new_session=True,
     )
     assert process.stdout is not None
     for line in process.stdout:
-        if line.startswith("images"):  # the summary is printed; extraction starts now
+        if line.startswith("device"):  # the last line before extraction
             break
     time.sleep(delay)  # at the start of extraction, and in the middle of it
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "tlx: interrupted" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
     # the cache the interrupted run shared is consistent: the next run completes
-    rerun = subprocess.run([*command, "--out", tmp_path / "o2"], cwd=REPO, capture_output=True, text=True)
+    rerun = subprocess.run(
+        [*command, "--out", tmp_path / "o2"], cwd=REPO, capture_output=True, text=True, env=env
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["n_train"] == 245

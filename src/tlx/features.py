@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -310,8 +311,10 @@ _worker_batches: FeatureBatches | None = None
 
 
 def _start_worker(batches: FeatureBatches) -> None:
+    """A worker's start: its batches; Ctrl-C left to the main process, which stops the pool."""
     global _worker_batches
     _worker_batches = batches
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "torch" in sys.modules:  # a torch backbone: one thread here, whatever the parent had set
         sys.modules["torch"].set_num_threads(1)
 
