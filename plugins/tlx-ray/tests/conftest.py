@@ -6,9 +6,7 @@ starts, so that every worker finds them through tlx's plugins as the driver does
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -81,14 +79,23 @@ RECORD = SITE / "record"
 RECORD.mkdir()
 #: the actors' own cache folder (their exported models), as a node's would be; tests give the driver theirs
 NODE_CACHE = SITE / "node-cache"
-# before Ray starts: its workers inherit this environment
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TLX_RAY_TEST_RECORD"] = str(RECORD)
-os.environ["TLX_CACHE_DIR"] = str(NODE_CACHE)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
-sys.path.insert(0, str(SITE))
-importlib.invalidate_caches()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_environment() -> Iterator[None]:
+    """For each Ray test module, before its Ray starts (Ray's workers inherit this environment): the
+    test plugin importable here and in every worker, the actors' cache folder, offline, no usage
+    statistics. Restored after the module: the other tests' subprocesses never see the test plugin."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("TLX_RAY_TEST_RECORD", str(RECORD))
+        patch.setenv("TLX_CACHE_DIR", str(NODE_CACHE))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")])))
+        patch.syspath_prepend(str(SITE))
+        plugins.load.cache_clear()
+        yield
+    plugins.load.cache_clear()
 
 
 @pytest.fixture(autouse=True)
