@@ -15,7 +15,7 @@ import torch
 
 from tlx.engines import BackboneSpec, check_environment
 from tlx.errors import TlxError, describe
-from tlx.features import ImageFiles, collate, to_backbone
+from tlx.features import ImageFiles, collate
 from tlx.preprocess import eval_transform
 
 
@@ -40,9 +40,10 @@ class _Worker:
 
     def decoded(
         self, paths: list[str], transform: Any
-    ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-        """The batch's images on this actor's device, their indices, and (index, reason) decoding
-        failures; a file this node cannot read at all is an error, never a bad image."""
+    ) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+        """The batch's images (the runner puts them on this actor's device), their indices, and
+        (index, reason) decoding failures; a file this node cannot read at all is an error, never a
+        bad image."""
         for path in paths:
             try:
                 with open(path, "rb"):
@@ -53,8 +54,7 @@ class _Worker:
                     "see the images at the same path"
                 ) from None
         files = ImageFiles([(Path(p), 0) for p in paths], transform)
-        images, indices, failures = collate([files[i] for i in range(len(files))])
-        return (None if images is None else to_backbone(images, self.device)), indices, failures
+        return collate([files[i] for i in range(len(files))])
 
 
 class Extractor(_Worker):
