@@ -285,3 +285,41 @@ def test_a_parallel_sweep_readies_its_next_backbone_while_extracting_the_first(
         metrics = json.loads((swept.folder / row["run"] / "metrics.json").read_text())
         assert metrics["features"]["runtime"] == "onnxruntime"
         assert metrics["features"]["computed"] == 10
+
+
+def test_the_torch_reference_and_fallback_of_a_fresh_flip_export_are_eval_torch(
+    tmp_path: Path, hymenoptera: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 54% case: flip averaging wraps the backbone in a new module (training mode), the exporter
+    restored that mode on the whole tree, and the probe's torch reference, kept as the fallback,
+    computed features with BatchNorm in training mode. Both must equal a fresh eager model's."""
+    from tlx.backbone import create_backbone, flip_averaged
+    from tlx.cache import BackboneInfo
+    from tlx.preprocess import eval_transform
+    from tlx.recipe import BackboneConfig
+
+    entry = tlx.plugins.load().backbones.get("efficientnet_lite0", "backbone.name")
+    config = BackboneConfig(name="efficientnet_lite0")
+    eager = flip_averaged(create_backbone(entry, config))
+    transform = eval_transform(eager.data_config)
+    paths = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:4]
+    images = np.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        expected = eager.module.eval()(torch.from_numpy(images)).numpy()
+    tolerance = runtimes.PARITY * np.abs(expected).max()
+    info = BackboneInfo.of(eager)
+
+    def fresh(root: Path) -> runtimes.Runner:
+        built = flip_averaged(create_backbone(entry, config))
+        return runtimes.prepare("onnxruntime", CPU, root, info, lambda: built.module, True, 4)
+
+    probed = fresh(tmp_path / "a")
+    assert probed.pending is not None, "a fresh export"
+    assert np.abs(probed.reference(images) - expected).max() <= tolerance, "the probe's reference"
+    assert np.abs(probed.features(images) - expected).max() <= tolerance
+    assert probed.runtime == "onnxruntime"
+
+    monkeypatch.setattr(runtimes, "PARITY", -1.0)  # every probe fails: the run falls back to torch
+    fallback = fresh(tmp_path / "b")
+    assert np.abs(fallback.features(images) - expected).max() <= tolerance
+    assert fallback.runtime == "torch"

@@ -39,7 +39,7 @@ class Backbone:
 
 
 def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
-    """Build the backbone named in the recipe, frozen and in eval mode."""
+    """Build the backbone named in the recipe (extraction freezes it: :func:`tlx.runtimes.frozen`)."""
     from torch import nn
 
     if config.weights is not None and not config.pretrained:
@@ -56,7 +56,6 @@ def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
             f"backbone.name: {plugin} gave {config.name!r} no positive feature_dim "
             f"(got {backbone.feature_dim!r})"
         )
-    backbone.module.eval().requires_grad_(False)
     return backbone
 
 

@@ -84,8 +84,19 @@ def choose(setting: str, device: str) -> str:
     return "torch"
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` as a frozen backbone runs: eval mode (BatchNorm's running statistics, no dropout) and
+    no gradients, whatever wrapped it (a new ``nn.Module`` starts in training mode) or exported it (the
+    exporter restores a module's mode recursively, from its outermost module)."""
+    return module.eval().requires_grad_(False)
+
+
 class TorchForward:
-    """The backbone's module on ``device`` (``cpu``, ``cuda:0``...): a batch in, its features out."""
+    """The backbone's module on ``device`` (``cpu``, ``cuda:0``...): a batch in, its features out.
+
+    The module is made :func:`frozen` right before every forward pass, so nothing done to it between
+    two batches changes the features.
+    """
 
     def __init__(self, module: nn.Module, device: str):
         import torch
@@ -100,7 +111,7 @@ class TorchForward:
             if threads is not None:
                 stack.enter_context(threads_set(threads))
             with torch.inference_mode():
-                out = self.module(to_backbone(images, self.device))
+                out = frozen(self.module)(to_backbone(images, self.device))
         return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
 
 
@@ -254,7 +265,13 @@ class Exported:
         return None, None
 
     def export(self, module: nn.Module, input_size: tuple[int, int, int], batch: int) -> None:
-        """Write ``module`` as ONNX (``batch`` images in, their features out), atomically."""
+        """Write ``module`` as ONNX (``batch`` images in, their features out), atomically.
+
+        A frozen copy is exported: the exporter sets the mode of what it is given, so ``module`` itself,
+        the torch reference of the parity probe and the fallback, is never touched by it.
+        """
+        import copy
+
         import torch
 
         from tlx.cache import tag
@@ -266,7 +283,7 @@ class Exported:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
                 torch.onnx.export(
-                    module,
+                    frozen(copy.deepcopy(module)),
                     (example,),
                     str(tmp),
                     input_names=["image"],
