@@ -6,7 +6,7 @@ Measures, on the CPU (``device=cpu``), for EfficientNet-Lite0 (ImageNet weights,
 recipe) and ResNet-18 (random weights, as fast as trained ones, from a file so that tlx remembers
 the backbone as it does pretrained ones):
 
-- the *floor* of each runtime (torch eager channels-last, ONNX Runtime as :mod:`tlx.runtimes` runs
+- the *floor* of each runtime (torch eager channels-last, ONNX Runtime as :mod:`tlx.extraction.runtimes` runs
   it): pure forward throughput on a decoded batch of real images, best over two layouts (one process
   with a thread per core; a process per core with one thread each, as extraction runs) and batches
   of 1 to 32 images, in two interleaved rounds;
@@ -178,7 +178,7 @@ def replicate(data: Path, times: int, dest: Path) -> Path:
 def built(name: str, pretrained: bool = True):
     """The backbone ``name`` from the installed plugins, as ``tlx run`` builds it."""
     from tlx import plugins
-    from tlx.backbone import create_backbone
+    from tlx.extraction.backbone import create_backbone
     from tlx.recipe import BackboneConfig
 
     return create_backbone(
@@ -190,7 +190,7 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
     """Each runtime's best forward throughput (images/s) for backbone ``name`` on real images.
 
     Decoded batches of ``batches`` images run through the backbone as tlx runs it (torch: inference
-    mode, channels-last; ONNX Runtime: the exported model in :class:`tlx.runtimes.OnnxForward`'s
+    mode, channels-last; ONNX Runtime: the exported model in :class:`tlx.extraction.runtimes.OnnxForward`'s
     session) in two layouts: one process with a thread per core,
     and a process per core with one thread each. Two interleaved rounds of at least ``min_s``
     seconds per runtime in all; each measurement leaves out the first batch of each process. A
@@ -200,9 +200,9 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
     import numpy as np
     import torch
 
-    from tlx.features import threads_set
+    from tlx.extraction.runtimes import OnnxForward, TorchForward
     from tlx.recipe import cpu_cores
-    from tlx.runtimes import OnnxForward, TorchForward
+    from tlx.tensors import threads_set
 
     backbone = built(name, pretrained=BACKBONES[name])
     images = decoded(data, backbone.data_config, max(batches))
@@ -242,16 +242,16 @@ def floor(data: Path, name: str, min_s: float, batches: tuple[int, ...], onnx_di
 def decoded(data: Path, data_config: dict, count: int):
     """The first ``count`` training images of ``data`` that decode, preprocessed as extraction does."""
     from tlx.data import scan_imagefolder
-    from tlx.features import ImageFiles, first_batch
-    from tlx.preprocess import eval_transform
+    from tlx.extraction.pipeline import ImageFiles, first_batch
+    from tlx.extraction.preprocess import eval_transform
 
     samples = scan_imagefolder(data, "train", "val").train.samples
     return first_batch(ImageFiles(samples, eval_transform(data_config)), count)
 
 
 def exported(backbone, name: str, onnx_dir: Path, batch: int) -> Path:
-    """``backbone`` exported to ONNX for batches of ``batch`` as :mod:`tlx.runtimes` exports it."""
-    from tlx.runtimes import Exported
+    """``backbone`` exported to ONNX for batches of ``batch`` as :mod:`tlx.extraction.runtimes` exports it."""
+    from tlx.extraction.runtimes import Exported
 
     model = Exported(onnx_dir, {"benchmark": name, "batch": batch})
     if not model.path.exists():
@@ -303,7 +303,7 @@ def _processes_throughput(forward, batch, seconds: float, cores: int) -> float:
     extraction workers run it, over about ``seconds``; each worker's first call is left out."""
     from torch.utils.data import DataLoader
 
-    from tlx.runtimes import OnnxForward
+    from tlx.extraction.runtimes import OnnxForward
 
     per_call = len(batch) / _threads_throughput(forward, batch, 0) * cores  # a one-thread call, roughly
     if isinstance(forward, OnnxForward):
@@ -408,11 +408,11 @@ def gpu(data: Path) -> dict:
     in one worker per core, after a warm-up pass; and each backbone alone on a repeated batch of 64."""
     import torch
 
-    from tlx.cache import BackboneInfo
     from tlx.data import scan_imagefolder
-    from tlx.features import extract
+    from tlx.extraction.features import extract
+    from tlx.extraction.runtimes import Runner
+    from tlx.extraction.store import BackboneInfo
     from tlx.recipe import ExtractConfig
-    from tlx.runtimes import Runner
 
     cuda = torch.device("cuda")
     splits = scan_imagefolder(data, "train", "val")
@@ -421,10 +421,14 @@ def gpu(data: Path) -> dict:
     for name, pretrained in BACKBONES.items():
         backbone = built(name, pretrained=pretrained)
         runner = Runner.in_torch(backbone.module, BackboneInfo.of(backbone), "cuda")
-        extract([splits.test], runner, ExtractConfig())  # cuDNN picks its kernels
+
+        def start(runner: Runner = runner) -> tuple[Runner, None]:
+            return runner, None
+
+        extract([splits.test], start, ExtractConfig())  # cuDNN picks its kernels
         torch.cuda.synchronize()
         started = time.perf_counter()
-        extract([splits.train, splits.test], runner, ExtractConfig())
+        extract([splits.train, splits.test], start, ExtractConfig())
         seconds = time.perf_counter() - started
         batch = torch.randn(64, 3, *backbone.data_config["input_size"][1:], device=cuda)
         batch = batch.contiguous(memory_format=torch.channels_last)

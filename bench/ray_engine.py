@@ -69,20 +69,21 @@ def main() -> None:
     import ray
     from tlx_ray import RayOptions, ray_engine
 
-    from tlx.backbone import build_backbone
     from tlx.components import resolve
-    from tlx.device import batch_size
-    from tlx.engines import BackboneSpec, Job, LocalEngine
-    from tlx.features import ImageFiles
-    from tlx.preprocess import eval_transform
+    from tlx.extraction.device import batch_size
+    from tlx.extraction.engines import Job, LocalEngine
+    from tlx.extraction.frozen import FrozenBackbone
+    from tlx.extraction.pipeline import ImageFiles
+    from tlx.extraction.preprocess import eval_transform
+    from tlx.extraction.runtimes import Runner
     from tlx.recipe import cpu_cores, make_recipe
-    from tlx.runtimes import Runner, prepare
 
     spec = {"dataset": {"root": str(args.data)}, "backbone": {"name": "efficientnet_lite0"}}
     recipe = make_recipe(spec, source="bench")
     parts = resolve(recipe, "bench")
     root = Path(tempfile.mkdtemp(prefix="tlx-bench-cache-"))
-    backbone, info = build_backbone(recipe, parts, root)
+    frozen = FrozenBackbone.of(recipe, parts, root)
+    info = frozen.info
     splits = parts.dataset.factory(parts.dataset_options)
     paths = [p for split in (splits.train, splits.test) for p, _ in split.samples]
     cpu = "cpu"
@@ -94,7 +95,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     for runtime in ("torch", "onnxruntime"):
-        runner = prepare(runtime, cpu, root, info, lambda: backbone.module, False, batch)
+        runner = dataclasses.replace(
+            frozen, extract=recipe.extract.model_copy(update={"runtime": runtime})
+        ).runner(cpu)
         figures[f"local_{runtime}"] = timed(
             LocalEngine().batches(Job(files, runner, batch, recipe.extract.processes, 1))
         )
@@ -105,7 +108,8 @@ def main() -> None:
     figures["ray_init_s"] = round(time.perf_counter() - t0, 2)
     print("ray.init", figures["ray_init_s"], "s", flush=True)
     for runtime in ("torch", "onnxruntime"):
-        backbone_spec = dataclasses.replace(BackboneSpec.of(recipe, info.sha256), runtime=runtime)
+        extract = recipe.extract.model_copy(update={"runtime": runtime})
+        backbone_spec = dataclasses.replace(frozen, extract=extract).spec()
         for actors in (1, 2):
             engine = ray_engine(RayOptions(actors=actors, batch_size=batch), backbone_spec)
             runner = Runner(None, runtime, info)  # the engine sets what its actors ran

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ from PIL import Image
 from torch import nn
 
 from tlx import plugins
-from tlx.backbone import Backbone
 from tlx.cli import cli
+from tlx.extraction.runtimes import Runner
 from tlx.recipe import Recipe, load_recipe
-from tlx.runtimes import Runner
+from tlx.registry import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
@@ -148,9 +149,14 @@ def counting_backbone() -> CountingBackbone:
 
 def in_torch(backbone: Backbone) -> Runner:
     """``backbone`` as extraction runs it in torch on the CPU."""
-    from tlx.cache import BackboneInfo
+    from tlx.extraction.store import BackboneInfo
 
     return Runner.in_torch(backbone.module, BackboneInfo.of(backbone), "cpu")
+
+
+def started(runner: Runner, engine: Any = None) -> Callable[[], tuple[Runner, Any]]:
+    """What :func:`tlx.extraction.features.extract` calls for a runner when some image is not cached."""
+    return lambda: (runner, engine)
 
 
 def recipe_for(tmp_path: Path, root: Path, *overrides: str) -> Recipe:

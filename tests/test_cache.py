@@ -12,12 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tlx import cache, plugins
-from tlx.backbone import Backbone
-from tlx.data import scan_imagefolder
+from tlx import plugins
 from tlx.errors import TlxError
-from tlx.features import extract
-from tlx.recipe import ExtractConfig, load_recipe
+from tlx.extraction import store as cache
+from tlx.recipe import load_recipe
+from tlx.registry import Backbone
 from tlx.run import run
 
 from .conftest import make_imagefolder, write_recipe
@@ -406,14 +405,6 @@ def test_chunk_removed_between_lookup_and_read_is_recomputed(
     monkeypatch.setattr(cache.FeatureStore, "_load_index", index_then_clear)
     metrics = tlx_run(tmp_path, data, "b")
     assert metrics["features"]["computed"] == 18 and colours.built == 2
-
-
-def test_features_missing_without_a_backbone_is_a_one_line_error(tmp_path: Path, data: Path) -> None:
-    scanned = scan_imagefolder(data, "train", "val")
-    info = cache.BackboneInfo("0" * 64, 3, CONFIG, "test")
-    store = cache.FeatureStore(tmp_path, cache.namespace_identity({"name": "x"}, info, {}))
-    with pytest.raises(TlxError, match="run the command again"):
-        extract([scanned.train, scanned.test], None, ExtractConfig(workers=0), store=store)
 
 
 def test_cache_files_get_the_umask_mode(tmp_path: Path, data: Path, colours: Factory) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlx import device
-from tlx.device import batch_size, resolve
+from tlx.extraction import device
+from tlx.extraction.device import batch_size, resolve
 
 from .conftest import assert_user_error, write_recipe
 
@@ -27,7 +27,7 @@ def test_the_cpu_is_known_without_torch_where_no_accelerator_driver_is() -> None
     """``cpu``, and ``auto`` without accelerator device nodes, import no torch; ``auto`` agrees with
     what torch finds."""
     code = (
-        "import sys; from tlx.device import no_accelerator, resolve; "
+        "import sys; from tlx.extraction.device import no_accelerator, resolve; "
         "print(resolve('cpu'), resolve('auto') if no_accelerator() else '-', 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

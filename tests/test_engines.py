@@ -10,8 +10,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from tests.conftest import assert_user_error, recipe_for
-from tlx import plugins
-from tlx.engines import BackboneSpec, Batch, Job
+from tlx import BackboneSpec, Batch, Job, plugins
 
 
 class Elsewhere:
@@ -21,13 +20,11 @@ class Elsewhere:
         self.spec = spec
 
     def batches(self, job: Job) -> Iterable[Batch]:
-
-        from tlx.features import on_cpu
-        from tlx.runtimes import TorchForward
+        from tlx.extraction.pipeline import on_cpu
 
         assert job.runner.forward is None, "the driver builds no backbone for an engine elsewhere"
-        forward = TorchForward(self.spec.build("test node").module, "cpu")
-        return on_cpu(forward, job.files, job.batch_size, 0, 1)
+        runner = self.spec.frozen("test node").runner("cpu")
+        return on_cpu(runner.forward, job.files, job.batch_size, 0, 1)
 
 
 class Nodes(BaseModel):
@@ -52,6 +49,8 @@ def test_the_engine_never_changes_the_feature_cache(
         tmp_path / "a",
         "--set",
         "extract.engine={kind: elsewhere, nodes: 3}",
+        "--set",
+        "extract.runtime=torch",  # the worker runs the module that counts
     )
     assert first.exit_code == 0, first.output
     [(options, spec)] = engines

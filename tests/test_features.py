@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from tlx import features
-from tlx.backbone import Backbone
 from tlx.data import scan_imagefolder
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, extract, on_cpu, on_device
-from tlx.preprocess import eval_transform
+from tlx.extraction import pipeline as features
+from tlx.extraction.features import extract
+from tlx.extraction.pipeline import ImageFiles, on_cpu, on_device
+from tlx.extraction.preprocess import eval_transform
 from tlx.recipe import ExtractConfig
+from tlx.registry import Backbone
 
-from .conftest import CONFIG, in_torch, make_imagefolder
+from .conftest import CONFIG, in_torch, make_imagefolder, started
 
 
 class MeanColour(nn.Module):
@@ -45,10 +46,10 @@ def test_workers_give_each_image_the_features_this_process_gives_it(tmp_path: Pa
     log = tmp_path / "pids.txt"
     backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
 
-    alone = extract(splits, in_torch(backbone), ExtractConfig(batch_size=2, workers=0))
+    alone = extract(splits, started(in_torch(backbone)), ExtractConfig(batch_size=2, workers=0))
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
-    pooled = extract(splits, in_torch(backbone), ExtractConfig(batch_size=2, workers=2))
+    pooled = extract(splits, started(in_torch(backbone)), ExtractConfig(batch_size=2, workers=2))
     ran_in = set(log.read_text().split())
     assert str(os.getpid()) not in ran_in and len(ran_in) > 1, "the backbone runs in the workers"
 
@@ -66,10 +67,10 @@ def test_workers_are_spawned_where_fork_is_not_safe(tmp_path: Path, monkeypatch:
     split = scan_imagefolder(data, "train", "val").train
     log = tmp_path / "pids.txt"
     backbone = Backbone(MeanColour(log), 3, CONFIG, "test colours")
-    (alone,) = extract([split], in_torch(backbone), ExtractConfig(batch_size=2, workers=0))
+    (alone,) = extract([split], started(in_torch(backbone)), ExtractConfig(batch_size=2, workers=0))
     log.unlink()
     monkeypatch.setattr(features, "can_fork", lambda: False)
-    (spawned,) = extract([split], in_torch(backbone), ExtractConfig(batch_size=2, workers=2))
+    (spawned,) = extract([split], started(in_torch(backbone)), ExtractConfig(batch_size=2, workers=2))
     assert str(os.getpid()) not in set(log.read_text().split())
     assert torch.allclose(alone.x, spawned.x, atol=1e-6) and torch.equal(alone.y, spawned.y)
 
@@ -107,7 +108,11 @@ def test_a_single_batch_is_extracted_in_this_process(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "data", classes=2, per_class=(1, 1))
     splits = scan_imagefolder(data, "train", "val")
     log = tmp_path / "pids.txt"
-    extract([splits.train], in_torch(Backbone(MeanColour(log), 3, CONFIG, "test")), ExtractConfig(workers=2))
+    extract(
+        [splits.train],
+        started(in_torch(Backbone(MeanColour(log), 3, CONFIG, "test"))),
+        ExtractConfig(workers=2),
+    )
     assert log.read_text().split() == [str(os.getpid())]
 
 
@@ -126,7 +131,7 @@ def test_the_accelerator_pipeline_gives_the_same_features(tmp_path: Path) -> Non
         failed += failures
     assert set(log.read_text().split()) == {str(os.getpid())}, "the backbone runs in this process"
     (expected,) = extract(
-        [scan_imagefolder(data, "train", "val").train], in_torch(backbone), ExtractConfig(workers=0)
+        [scan_imagefolder(data, "train", "val").train], started(in_torch(backbone)), ExtractConfig(workers=0)
     )
     assert [samples[i][0].name for i, _ in failed] == ["broken.jpg"]
     computed = torch.from_numpy(np.stack([by_index[i] for i in sorted(by_index)]))

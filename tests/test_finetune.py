@@ -12,10 +12,10 @@ from PIL import Image
 from torch import nn
 
 from tlx import plugins
-from tlx.backbone import Backbone
 from tlx.errors import TlxError
 from tlx.finetune import training_transform
 from tlx.recipe import load_recipe
+from tlx.registry import Backbone
 from tlx.run import run
 
 from .conftest import CONFIG, make_imagefolder, run_tlx, write_recipe
@@ -265,7 +265,7 @@ def test_a_finetuned_run_is_reloaded_with_its_trained_backbone(tmp_path: Path, t
     metrics = finetune_run(tmp_path, tiny_dataset, "out", "backbone.name=freshnet", "train.epochs=3")
     reloaded = load_run(tmp_path / "out")
     pretrained = fresh("freshnet", True, None).module.state_dict()
-    tuned = reloaded.backbone.module.state_dict()
+    tuned = reloaded.frozen.module.state_dict()
     assert any(not torch.equal(tuned[k], pretrained[k]) for k in pretrained)
     scores, _ = evaluate(reloaded)
     assert scores.accuracy == metrics["test_accuracy"]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from tlx.errors import TlxError
-from tlx.features import Features
 from tlx.optim import Optimizer, lr_factor, make_loss, param_groups
 from tlx.recipe import TrainConfig, load_recipe
+from tlx.tensors import Features
 from tlx.train import train_head
 
 from .conftest import write_recipe

@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tlx.backbone import Backbone
 from tlx.data import Split, load_image, scan_class_folder, scan_imagefolder, scan_manifests
-from tlx.default_plugins.imagefolder import ImageFolderOptions
+from tlx.default_plugins.datasets import ImageFolderOptions
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, extract
+from tlx.extraction.features import extract
+from tlx.extraction.pipeline import ImageFiles
 from tlx.recipe import ExtractConfig
+from tlx.registry import Backbone
 
-from .conftest import CONFIG, assert_user_error, in_torch, make_imagefolder, write_recipe
+from .conftest import CONFIG, assert_user_error, in_torch, make_imagefolder, started, write_recipe
 from .test_robustness import bomb_png
 
 _RAMP = np.arange(48 * 64).reshape(48, 64)
@@ -88,7 +89,7 @@ def test_16_bit_images_give_the_features_of_their_8_bit_version(tmp_path: Path) 
     names = ["8.png", "16.png", "g8.png", "g16.png"]
     split = Split("x", [(tmp_path / name, 0) for name in names])
     backbone = Backbone(torch.nn.Flatten(), 3 * 32 * 32, CONFIG, "pixels")
-    (features,) = extract([split], in_torch(backbone), ExtractConfig(workers=0))
+    (features,) = extract([split], started(in_torch(backbone)), ExtractConfig(workers=0))
     assert torch.equal(features.x[0], features.x[1]) and torch.equal(features.x[2], features.x[3])
 
 

@@ -53,7 +53,7 @@ def test_builtins_are_plugins_registered_through_the_hooks() -> None:
     assert loaded.backbones.get("resnet18.tv_in1k", "backbone.name").plugin == "tlx.timm"
     assert {"linear", "mlp"} <= set(loaded.heads.entries)
     assert loaded.heads.get("mlp", "head.type").plugin == "tlx.heads"
-    assert loaded.datasets.get("imagefolder", "dataset.kind").plugin == "tlx.imagefolder"
+    assert loaded.datasets.get("imagefolder", "dataset.kind").plugin == "tlx.datasets"
     assert loaded.engines.get("local", "extract.engine.kind").plugin == "tlx.local"
     assert all(p.error is None for p in loaded.plugins if p.builtin)
 
@@ -202,8 +202,8 @@ def test_public_plugin_api_loads_lazily_without_torch() -> None:
         "import sys, tlx; assert 'torch' not in sys.modules, 'import tlx imported torch';"
         "from tlx import Backbone, Split, Splits, TlxError, hookimpl, load_into, read_state_dict;"
         "from tlx import BackboneFactory, DatasetFactory, HeadFactory, WeightFiles;"
-        "import tlx.backbone, tlx.data, tlx.errors, tlx.weights;"
-        "assert Backbone is tlx.backbone.Backbone and Splits is tlx.data.Splits;"
-        "assert TlxError is tlx.errors.TlxError and read_state_dict is tlx.weights.read_state_dict"
+        "import tlx.registry, tlx.data, tlx.errors, tlx.extraction.weights;"
+        "assert Backbone is tlx.registry.Backbone and Splits is tlx.data.Splits;"
+        "assert TlxError is tlx.errors.TlxError and read_state_dict is tlx.extraction.weights.read_state_dict"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from tlx.default_plugins.csv_manifest import ManifestOptions
-from tlx.default_plugins.folder import FolderOptions
-from tlx.default_plugins.imagefolder import ImageFolderOptions
+from tlx.default_plugins.datasets import FolderOptions, ImageFolderOptions, ManifestOptions
 from tlx.errors import TlxError
 from tlx.recipe import MAX_BYTES, MAX_DEPTH, MAX_SEED, MAX_VALUES, load_recipe
 

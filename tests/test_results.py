@@ -15,12 +15,12 @@ from safetensors import safe_open
 from torch import nn
 
 from tlx.default_plugins.heads import LogRegOptions
-from tlx.features import Features
-from tlx.flip import FlipAveraged
+from tlx.extraction.flip import FlipAveraged
 from tlx.folds import hold_out
 from tlx.logreg import LogisticRegression
 from tlx.recipe import load_recipe
 from tlx.run import run
+from tlx.tensors import Features
 from tlx.train import class_weights
 
 from .conftest import REPO, make_imagefolder, recipe_for, run_tlx
@@ -100,7 +100,7 @@ def test_logreg_matches_the_optimum_of_its_objective() -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(90, 5, generator=generator) * torch.tensor([1.0, 10, 0.1, 3, 1]) + 4
     y = (x[:, 0] + 0.1 * x[:, 1] + torch.randn(90, generator=generator) > 4.5).long() + (x[:, 3] > 6).long()
-    head = LogisticRegression(5, 3, LogRegOptions(l2=[0.05]))
+    head = LogisticRegression(5, 3, **LogRegOptions(l2=[0.05]).model_dump())
     head.fit(Features(x, y, []), None, class_weight=None, seed=0)
     z = (x - x.mean(0)) / x.std(0, unbiased=False)
     weight, bias = head.linear.weight.detach().double(), head.linear.bias.detach().double()
@@ -282,7 +282,7 @@ def test_onnx_export_of_a_real_backbone_matches_pytorch(tmp_path: Path, hymenopt
     from PIL import Image
 
     from tlx.artifacts import load_run
-    from tlx.preprocess import eval_transform
+    from tlx.extraction.preprocess import eval_transform
 
     data = tmp_path / "d"  # a few real ants and bees: realistic features, so logits of a usual size
     for split, count in (("train", 4), ("val", 1)):

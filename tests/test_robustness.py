@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tlx import plugins
-from tlx.backbone import Backbone
+from tlx.registry import Backbone
 
 from .conftest import CONFIG, REPO, TLX, assert_user_error, make_imagefolder, write_recipe
 

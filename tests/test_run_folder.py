@@ -30,7 +30,7 @@ import time
 import tlx
 from torch import nn
 
-from tlx.backbone import Backbone
+from tlx.registry import Backbone
 
 DELAY = {delay}
 CONFIG = {{"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,

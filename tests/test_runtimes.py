@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import tlx
-from tlx import runtimes
 from tlx.errors import TlxError
+from tlx.extraction import runtimes
 
 from .conftest import REPO
 
@@ -47,7 +47,7 @@ def fit(data: Path, cache: Path, *overrides: str) -> tlx.Run:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How often a run exports the backbone and builds its torch model."""
-    from tlx import backbone
+    from tlx.extraction import backbone
 
     calls = {"export": 0, "build": 0}
     export, create = runtimes.Exported.export, backbone.create_backbone
@@ -96,7 +96,7 @@ def test_the_export_is_cached_and_a_known_backbone_is_not_built_again(
     assert second.metrics["features"] == first.metrics["features"]
     assert second.metrics["test_accuracy"] == first.metrics["test_accuracy"]
     assert second.warnings == []
-    from tlx.cache import clear
+    from tlx.extraction.store import clear
 
     assert clear(cache).removed > 0 and not cache.exists(), "tlx cache clear removes the export too"
 
@@ -165,10 +165,7 @@ def test_features_that_disagree_with_torch_are_never_kept(
 def test_onnxruntime_features_match_torch_on_ants_and_bees(tmp_path: Path, hymenoptera: Path) -> None:
     """Parity on every image of the real dataset, and the same test accuracy over five seeds."""
     from tlx.artifacts import load_run
-    from tlx.backbone import feature_store
     from tlx.data import scan_imagefolder
-    from tlx.features import extract
-    from tlx.recipe import ExtractConfig
     from tlx.train import fit_head
 
     caches = {name: tmp_path / name for name in ("torch", "onnxruntime")}
@@ -178,8 +175,8 @@ def test_onnxruntime_features_match_torch_on_ants_and_bees(tmp_path: Path, hymen
     features = {}
     for name, run in runs.items():  # the features each runtime computed, read back from its cache
         trained = load_run(run.folder, cache_dir=caches[name])
-        store = feature_store(trained.recipe, trained.parts, caches[name], trained.info)
-        features[name] = extract([splits.train, splits.test], None, ExtractConfig(), store=store)
+        assert trained.frozen.cached([splits.train, splits.test])
+        features[name] = trained.frozen.features([splits.train, splits.test])
     for ours, theirs in zip(features["onnxruntime"], features["torch"]):
         assert torch.equal(ours.y, theirs.y)
         assert (ours.x - theirs.x).abs().max() <= runtimes.PARITY * theirs.x.abs().max()
@@ -226,7 +223,7 @@ def test_a_known_backbone_runs_without_timm_or_its_torch_model(
         "            first.append(f'{main}/{len(multiprocessing.active_children())}')\n"
         "sys.meta_path.insert(0, Spy())\n"
         "import tlx\n"
-        "from tlx import backbone\n"
+        "from tlx.extraction import backbone\n"
         "backbone.create_backbone = None  # building the model would fail\n"
         f"run = tlx.fit({str(RECIPE)!r}, ['dataset.root={few_ants_and_bees}', 'device=cpu', "
         f"'extract.workers=2'], cache_dir={str(cache)!r})\n"
@@ -244,9 +241,9 @@ def test_a_known_backbone_runs_without_timm_or_its_torch_model(
 def test_eval_of_a_cached_run_reads_features_from_the_cache(
     tmp_path: Path, few_ants_and_bees: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tlx import backbone
     from tlx.artifacts import load_run
     from tlx.evaluate import evaluate
+    from tlx.extraction import backbone
 
     run = fit(few_ants_and_bees, tmp_path / "cache")
     monkeypatch.setattr(backbone, "create_backbone", None)
@@ -260,7 +257,7 @@ def test_a_parallel_sweep_readies_its_next_backbone_while_extracting_the_first(
 ) -> None:
     """A helper process builds, exports and probes Lite1 while the sweep extracts Lite0; the run of
     Lite1 then recalls both and builds nothing."""
-    from tlx import backbone
+    from tlx.extraction import backbone
 
     log, create = tmp_path / "builds.txt", backbone.create_backbone
 
@@ -293,9 +290,9 @@ def test_the_torch_reference_and_fallback_of_a_fresh_flip_export_are_eval_torch(
     """The 54% case: flip averaging wraps the backbone in a new module (training mode), the exporter
     restored that mode on the whole tree, and the probe's torch reference, kept as the fallback,
     computed features with BatchNorm in training mode. Both must equal a fresh eager model's."""
-    from tlx.backbone import create_backbone, flip_averaged
-    from tlx.cache import BackboneInfo
-    from tlx.preprocess import eval_transform
+    from tlx.extraction.backbone import create_backbone, flip_averaged
+    from tlx.extraction.preprocess import eval_transform
+    from tlx.extraction.store import BackboneInfo
     from tlx.recipe import BackboneConfig
 
     entry = tlx.plugins.load().backbones.get("efficientnet_lite0", "backbone.name")

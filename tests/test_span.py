@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from tlx.features import Features
 from tlx.recipe import TrainConfig
 from tlx.span import in_span, narrowable, span_basis
+from tlx.tensors import Features
 from tlx.train import class_weights, fit_head, selection_score, train_head
 
 #: over twice as many features as training rows, as with 1280 features of about 245 images

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tlx.features import Features
 from tlx.recipe import TrainConfig
 from tlx.span import in_span, narrowable, span_basis
 from tlx.stacked import stackable, train_stacked
+from tlx.tensors import Features
 from tlx.train import class_weights, train_head
 
 #: fold sizes whose epochs differ in steps at batch size 4 (4, 5 and 4 steps) and in their last batch

@@ -115,7 +115,7 @@ def test_decoding_workers_run_at_the_lowest_priority() -> None:
 def test_logreg_fits_on_one_thread_without_importing_the_compiler() -> None:
     code = """
 import sys, torch
-from tlx.features import Features
+from tlx.tensors import Features
 from tlx.default_plugins.heads import LogRegOptions
 from tlx.logreg import LogisticRegression
 seen = []
@@ -125,7 +125,8 @@ class Spy(LogisticRegression):
         return super()._solve(*args)
 torch.manual_seed(0)
 x, y = torch.randn(40, 6), torch.arange(40) % 2
-Spy(6, 2, LogRegOptions(l2=[0.1, 1.0], cv=2)).fit(Features(x, y, []), None, class_weight=None, seed=0)
+head = Spy(6, 2, **LogRegOptions(l2=[0.1, 1.0], cv=2).model_dump())
+head.fit(Features(x, y, []), None, class_weight=None, seed=0)
 print(sorted(set(seen)), "torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

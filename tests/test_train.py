@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tlx.features import Features
 from tlx.recipe import TrainConfig
+from tlx.tensors import Features
 from tlx.train import train_head
 
 

@@ -12,7 +12,7 @@ import timm
 import torch
 
 from tlx.errors import TlxError
-from tlx.weights import load_into, read_state_dict, state_digest
+from tlx.extraction.weights import load_into, read_state_dict, state_digest
 
 from .conftest import run_tlx
 

@@ -1,26 +1,37 @@
 """tlx: transfer learning from a YAML recipe — dataset, pretrained backbone, trainable head.
 
-The Python API (``fit``, ``load``, ``Run``, ``Classifier``, ``Recipe``) and the plugin API are
-importable from here; everything but ``hookimpl`` and ``TlxError`` loads on first use, so
-``import tlx`` does not import torch.
+Two public surfaces, both importable from here and nowhere else:
+
+- the Python API: ``fit``, ``load``, ``sweep``, ``Run``, ``Classifier``, ``Recipe``;
+- the plugin API (``docs/plugins.md``): ``hookimpl`` and what the five hooks register or receive:
+  ``Backbone`` and its factories, ``Split``/``Splits``, ``Tracker``, the engines' ``BackboneSpec``,
+  ``FrozenBackbone``, ``Engine``, ``Job``, ``Batch``, weights helpers, ``TlxError`` and ``describe``.
+
+Plugin packages import only these names (an import contract in CI keeps it so); the modules behind
+them may move. Everything but ``hookimpl``, ``TlxError``, ``describe`` and ``__version__`` loads on
+first use, so ``import tlx`` does not import torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from tlx.errors import TlxError
+from tlx.errors import TlxError, describe
 from tlx.hookspecs import hookimpl
+from tlx.version import __version__
 
 if TYPE_CHECKING:
     from tlx.api import Classifier, Run, fit, load
-    from tlx.backbone import Backbone
     from tlx.components import validate_options
     from tlx.data import Split, Splits
+    from tlx.extraction.engines import Engine, Job
+    from tlx.extraction.frozen import BackboneSpec, FrozenBackbone
+    from tlx.extraction.pipeline import Batch
+    from tlx.extraction.weights import StateDict, load_into, read_state_dict
     from tlx.recipe import Recipe
     from tlx.registry import (
+        Backbone,
         BackboneFactory,
         DatasetFactory,
         HeadFactory,
@@ -29,12 +40,7 @@ if TYPE_CHECKING:
         WeightFiles,
     )
     from tlx.sweeps import sweep
-    from tlx.weights import StateDict, load_into, read_state_dict
 
-try:
-    __version__ = version("tlx")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
 
 #: public name -> the module that defines it
 _LAZY = {
@@ -43,7 +49,12 @@ _LAZY = {
     "Run": "tlx.api",
     "Classifier": "tlx.api",
     "Recipe": "tlx.recipe",
-    "Backbone": "tlx.backbone",
+    "Backbone": "tlx.registry",
+    "BackboneSpec": "tlx.extraction.frozen",
+    "Batch": "tlx.extraction.pipeline",
+    "Engine": "tlx.extraction.engines",
+    "Job": "tlx.extraction.engines",
+    "FrozenBackbone": "tlx.extraction.frozen",
     "Split": "tlx.data",
     "Splits": "tlx.data",
     "BackboneFactory": "tlx.registry",
@@ -52,19 +63,24 @@ _LAZY = {
     "WeightFiles": "tlx.registry",
     "Tracker": "tlx.registry",
     "TrackerFactory": "tlx.registry",
-    "read_state_dict": "tlx.weights",
+    "read_state_dict": "tlx.extraction.weights",
     "validate_options": "tlx.components",
-    "StateDict": "tlx.weights",
-    "load_into": "tlx.weights",
+    "StateDict": "tlx.extraction.weights",
+    "load_into": "tlx.extraction.weights",
     "sweep": "tlx.sweeps",
 }
 
 __all__ = [
     "Backbone",
     "BackboneFactory",
+    "BackboneSpec",
+    "Batch",
     "Classifier",
     "DatasetFactory",
+    "Engine",
+    "FrozenBackbone",
     "HeadFactory",
+    "Job",
     "Recipe",
     "Run",
     "Split",
@@ -75,6 +91,7 @@ __all__ = [
     "TrackerFactory",
     "WeightFiles",
     "__version__",
+    "describe",
     "fit",
     "hookimpl",
     "load",

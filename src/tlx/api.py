@@ -88,6 +88,17 @@ class Classifier:
         """Class probabilities, one row per image (n, classes), float32."""
         return self._probabilities(images).numpy()
 
+    def top_k(self, images: Images, k: int = 5) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """The ``k`` most probable classes of each image that decodes, as ``tlx predict --json`` lists
+        them (``path``, ``label``, ``probability``, ``top_k``), and ``(path, reason)`` of each that
+        does not: a batch job goes on past a bad file."""
+        from tlx import notices
+        from tlx.predict import predict
+
+        with notices.collected([]):
+            results, skipped = predict(self._run, _sources(images), top_k=k)
+        return results, [(_name(source), reason) for source, reason in skipped]
+
     def _probabilities(self, images: Images) -> Any:
         import torch
 
@@ -148,12 +159,19 @@ def fit(
     return Run(folder, metrics, kept, cache)
 
 
-def load(run_dir: str | Path, *, cache_dir: str | Path | None = None) -> Classifier:
+def load(
+    run_dir: str | Path, *, cache_dir: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Classifier:
     """The classifier of a run folder (``tlx.fit``'s or ``tlx run``'s), rebuilt offline; its backbone
-    is recalled from, and image features kept in, the cache folder (``cache_dir``) as a run does."""
+    is recalled from, and image features kept in, the cache folder (``cache_dir``) as a run does.
+    ``overrides``: ``extract.*`` and ``device`` keys as ``--set`` takes them (``device=cpu``)."""
     from tlx.artifacts import load_run
+    from tlx.evaluate import check_overrides
 
-    return Classifier(load_run(Path(run_dir), cache_dir=None if cache_dir is None else Path(cache_dir)))
+    overrides = tuple(overrides)
+    check_overrides(overrides)
+    cache = None if cache_dir is None else Path(cache_dir)
+    return Classifier(load_run(Path(run_dir), overrides, cache))
 
 
 def _recipe(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import functools
 import io
 import json
 import os
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel
 
-from tlx.cache import BackboneInfo
 from tlx.components import Components
 from tlx.data import RUN_MARKER, Split
 from tlx.errors import TlxError, describe, shorten
@@ -49,9 +47,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder ne
     import torch
     from torch import nn
 
-    from tlx.backbone import Backbone
-    from tlx.features import Features
-    from tlx.runtimes import Runner
+    from tlx.extraction.frozen import FrozenBackbone
+    from tlx.extraction.store import BackboneInfo
+    from tlx.tensors import Features
 
 HEAD_FILE = "head.safetensors"
 RECIPE_FILE = "recipe.yaml"
@@ -219,7 +217,8 @@ def provenance(backbone: dict[str, str]) -> dict[str, Any]:
 
     import torch
 
-    from tlx import __version__, plugins
+    from tlx import plugins
+    from tlx.version import __version__
 
     return {
         "python": platform.python_version(),
@@ -315,87 +314,53 @@ def write_text(path: Path, text: str) -> None:
 
 @dataclass
 class TrainedRun:
-    """A run folder read back: the recipe, its components, the backbone's info, the trained head, the
-    classes, and the cache folder (``root``) where its backbone is recalled and its features kept.
+    """A run folder read back: the recipe, its components, its frozen backbone, the trained head and
+    the classes.
 
-    The backbone module is built only when something needs it (:attr:`backbone`); features come from
-    the cache, or from the runtime the recipe asks for (:meth:`extract`), as in a run.
+    Features come as in a run, through the backbone's front door (:attr:`frozen`): from the cache, or
+    from the runtime the recipe asks for; a fine-tuned backbone's (its weights in the run folder) in
+    torch, never cached. The backbone module is built only when something needs it.
     """
 
     folder: Path
     recipe: Recipe
     parts: Components
-    info: BackboneInfo
+    frozen: FrozenBackbone
     head: nn.Module
     classes: list[str]
-    root: Path
-    #: the backbone and its info, once built
-    built: tuple[Backbone, BackboneInfo] | None = None
+
+    @property
+    def info(self) -> BackboneInfo:
+        return self.frozen.info
 
     @property
     def tuned(self) -> bool:
         """Whether the backbone was fine-tuned (its weights are in the run folder)."""
-        return (self.folder / TUNED_BACKBONE_FILE).is_file()
-
-    @functools.cached_property
-    def backbone(self) -> Backbone:
-        """The backbone as the head saw it: fine-tuned weights loaded, or flip-averaged as the recipe says."""
-        from tlx.backbone import build_backbone, flip_averaged
-
-        self.built = self.built or build_backbone(self.recipe, self.parts, self.root)
-        backbone = self.built[0]
-        if self.tuned:
-            tuned, _ = read_tensors(self.folder / TUNED_BACKBONE_FILE)
-            load_state(
-                backbone.module,
-                tuned,
-                self.folder / TUNED_BACKBONE_FILE,
-                f"backbone {self.recipe.backbone.name}",
-            )
-        elif self.recipe.extract.flip:
-            backbone = flip_averaged(backbone)
-        return backbone
+        return self.frozen.tuned is not None
 
     def model(self) -> nn.Module:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
         from torch import nn
 
-        return nn.Sequential(self.backbone.module, self.head).eval()
-
-    def runner(self, device: str) -> Runner:
-        """What runs the backbone on ``device``: the recipe's runtime (a fine-tuned backbone: torch)."""
-        from tlx.backbone import runner_for
-        from tlx.runtimes import Runner
-
-        if self.tuned:
-            return Runner.in_torch(self.backbone.module, self.info, device)
-        return runner_for(self.recipe, self.parts, self.root, self.info, device, self.built)
+        return nn.Sequential(self.frozen.module, self.head).eval()
 
     def extract(self, split: Split) -> Features:
-        """The features of ``split``'s images: from the cache where there, else through the backbone in
-        the recipe's runtime on its device (a fine-tuned backbone: torch, and no cache)."""
-        from tlx.backbone import feature_store
-        from tlx.device import resolve as resolve_device
-        from tlx.features import all_cached, extract
-
-        store = None if self.tuned else feature_store(self.recipe, self.parts, self.root, self.info)
-        runner = None
-        if store is None or not all_cached([split], store):
-            runner = self.runner(resolve_device(self.recipe.device))
-        (features,) = extract([split], runner, self.recipe.extract, store=store)
+        """The features of ``split``'s images (:meth:`FrozenBackbone.features`), on this machine."""
+        (features,) = self.frozen.features([split])
         return features
 
 
 def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | None = None) -> TrainedRun:
     """Read a run's classifier back; the backbone's weights must be those the head was trained on.
 
-    The backbone is recalled from the cache folder (``cache_dir``, as :func:`tlx.cache.cache_dir`
-    finds it) as a run recalls it, built only where it is not remembered. A run file that is
-    unreadable, truncated, edited or not finite is a :class:`TlxError` naming it.
+    The backbone is recalled from the cache folder (``cache_dir``, as
+    :func:`tlx.extraction.store.cache_dir` finds it) as a run recalls it, built only where it is not
+    remembered. A run file that is unreadable, truncated, edited or not finite is a :class:`TlxError`
+    naming it.
     """
-    from tlx import cache
-    from tlx.backbone import recalled_or_built
     from tlx.components import resolve
+    from tlx.extraction.frozen import FrozenBackbone
+    from tlx.extraction.store import cache_dir as default_cache
 
     for name in (RECIPE_FILE, PROVENANCE_FILE, HEAD_FILE):
         if not (folder / name).is_file():
@@ -406,18 +371,24 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
     expected = backbone_digest(folder / PROVENANCE_FILE)
     state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
-    root = cache.cache_dir(cache_dir)
-    info, built = recalled_or_built(recipe, parts, root)
-    if info.sha256 != expected:
+    tuned = folder / TUNED_BACKBONE_FILE
+
+    def load_tuned(module: nn.Module) -> None:
+        weights, _ = read_tensors(tuned)
+        load_state(module, weights, tuned, f"backbone {recipe.backbone.name}")
+
+    root = default_cache(cache_dir)
+    frozen = FrozenBackbone.of(recipe, parts, root, load_tuned if tuned.is_file() else None)
+    if frozen.info.sha256 != expected:
         raise TlxError(
             f"{folder / PROVENANCE_FILE}: the weights of backbone {recipe.backbone.name} have changed since "
-            f"the run (sha256 {expected[:16]}…, now {info.sha256[:16]}…); reinstall the weights the run used "
-            "or train a new run"
+            f"the run (sha256 {expected[:16]}…, now {frozen.info.sha256[:16]}…); reinstall the weights the "
+            "run used or train a new run"
         )
-    head = parts.head.factory(info.feature_dim, len(classes), parts.head_options)
+    head = parts.head.factory(frozen.info.feature_dim, len(classes), parts.head_options)
     load_state(head, state, folder / HEAD_FILE, f"{recipe.head.type} head of {folder / RECIPE_FILE}")
     head.eval()
-    return TrainedRun(folder, recipe, parts, info, head, classes, root, built)
+    return TrainedRun(folder, recipe, parts, frozen, head, classes)
 
 
 def backbone_digest(path: Path) -> str:

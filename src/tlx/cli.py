@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from tlx import __version__
 from tlx.errors import TlxError
+from tlx.version import __version__
 
 
 class UserError(click.ClickException):
@@ -177,7 +177,7 @@ def cache() -> None:
 @CACHE_DIR
 def info(cache_dir: Path | None) -> None:
     """Show the cache folder, its size, and the images cached per backbone."""
-    from tlx import cache as feature_cache
+    from tlx.extraction import store as feature_cache
 
     root = feature_cache.cache_dir(cache_dir)
     namespaces, total = feature_cache.summary(root)
@@ -190,7 +190,7 @@ def info(cache_dir: Path | None) -> None:
 @CACHE_DIR
 def clear(cache_dir: Path | None) -> None:
     """Delete every cached feature (the next run recomputes them); only files tlx wrote are removed."""
-    from tlx import cache as feature_cache
+    from tlx.extraction import store as feature_cache
 
     root = feature_cache.cache_dir(cache_dir)
     done = feature_cache.clear(root)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tlx.artifacts import TrainedRun
 from tlx.errors import TlxError
-from tlx.features import Features
 from tlx.scores import Scores
+from tlx.tensors import Features
 from tlx.train import predict
 
 #: the recipe sections an evaluation uses: which images, how they become features, where the backbone runs

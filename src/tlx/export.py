@@ -29,7 +29,7 @@ def preprocessing_path(model_path: Path) -> Path:
 
 def preprocessing(run: TrainedRun) -> dict[str, Any]:
     """The input the exported model expects, as a timm data config plus words, and the class names."""
-    config = run.backbone.data_config
+    config = run.info.data_config
     return {
         "input": "image",
         "output": "logits",
@@ -48,7 +48,7 @@ def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
     truncated model, and is a :class:`TlxError` naming the file.
     """
     model = run.model()
-    _, height, width = run.backbone.data_config["input_size"]
+    _, height, width = run.info.data_config["input_size"]
     example = torch.zeros(2, 3, height, width)
     make_folder(output.parent)
     with warnings.catch_warnings():

@@ -19,13 +19,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlx import notices
-from tlx.backbone import Backbone
 from tlx.data import Split, Splits, stratified_split
 from tlx.errors import TlxError
-from tlx.features import ImageFiles, collate_tensors, enforce_bad_image_policy, to_backbone
+from tlx.extraction.features import enforce_bad_image_policy
+from tlx.extraction.pipeline import ImageFiles, collate_tensors
+from tlx.extraction.preprocess import AsArray, eval_transform
 from tlx.optim import Optimizer, make_loss, param_groups
-from tlx.preprocess import AsArray, eval_transform
 from tlx.recipe import Recipe
+from tlx.registry import Backbone
+from tlx.tensors import to_backbone
 from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
 
 
@@ -111,7 +113,7 @@ def finetune(
     validation epoch are kept. ``train.class_weight`` weighs the loss. Training runs on ``device``
     (default the CPU); both modules are back on the CPU when it ends.
     """
-    from tlx.device import batch_size
+    from tlx.extraction.device import batch_size
 
     if isinstance(head, ClosedFormHead):
         raise TlxError(

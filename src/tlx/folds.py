@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tlx.errors import TlxError
-from tlx.features import Features
+from tlx.tensors import Features
 
 
 def fold_ids(y: torch.Tensor, k: int, seed: int) -> torch.Tensor:

@@ -45,9 +45,9 @@ def register_trackers(register):
 
 @hookspec
 def register_engines(register):
-    """Register extraction engines: ``factory(options, spec) -> tlx.engines.Engine``, ``spec`` a
-    :class:`tlx.engines.BackboneSpec` (how a worker elsewhere builds the driver's backbone).
+    """Register extraction engines: ``factory(options, spec) -> tlx.Engine``, ``spec`` a
+    :class:`tlx.BackboneSpec` (how a worker elsewhere gets the driver's frozen backbone).
 
     A recipe's ``extract.engine: {kind: NAME, ...options}`` names one; ``options=Model`` validates the
-    options. The built-in ``local`` runs on this machine (see :mod:`tlx.engines`).
+    options. The built-in ``local`` runs on this machine (see :mod:`tlx.extraction.engines`).
     """

@@ -8,7 +8,7 @@ The solver is SciPy's L-BFGS-B (torch's LBFGS class imports ``torch._dynamo`` wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,20 +16,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from tlx.errors import TlxError
-from tlx.features import Features, threads_set
 from tlx.folds import fold_ids
-
-if TYPE_CHECKING:
-    from tlx.default_plugins.heads import LogRegOptions
+from tlx.tensors import Features, threads_set
 
 
 class LogisticRegression(nn.Module):
-    """``linear(x)``: logits; ``fit`` standardizes, picks the L2 strength and solves."""
+    """``linear(x)``: logits; ``fit`` standardizes, picks the L2 strength among ``l2`` (on the validation
+    split, else by ``cv``-fold cross-validation) and solves in at most ``max_iter`` iterations."""
 
-    def __init__(self, in_features: int, num_classes: int, options: LogRegOptions):
+    def __init__(self, in_features: int, num_classes: int, *, l2: list[float], cv: int, max_iter: int):
         super().__init__()
         self.linear = nn.Linear(in_features, num_classes)
-        self.options = options
+        self.l2, self.cv, self.max_iter = l2, cv, max_iter
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +52,7 @@ class LogisticRegression(nn.Module):
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
         z = (x - mean) / std
         weight = class_weight.double() if class_weight is not None else None
-        grid = self.options.l2
+        grid = self.l2
         if len(grid) == 1:
             rows, chosen = [{"l2": grid[0]}], {"l2": grid[0], "selected_by": "head.l2 (one value)"}
         else:
@@ -120,7 +118,7 @@ class LogisticRegression(nn.Module):
                 f"head.cv: a class has {smallest} training image(s), too few to cross-validate the "
                 "L2 strength; add images or give one value, e.g. --set head.l2=[0.01]"
             )
-        return min(self.options.cv, smallest)
+        return min(self.cv, smallest)
 
     def _solve(
         self,
@@ -154,7 +152,7 @@ class LogisticRegression(nn.Module):
             np.zeros(n_classes * (dim + 1)) if start is None else start.numpy().copy(),
             jac=True,
             method="L-BFGS-B",
-            options={"maxiter": self.options.max_iter, "gtol": 1e-7, "ftol": 1e-12, "maxcor": 20},
+            options={"maxiter": self.max_iter, "gtol": 1e-7, "ftol": 1e-12, "maxcor": 20},
         )
         flat = torch.from_numpy(solution.x)
         return flat[: n_classes * dim].view(n_classes, dim).clone(), flat[n_classes * dim :].clone()

@@ -20,7 +20,6 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tlx
 from tlx.files import write_atomic
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ class Painter:
         if inline:
             return
         env = {**os.environ, "MPLBACKEND": "Agg"}
-        source = Path(tlx.__file__).resolve().parents[1]
+        source = Path(__file__).resolve().parents[1]
         if source not in {Path(folder).resolve() for folder in site.getsitepackages()}:
             # a source tree (installed editable, or not at all): the helper imports this same tlx;
             # a site-packages folder is not put on PYTHONPATH, ahead of the standard library

@@ -16,9 +16,10 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from tlx import __version__, hookspecs
+from tlx import hookspecs
 from tlx.errors import describe
 from tlx.registry import Registry
+from tlx.version import __version__
 
 GROUP = "tlx"
 HOOKS = tuple(name for name in dir(hookspecs) if name.startswith("register_"))
@@ -26,9 +27,7 @@ DISABLE_ENV = "TLX_DISABLE_PLUGIN_AUTOLOAD"
 DEFAULT_PLUGINS = {
     "tlx.timm": "tlx.default_plugins.timm_backbones",
     "tlx.heads": "tlx.default_plugins.heads",
-    "tlx.imagefolder": "tlx.default_plugins.imagefolder",
-    "tlx.folder": "tlx.default_plugins.folder",
-    "tlx.csv": "tlx.default_plugins.csv_manifest",
+    "tlx.datasets": "tlx.default_plugins.datasets",
     "tlx.tensorboard": "tlx.default_plugins.tensorboard",
     "tlx.local": "tlx.default_plugins.local_engine",
 }

@@ -88,7 +88,7 @@ def ranked(
 
 
 def predict(
-    run: TrainedRun, paths: tuple[Path, ...], *, top_k: int
+    run: TrainedRun, paths: Sequence[Source], *, top_k: int
 ) -> tuple[list[dict[str, Any]], list[tuple[Source, str]]]:
     """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
     kept, result, skipped = probabilities(run, paths)
@@ -100,13 +100,12 @@ def predict_to(
 ) -> list[tuple[str, str]]:
     """Predictions of the images of ``paths`` written as Parquet under ``output`` by ``engine``, which
     runs backbone and head where the images are (``tlx predict --engine ray``); returns the skipped."""
-    from tlx.artifacts import PROVENANCE_FILE, RECIPE_FILE, backbone_digest
+    from tlx.artifacts import RECIPE_FILE
     from tlx.components import resolve_engine
-    from tlx.engines import BackboneSpec
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise TlxError(f"--output {output}: exists and is not an empty folder; choose a new folder")
     entry, options = resolve_engine(run.recipe, str(run.folder / RECIPE_FILE), engine)
-    spec = BackboneSpec.of(run.recipe, backbone_digest(run.folder / PROVENANCE_FILE))
+    spec = run.frozen.spec()
     files = [Path(p) for p in image_files(paths)]
     return entry.factory(options, spec).predict(run.folder, files, top_k, output)

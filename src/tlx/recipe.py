@@ -165,7 +165,7 @@ class ExtractConfig(_Strict):
     #: average the features of each image and its mirror image (train, test and predict)
     flip: bool = False
     #: what runs the frozen backbone: auto (ONNX Runtime on a CPU when installed, else torch), torch,
-    #: or onnxruntime (see tlx.runtimes)
+    #: or onnxruntime (see tlx.extraction.runtimes)
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     #: where the backbone runs (``tlx list`` shows the engines); never part of the feature cache key
     engine: EngineConfig = EngineConfig()

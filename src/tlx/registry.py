@@ -17,8 +17,22 @@ from tlx.errors import TlxError
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlx.backbone import Backbone
     from tlx.data import Splits
+
+
+@dataclass
+class Backbone:
+    """What a backbone factory returns.
+
+    ``module`` maps (N, 3, H, W) normalized images to (N, ``feature_dim``) features;
+    ``data_config`` is a timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode)
+    that decides the preprocessing; ``weights`` says in words where the weights came from.
+    """
+
+    module: nn.Module
+    feature_dim: int
+    data_config: dict[str, Any]
+    weights: str
 
 
 class BackboneFactory(Protocol):

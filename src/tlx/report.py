@@ -15,12 +15,12 @@ import click
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlx.backbone import Backbone
-    from tlx.cache import BackboneInfo
     from tlx.data import Splits
-    from tlx.features import Features
+    from tlx.extraction.store import BackboneInfo
     from tlx.recipe import Recipe
+    from tlx.registry import Backbone
     from tlx.scores import Scores
+    from tlx.tensors import Features
     from tlx.train import Epoch
 
 
@@ -110,7 +110,8 @@ class Console:
         click.echo(f"warning: {text}", err=True)
 
     def device(self, device: str, configured: str, runtime: str | None = None) -> None:
-        """Where the backbone runs, and what runs it (:mod:`tlx.runtimes`) when features are computed."""
+        """Where the backbone runs, and what runs it (:mod:`tlx.extraction.runtimes`) when features are
+        computed."""
         runs = f"; runtime {runtime}" if runtime else ""
         self.echo(f"device    {device} (recipe: device: {configured}){runs}")
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlx import __version__
 from tlx.components import Components, resolve
 from tlx.data import check_out_dir, check_overlap
 from tlx.errors import TlxError
@@ -16,16 +15,16 @@ from tlx.plots import Painter
 from tlx.recipe import Recipe
 from tlx.report import Console
 from tlx.tracking import tracked
+from tlx.version import __version__
 
 if TYPE_CHECKING:
     from torch import nn
 
     from tlx.artifacts import Predictions
-    from tlx.backbone import Backbone
-    from tlx.cache import BackboneInfo, FeatureStore
     from tlx.data import Splits
-    from tlx.engines import Engine
-    from tlx.runtimes import Runner
+    from tlx.extraction.frozen import FrozenBackbone
+    from tlx.extraction.store import BackboneInfo
+    from tlx.registry import Backbone
     from tlx.scores import Scores
     from tlx.train import Fit
 
@@ -52,7 +51,7 @@ class Outcome:
     tuned: nn.Module | None = None
     #: the selection score on the training split (:func:`tlx.train.selection_score`), when asked for
     selection: dict[str, Any] | None = None
-    #: what ran the frozen backbone (:mod:`tlx.runtimes`); None when no feature was computed
+    #: what ran the frozen backbone (:mod:`tlx.extraction.runtimes`); None when no feature was computed
     runtime: str | None = None
 
 
@@ -95,8 +94,10 @@ def _run(
     started: float,
 ) -> dict[str, Any]:
     """:func:`run` once the components are resolved and the trackers follow ``console``."""
-    from tlx import artifacts, cache
-    from tlx.device import resolve as resolve_device
+    from tlx import artifacts
+    from tlx.extraction import store
+    from tlx.extraction.device import resolve as resolve_device
+    from tlx.extraction.frozen import FrozenBackbone
 
     random.seed(recipe.seed)
     splits = parts.dataset.factory(parts.dataset_options)
@@ -105,15 +106,14 @@ def _run(
     console.data(splits, recipe.dataset.kind)
     for warning in check_overlap(splits):
         console.warning(warning)
-    root = cache.cache_dir(cache_dir)
+    root = store.cache_dir(cache_dir)
+    frozen = FrozenBackbone.of(recipe, parts, root)
+    info = frozen.info  # recalled, or the backbone built
+    console.backbone(recipe, parts.backbone.plugin, info, splits)
     if recipe.strategy == "features":
-        runner, engine, info, store = frozen_backbone(recipe, parts, root, splits, console)
-        outcome = train_on_features(recipe, parts, splits, runner, engine, info, store, console, select)
+        outcome = train_on_features(recipe, parts, splits, frozen, console, select)
     else:
-        from tlx.backbone import build_backbone
-
-        backbone, info = build_backbone(recipe, parts, root)
-        console.backbone(recipe, parts.backbone.plugin, info, splits)
+        backbone, _ = frozen.built()
         device = resolve_device(recipe.device)
         console.device(device, recipe.device)
         outcome = finetune_end_to_end(recipe, parts, splits, backbone, info, device, console)
@@ -139,104 +139,42 @@ def _run(
     return metrics
 
 
-def frozen_backbone(
-    recipe: Recipe, parts: Components, root: Path, splits: Splits, console: Console
-) -> tuple[Runner | None, Engine | None, BackboneInfo, FeatureStore]:
-    """The backbone's info and feature store, and what computes the features not cached: a runner on
-    this machine, or the recipe's engine (``extract.engine``) elsewhere; None when all are cached.
-
-    A backbone seen before (same weights files) is recalled, not built (nor its weights hashed): a run
-    whose features are all cached needs no backbone, a cached export runs without the torch model,
-    and an engine's workers build the backbone themselves.
-    """
-    from tlx.backbone import feature_store, recalled_or_built, runner_for
-    from tlx.device import resolve as resolve_device
-    from tlx.engines import BackboneSpec
-    from tlx.features import all_cached
-    from tlx.runtimes import Runner
-
-    info, built = recalled_or_built(recipe, parts, root)
-    console.backbone(recipe, parts.backbone.plugin, info, splits)
-    store = feature_store(recipe, parts, root, info)
-    if all_cached([splits.train, splits.test], store):
-        return None, None, info, store
-    if _elsewhere(recipe, parts):  # its workers build the backbone; the engine names what they ran
-        entry, options = parts.engine
-        return (
-            Runner(None, recipe.extract.runtime, info),
-            entry.factory(options, BackboneSpec.of(recipe, info.sha256)),
-            info,
-            store,
-        )
-    device = resolve_device(recipe.device)
-    runner = runner_for(recipe, parts, root, info, device, built)
-    console.device(device, recipe.device, runner.runtime)
-    return runner, None, info, store
-
-
-def _elsewhere(recipe: Recipe, parts: Components) -> bool:
-    """Whether the recipe's engine extracts on other machines (``extract.engine``), not this one."""
-    return parts.engine is not None and recipe.extract.engine.kind != "local"
-
-
-def ready_backbone(recipe: Recipe, parts: Components, root: Path, splits: Splits) -> None:
-    """Do now what a cold run of ``recipe`` does before extracting with ONNX Runtime: its
-    :func:`frozen_backbone` (the backbone built, hashed and exported), then the export's parity probe
-    on the first images of ``splits``. A later run recalls both and builds nothing. Other runtimes,
-    engines and strategies build their model in the run itself: nothing to do ahead for them.
-    """
-    from tlx.device import batch_size
-    from tlx.device import resolve as resolve_device
-    from tlx.features import ImageFiles, first_batch
-    from tlx.preprocess import eval_transform
-    from tlx.report import QuietConsole
-    from tlx.runtimes import choose
-
-    device = resolve_device(recipe.device)
-    onnx = choose(recipe.extract.runtime, device) == "onnxruntime"
-    if recipe.strategy != "features" or _elsewhere(recipe, parts) or not onnx:
-        return
-    runner, _, info, _ = frozen_backbone(recipe, parts, root, splits, QuietConsole())
-    if runner is not None and runner.pending is not None:  # a fresh export: probed as extraction would
-        images = [(path, label) for split in (splits.train, splits.test) for path, label in split.samples]
-        files = ImageFiles(images, eval_transform(info.data_config))
-        runner.check(first_batch(files, batch_size(recipe.extract.batch_size, device)))
-
-
 def train_on_features(
     recipe: Recipe,
     parts: Components,
     splits: Splits,
-    runner: Runner | None,
-    engine: Engine | None,
-    info: BackboneInfo,
-    store: FeatureStore,
+    frozen: FrozenBackbone,
     console: Console,
     select: bool = False,
 ) -> Outcome:
     """Features of every image (from the cache, else through the frozen backbone), then the head on them.
 
     ``select``: then also the head's selection score on the training features (no extra backbone work).
-    Torch is imported while the extraction workers run (:func:`tlx.features.on_cpu`), or first when
-    every feature is cached: its import is then start-up, not extraction, in ``seconds.extract``.
+    Torch is imported while the extraction workers run (:func:`tlx.extraction.pipeline.on_cpu`), or
+    first when every feature is cached: its import is then start-up, not extraction, in
+    ``seconds.extract``.
     """
-    from tlx.features import extract
-
-    if runner is None and engine is None:  # all cached: torch's import is start-up, not extraction
+    images = [splits.train, splits.test]
+    if frozen.cached(images):  # torch's import is start-up, not extraction
         import torch
 
+    def on_runner(device: str, runtime: str) -> None:
+        console.device(device, recipe.device, runtime)
+
     t0 = time.perf_counter()
-    train, test = extract([splits.train, splits.test], runner, recipe.extract, store=store, engine=engine)
+    train, test = frozen.features(images, engine=parts.engine, on_runner=on_runner)
     extract_s = time.perf_counter() - t0
 
     import torch
 
     from tlx.artifacts import Predictions
-    from tlx.features import threads_set
     from tlx.scores import Scores
+    from tlx.tensors import threads_set
     from tlx.train import fit_head, selection_score, with_choices
 
-    console.features((splits.train.name, splits.test.name), (train, test), store.folder)
+    info = frozen.info
+    assert frozen.store is not None  # a recipe's backbone is not a run folder's fine-tuned one
+    console.features((splits.train.name, splits.test.name), (train, test), frozen.store.folder)
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
@@ -279,7 +217,7 @@ def train_on_features(
         extract_s=extract_s,
         train_s=train_s,
         selection=selection,
-        runtime=runner.runtime if runner is not None else None,
+        runtime=frozen.runtime,
     )
 
 

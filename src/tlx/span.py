@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tlx.features import Features
 from tlx.recipe import TrainConfig
+from tlx.tensors import Features
 
 
 class SpanLinear(nn.Module):

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import nn
 
-from tlx.features import Features, threads_set
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
 from tlx.span import SpanLinear
+from tlx.tensors import Features, threads_set
 
 #: the stacked parameters, gradients and momentum must fit in about this much cache: five unnarrowed
 #: 1280×512 mlp layers (39 MB) trained slower stacked than one by one

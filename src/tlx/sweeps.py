@@ -34,12 +34,14 @@ import yaml
 from tlx import notices
 from tlx.components import Components, resolve
 from tlx.errors import TlxError, describe, shorten
-from tlx.features import can_fork
+from tlx.extraction.pipeline import can_fork
 from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, recipe_from
 from tlx.report import Console, QuietConsole
 from tlx.sweep_jobs import run_in_parallel
 
 if TYPE_CHECKING:
+    from tlx.data import Split
+    from tlx.extraction.frozen import FrozenBackbone
     from tlx.plots import Painter
     from tlx.scores import Scores
 
@@ -253,28 +255,26 @@ def _training_key(combination: Combination) -> str:
     return recipe.head.model_dump_json() + recipe.train.model_dump_json()
 
 
-def _cached(combination: Combination, cache_dir: Path | None) -> bool:
-    """Whether the features of every image of the combination are cached: its run extracts nothing."""
-    from tlx import cache
-    from tlx.backbone import feature_store
-    from tlx.features import all_cached
+def _frozen(combination: Combination, cache_dir: Path | None) -> tuple[FrozenBackbone, list[Split]]:
+    """The combination's frozen backbone and the splits of its dataset."""
+    from tlx.extraction.frozen import FrozenBackbone
+    from tlx.extraction.store import cache_dir as default_cache
 
     recipe, parts = combination.recipe, combination.parts
-    root = cache.cache_dir(cache_dir)
-    info = cache.recall_backbone(root, parts.backbone, recipe.backbone, parts.backbone_version)
-    if info is None:
-        return False
     splits = parts.dataset.factory(parts.dataset_options)
-    return all_cached([splits.train, splits.test], feature_store(recipe, parts, root, info))
+    return FrozenBackbone.of(recipe, parts, default_cache(cache_dir)), [splits.train, splits.test]
+
+
+def _cached(combination: Combination, cache_dir: Path | None) -> bool:
+    """Whether the features of every image of the combination are cached: its run extracts nothing."""
+    frozen, splits = _frozen(combination, cache_dir)
+    return frozen.cached(splits)
 
 
 def _ready(combination: Combination, cache_dir: Path | None) -> None:
-    """Ready the combination's backbone for extraction (:func:`tlx.run.ready_backbone`)."""
-    from tlx import cache
-    from tlx.run import ready_backbone
-
-    recipe, parts = combination.recipe, combination.parts
-    ready_backbone(recipe, parts, cache.cache_dir(cache_dir), parts.dataset.factory(parts.dataset_options))
+    """Ready the combination's backbone for extraction (:meth:`FrozenBackbone.ready`)."""
+    frozen, splits = _frozen(combination, cache_dir)
+    frozen.ready(splits, engine=combination.parts.engine)
 
 
 def _prepare(folder: Path) -> None:

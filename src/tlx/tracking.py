@@ -21,14 +21,13 @@ from tlx.report import Console
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlx.backbone import Backbone
-    from tlx.cache import BackboneInfo
     from tlx.components import Components
     from tlx.data import Splits
-    from tlx.features import Features
+    from tlx.extraction.store import BackboneInfo
     from tlx.recipe import Recipe
-    from tlx.registry import Tracker
+    from tlx.registry import Backbone, Tracker
     from tlx.scores import Scores
+    from tlx.tensors import Features
     from tlx.train import Epoch
 
 #: per-epoch metric names, from the fields of :class:`tlx.train.Epoch`

@@ -22,12 +22,12 @@ from pydantic import BaseModel
 from torch import nn
 
 from tlx.errors import TlxError
-from tlx.features import Features, threads_set
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
 from tlx.span import in_span, narrowable, span_basis
 from tlx.stacked import stackable, train_stacked
+from tlx.tensors import Features, threads_set
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from timm.data import create_transform, resolve_data_config
 
 from tlx import plugins
 from tlx.errors import TlxError
-from tlx.weights import read_state_dict
+from tlx.extraction.weights import read_state_dict
 
 HYMENOPTERA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "hymenoptera_data"
 ANT, BEE = 310, 309  # ImageNet class indices

@@ -13,8 +13,8 @@ from tlx_prototype_head.head import CosineHead
 from tlx import plugins, validate_options
 from tlx.cli import cli
 from tlx.errors import TlxError
-from tlx.features import Features
 from tlx.recipe import TrainConfig
+from tlx.tensors import Features
 from tlx.train import train_head
 
 

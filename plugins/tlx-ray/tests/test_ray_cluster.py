@@ -16,13 +16,11 @@ from PIL import Image  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from tlx_ray import RayOptions, ray_engine  # noqa: E402
 
-from tlx.backbone import build_backbone  # noqa: E402
 from tlx.components import resolve  # noqa: E402
 from tlx.data import Split  # noqa: E402
-from tlx.engines import BackboneSpec  # noqa: E402
-from tlx.features import extract  # noqa: E402
+from tlx.extraction.features import extract  # noqa: E402
+from tlx.extraction.frozen import FrozenBackbone  # noqa: E402
 from tlx.recipe import make_recipe  # noqa: E402
-from tlx.runtimes import Runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +43,9 @@ def test_a_job_completes_when_the_node_of_its_actor_is_removed(cluster: Cluster,
         Image.new("RGB", (20, 20), (10 * i, 80, 160)).save(paths[-1])
     spec = {"dataset": {"root": "."}, "backbone": {"name": "slow"}, "extract": {"runtime": "torch"}}
     recipe = make_recipe(spec, source="test")
-    built, info = build_backbone(recipe, resolve(recipe, "test"), tmp_path / "cache")
-    runner = Runner.in_torch(built.module, info, "cpu")
-    engine = ray_engine(RayOptions(actors=1, batch_size=2), BackboneSpec.of(recipe, info.sha256))
+    frozen = FrozenBackbone.of(recipe, resolve(recipe, "test"), tmp_path / "cache")
+    runner = frozen.runner("cpu")
+    engine = ray_engine(RayOptions(actors=1, batch_size=2), frozen.spec())
     removed: list[str] = []
 
     def remove_the_actors_node() -> None:
@@ -60,9 +58,9 @@ def test_a_job_completes_when_the_node_of_its_actor_is_removed(cluster: Cluster,
 
     remover = threading.Thread(target=remove_the_actors_node, daemon=True)
     remover.start()
-    (features,) = extract([Split("s", [(p, 0) for p in paths])], runner, recipe.extract, engine=engine)
+    (features,) = extract([Split("s", [(p, 0) for p in paths])], lambda: (runner, engine), recipe.extract)
     remover.join(timeout=10)
     assert removed and len(features.y) == 24 and not features.skipped
     assert {f.read_text() for f in RECORD.iterdir()} - set(removed)  # the spare node finished the job
-    (local,) = extract([Split("s", [(p, 0) for p in paths])], runner, recipe.extract)
+    (local,) = extract([Split("s", [(p, 0) for p in paths])], lambda: (runner, None), recipe.extract)
     assert features.x.allclose(local.x, atol=1e-6, rtol=0)

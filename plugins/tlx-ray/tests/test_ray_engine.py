@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,16 +27,16 @@ from safetensors import safe_open  # noqa: E402
 from tlx_ray import RayOptions, ray_engine  # noqa: E402
 
 from tlx import TlxError  # noqa: E402
-from tlx.backbone import build_backbone, feature_store  # noqa: E402
-from tlx.cache import FeatureStore, image_key  # noqa: E402
 from tlx.cli import cli  # noqa: E402
 from tlx.components import resolve  # noqa: E402
 from tlx.data import Split  # noqa: E402
-from tlx.engines import BackboneSpec, Job  # noqa: E402
-from tlx.features import ImageFiles, extract  # noqa: E402
-from tlx.preprocess import eval_transform  # noqa: E402
+from tlx.extraction.engines import Job  # noqa: E402
+from tlx.extraction.features import extract  # noqa: E402
+from tlx.extraction.frozen import FrozenBackbone  # noqa: E402
+from tlx.extraction.pipeline import ImageFiles  # noqa: E402
+from tlx.extraction.preprocess import eval_transform  # noqa: E402
+from tlx.extraction.store import FeatureStore, image_key  # noqa: E402
 from tlx.recipe import make_recipe  # noqa: E402
-from tlx.runtimes import Runner  # noqa: E402
 
 HYMENOPTERA = Path(__file__).resolve().parents[4] / "shared" / "data" / "hymenoptera_data"
 #: the object store: far smaller than the features that stream through it
@@ -96,12 +97,12 @@ def features_of(cache: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def engine(backbone: str, **options: object):
-    """A ray engine for the test backbone ``backbone``, and the backbone the driver built, in torch."""
+    """A ray engine for the test backbone ``backbone``, the driver's runner of it in torch, and its
+    frozen backbone (its cache folder the driver's)."""
     spec = {"dataset": {"root": "."}, "backbone": {"name": backbone}, "extract": {"runtime": "torch"}}
     recipe = make_recipe(spec, source="test")
-    built, info = build_backbone(recipe, resolve(recipe, "test"), Path(os.environ["TLX_CACHE_DIR"]))
-    runner = Runner.in_torch(built.module, info, "cpu")
-    return ray_engine(RayOptions(**options), BackboneSpec.of(recipe, info.sha256)), runner, recipe
+    frozen = FrozenBackbone.of(recipe, resolve(recipe, "test"), Path(os.environ["TLX_CACHE_DIR"]))
+    return ray_engine(RayOptions(**options), frozen.spec()), frozen.runner("cpu"), frozen
 
 
 def test_ray_features_equal_local_features_and_make_a_local_run_warm(
@@ -139,7 +140,7 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
     def refuse(*args: object) -> None:
         raise AssertionError("a warm run builds no backbone")
 
-    monkeypatch.setattr("tlx.backbone.build_backbone", refuse)
+    monkeypatch.setattr("tlx.extraction.backbone.build_backbone", refuse)
     tlx("run", recipe, "--cache-dir", tmp_path / "ray", "--out", tmp_path / "c")
     warm = json.loads((tmp_path / "c" / "metrics.json").read_text())
     # fully warm: the broken image's decoding failure comes from the cache too
@@ -149,8 +150,9 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
 def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path) -> None:
     paths = coloured(tmp_path / "images", 24)
     split = Split("s", [(p, 0) for p in paths])
-    eng, runner, recipe = engine("slow", actors=1, batch_size=2)
-    store = feature_store(recipe, resolve(recipe, "test"), tmp_path / "cache", runner.info)
+    eng, runner, frozen = engine("slow", actors=1, batch_size=2)
+    store = frozen.store
+    assert store is not None
     killed: list[int] = []
 
     def kill_the_first_actor() -> None:
@@ -162,7 +164,7 @@ def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Pat
 
     killer = threading.Thread(target=kill_the_first_actor, daemon=True)
     killer.start()
-    (features,) = extract([split], runner, recipe.extract, store=store, engine=eng)
+    (features,) = extract([split], lambda: (runner, eng), frozen.extract, store=store)
     killer.join(timeout=5)
     assert killed and {int(f.name) for f in RECORD.iterdir()} - set(killed)  # another actor finished
     keys: Counter[str] = Counter()
@@ -170,7 +172,7 @@ def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Pat
         with safe_open(str(chunk), framework="pt") as f:
             keys.update(json.loads(f.metadata()["keys"]))
     assert keys == Counter(image_key(p) for p in paths)  # every image, each exactly once
-    (local,) = extract([split], runner, recipe.extract)
+    (local,) = extract([split], lambda: (runner, None), frozen.extract)
     torch.testing.assert_close(features.x, local.x, atol=1e-6, rtol=0)
 
 
@@ -192,11 +194,11 @@ def test_features_far_larger_than_the_object_store_stream_through_a_flat_driver(
 
 def test_a_worker_with_other_weights_is_a_clear_error_and_nothing_is_cached(tmp_path: Path) -> None:
     paths = coloured(tmp_path / "images", 6)
-    eng, runner, recipe = engine("slow", actors=1)
-    eng.spec = BackboneSpec(recipe.backbone, recipe.seed, False, "0" * 64, eng.spec.versions)
+    eng, runner, frozen = engine("slow", actors=1)
+    eng.spec = dataclasses.replace(eng.spec, sha256="0" * 64)
     store = FeatureStore(tmp_path / "cache", {"test": 1})
     with pytest.raises(TlxError, match=r"node .* loaded other weights for slow than the driver") as caught:
-        extract([Split("s", [(p, 0) for p in paths])], runner, recipe.extract, store=store, engine=eng)
+        extract([Split("s", [(p, 0) for p in paths])], lambda: (runner, eng), frozen.extract, store=store)
     assert "\n" not in str(caught.value)
     assert not store.folder.exists() or not any(store.folder.glob("*.safetensors"))
 

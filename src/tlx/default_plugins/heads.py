@@ -1,7 +1,7 @@
 """The built-in heads: ``linear``, ``mlp`` and ``logreg``.
 
 Registering them imports no torch (each factory imports it when it builds a head), so that a run whose
-features need no torch model starts its extraction before torch is loaded (:mod:`tlx.features`).
+features need no torch model starts its extraction before torch is loaded (:mod:`tlx.extraction.pipeline`).
 """
 
 from __future__ import annotations
@@ -80,4 +80,4 @@ def mlp_head(in_features: int, num_classes: int, options: MLPOptions) -> nn.Modu
 def logreg_head(in_features: int, num_classes: int, options: LogRegOptions) -> LogisticRegression:
     from tlx.logreg import LogisticRegression
 
-    return LogisticRegression(in_features, num_classes, options)
+    return LogisticRegression(in_features, num_classes, **options.model_dump())

@@ -1,11 +1,12 @@
-"""The built-in engine ``local``: the backbone runs on this machine (see :mod:`tlx.engines`)."""
+"""The built-in engine ``local``: the backbone runs on this machine (see :mod:`tlx.extraction.engines`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tlx import hookimpl
-from tlx.engines import BackboneSpec, LocalEngine
+from tlx.extraction.engines import LocalEngine
+from tlx.extraction.frozen import BackboneSpec
 
 
 def local_engine(options: Any, spec: BackboneSpec) -> LocalEngine:

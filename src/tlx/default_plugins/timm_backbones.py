@@ -13,8 +13,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tlx import hookimpl
-from tlx.backbone import Backbone
 from tlx.errors import TlxError, describe
+from tlx.registry import Backbone
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 LOCATION_KEYS = ("hf_hub_id", "hf_hub_filename", "url", "file")
@@ -111,7 +111,7 @@ def _weights_location(name: str) -> SimpleNamespace | None:
 def _record(kind: str) -> Path:
     from importlib.metadata import version
 
-    from tlx.cache import cache_dir
+    from tlx.extraction.store import cache_dir
 
     return cache_dir() / "timm" / f"{kind}-{version('timm')}.json"
 
@@ -134,7 +134,7 @@ def create_timm_backbone(name: str, *, pretrained: bool, weights: Path | None) -
     """A timm model without its classifier (``num_classes=0``): its output is the pooled features."""
     import timm
 
-    from tlx.weights import load_into, read_state_dict
+    from tlx.extraction.weights import load_into, read_state_dict
 
     if weights is not None:
         model = timm.create_model(name, pretrained=False, num_classes=0)

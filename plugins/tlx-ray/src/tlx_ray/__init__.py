@@ -1,7 +1,7 @@
 """tlx engine ``ray``: feature extraction and batch prediction spread over a Ray cluster with Ray Data.
 
 Long-lived actors each build the backbone once through tlx's own plugins and take batches of image
-paths as they free up; the driver writes the feature cache (see :mod:`tlx.engines`). Ray is imported
+paths as they free up; the driver writes the feature cache (``docs/engines.md``). Ray is imported
 when an engine runs, so that loading tlx's plugins stays cheap.
 """
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, Pos
 from tlx import hookimpl
 
 if TYPE_CHECKING:
-    from tlx.engines import BackboneSpec
+    from tlx import BackboneSpec
     from tlx_ray.engine import RayEngine
 
 

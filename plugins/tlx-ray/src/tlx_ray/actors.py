@@ -1,8 +1,10 @@
-"""The workers' side of the ray engine: actors that build the model once and take batches of paths.
+"""The workers' side of the ray engine: actors that get the backbone once and take batches of paths.
 
-Nothing but paths and small specs reaches them: each builds the backbone through its own node's
-tlx plugins and checks it against the driver's (:class:`tlx.engines.BackboneSpec`), then runs it with
-the recipe's ``extract.runtime`` (ONNX Runtime on a CPU actor, the export in the node's cache folder).
+Nothing but paths and small specs reaches them: each gets the backbone through tlx's front door on
+its own node (:meth:`tlx.BackboneSpec.frozen`: built by the node's plugins, checked against the
+driver's), and runs it with the recipe's ``extract.runtime`` (ONNX Runtime on a CPU actor, the export
+in the node's cache folder). Predictions go through the run's classifier (:func:`tlx.load`), as
+``tlx predict`` makes them on one machine.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlx.engines import BackboneSpec, check_environment
-from tlx.errors import TlxError, describe
-from tlx.features import ImageFiles, collate
-from tlx.preprocess import eval_transform
+import tlx
+from tlx import BackboneSpec, TlxError, describe
 
 
 def node() -> str:
@@ -27,7 +27,7 @@ def node() -> str:
 
 
 class _Worker:
-    """Torch set to the CPUs (and GPU) Ray gave this actor; images decoded as tlx decodes them."""
+    """Torch set to the CPUs (and GPU) Ray gave this actor."""
 
     def __init__(self) -> None:
         import ray
@@ -38,12 +38,8 @@ class _Worker:
         torch.set_num_threads(self.threads)
         self.device = "cuda" if given.get("GPU") else "cpu"
 
-    def decoded(
-        self, paths: list[str], transform: Any
-    ) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
-        """The batch's images (the runner puts them on this actor's device), their indices, and
-        (index, reason) decoding failures; a file this node cannot read at all is an error, never a
-        bad image."""
+    def readable(self, paths: list[str]) -> list[Path]:
+        """``paths``, each of which this node can open: one it cannot is an error, never a bad image."""
         for path in paths:
             try:
                 with open(path, "rb"):
@@ -53,8 +49,7 @@ class _Worker:
                     f"engine ray: node {self.node} cannot read {path} ({describe(exc)}); every node must "
                     "see the images at the same path"
                 ) from None
-        files = ImageFiles([(Path(p), 0) for p in paths], transform)
-        return collate([files[i] for i in range(len(files))])
+        return [Path(path) for path in paths]
 
 
 class Extractor(_Worker):
@@ -63,13 +58,12 @@ class Extractor(_Worker):
 
     def __init__(self, spec: BackboneSpec, batch_size: int) -> None:
         super().__init__()
-        self.runner = spec.runner(self.node, self.device, batch_size)
-        self.transform = eval_transform(self.runner.info.data_config)
-        self.feature_dim = self.runner.info.feature_dim
+        self.frozen = spec.frozen(self.node)
+        self.runner = self.frozen.runner(self.device, batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, indices, failures = self.decoded(batch["path"].tolist(), self.transform)
-        features = np.zeros((len(batch["path"]), self.feature_dim), np.float32)
+        images, indices, failures = self.frozen.decoded(self.readable(batch["path"].tolist()))
+        features = np.zeros((len(batch["path"]), self.frozen.info.feature_dim), np.float32)
         if images is not None:
             features[indices] = self.runner.features(images, self.threads)
         reasons = np.full(len(features), "", dtype=object)
@@ -82,38 +76,26 @@ class Extractor(_Worker):
 class Predictor(_Worker):
     """Predictions of a batch of ``(position, path)`` rows with a run folder every node can read:
     ``path``, ``label``, ``probability``, ``top_k`` and ``skipped`` (the reason, for an image skipped).
-    The backbone runs in the run's ``extract.runtime``, as ``tlx predict`` runs it on one machine."""
+    The backbone runs in the run's ``extract.runtime`` on this actor's device and threads."""
 
-    def __init__(self, run: str, versions: dict[str, str], top_k: int) -> None:
-        from tlx.artifacts import load_run
-
+    def __init__(self, run: str, spec: BackboneSpec, top_k: int) -> None:
         super().__init__()
+        spec.check(self.node)
+        settings = [f"device={self.device}", "extract.workers=0", f"extract.threads={self.threads}"]
         try:
-            self.run = load_run(Path(run))
+            self.classifier = tlx.load(run, overrides=settings)
         except TlxError as exc:
             raise TlxError(f"engine ray: node {self.node}: {exc}") from None
-        check_environment(versions, self.run.recipe.backbone, self.node)
         self.top_k = top_k
-        self.transform = eval_transform(self.run.info.data_config)
-        self.runner = self.run.runner(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        from tlx.predict import classify, ranked
-
         paths = batch["path"].tolist()
-        images, indices, failures = self.decoded(paths, self.transform)
-        rows: dict[int, dict[str, Any]] = {i: {"path": paths[i], "skipped": reason} for i, reason in failures}
-        if images is not None:
-            kept = [paths[i] for i in indices]
-            x = torch.from_numpy(self.runner.features(images, self.threads))
-            for i, result in zip(
-                indices, ranked(kept, classify(self.run, kept, x), self.run.classes, self.top_k)
-            ):
-                rows[i] = {**result, "skipped": None}
-        ordered = [rows[i] for i in range(len(paths))]
-        return pa.Table.from_pylist(ordered, schema=SCHEMA)
+        results, skipped = self.classifier.top_k(self.readable(paths), self.top_k)
+        rows = {row["path"]: {**row, "skipped": None} for row in results}
+        rows |= {path: {"path": path, "skipped": reason} for path, reason in skipped}
+        return pa.Table.from_pylist([rows[path] for path in paths], schema=SCHEMA)
 
 
 def _schema() -> Any:

@@ -10,15 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlx.engines import BackboneSpec, Batch, Job
-from tlx.errors import TlxError, describe
-from tlx.recipe import cpu_cores
+from tlx import BackboneSpec, TlxError, describe
 from tlx_ray import RayOptions
 
 if TYPE_CHECKING:
     import ray.data
 
-    from tlx.runtimes import Runner
+    from tlx import Batch, Job
 
 #: blocks of the dataset of paths, at most: a block is what a failed actor's work is retried as
 MAX_BLOCKS = 1000
@@ -44,7 +42,7 @@ class RayEngine:
 
         from tlx_ray.actors import Predictor
 
-        kwargs = {"run": str(run), "versions": self.spec.versions, "top_k": top_k}
+        kwargs = {"run": str(run), "spec": self.spec, "top_k": top_k}
         mapped = self._map(paths, Predictor, kwargs)
         with _errors():
             mapped.write_parquet(str(output))
@@ -71,10 +69,9 @@ class RayEngine:
         )
 
     def _batch_size(self) -> int:
-        """Images per actor call: ``batch_size``, else tlx's default for the actors' device."""
-        from tlx.device import batch_size
-
-        return batch_size(self.options.batch_size, "cuda" if self.options.num_gpus else "cpu")
+        """Images per actor call: ``batch_size``, else the recipe's ``extract.batch_size``, else tlx's
+        default for the actors' device."""
+        return self.options.batch_size or self.spec.batch_size("cuda" if self.options.num_gpus else "cpu")
 
     def _pool(self) -> ray.data.ActorPoolStrategy:
         """A fixed pool of ``actors``, else one from ``min_actors`` to what the cluster holds."""
@@ -93,7 +90,7 @@ class RayEngine:
             min_size=options.min_actors, max_size=max(options.min_actors, largest)
         )
 
-    def _stream(self, mapped: ray.data.Dataset, runner: Runner) -> Iterator[Batch]:
+    def _stream(self, mapped: ray.data.Dataset, runner: Any) -> Iterator[Batch]:
         """The actors' results as they come; a position is yielded once even when Ray retried its batch.
         At the end, ``runner.runtime`` names what the actors ran (``onnxruntime+torch`` if both)."""
         import numpy as np
@@ -126,7 +123,7 @@ def connect(options: RayOptions) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=cpu_cores(), include_dashboard=False, **quiet)
+            ray.init(num_cpus=_cores(), include_dashboard=False, **quiet)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise TlxError(
@@ -135,6 +132,11 @@ def connect(options: RayOptions) -> None:
         ) from None
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # execution plans and timings on every run
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on: a local Ray gets them all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

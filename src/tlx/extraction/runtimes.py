@@ -25,7 +25,7 @@ scale, as torch's own do across batch sizes and thread counts, which never keyed
 
 A forward pass takes a batch (an array, or a tensor on its device) and the threads to run on
 (None: as this process is set), and returns the features as a NumPy array. ONNX Runtime's runs
-without torch, so its extraction workers never import it (:func:`tlx.features.on_cpu`).
+without torch, so its extraction workers never import it (:func:`tlx.extraction.pipeline.on_cpu`).
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ import numpy
 
 from tlx import notices
 from tlx.errors import TlxError, describe
-from tlx.features import threads_set, to_backbone
 from tlx.files import write_atomic, write_json
 from tlx.recipe import cpu_cores
+from tlx.tensors import threads_set, to_backbone
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlx.cache import BackboneInfo
+    from tlx.extraction.store import BackboneInfo
 
 #: the ONNX opset the backbone is exported with
 OPSET = 17
@@ -169,7 +169,7 @@ class Runner:
     torch module) by :meth:`check` before any feature of the runtime is kept.
     """
 
-    #: None where an engine's workers run the backbone (:mod:`tlx.engines`)
+    #: None where an engine's workers run the backbone (:mod:`tlx.extraction.engines`)
     forward: Forward | None
     runtime: str
     info: BackboneInfo
@@ -233,7 +233,7 @@ class Exported:
     """One backbone's exported model in the cache folder, and its record."""
 
     def __init__(self, root: Path, identity: dict[str, Any]):
-        from tlx.cache import digest
+        from tlx.extraction.store import digest
 
         key = digest(identity)[:32]
         self.root = root
@@ -274,7 +274,7 @@ class Exported:
 
         import torch
 
-        from tlx.cache import tag
+        from tlx.extraction.store import tag
 
         example = torch.zeros(batch, *input_size)
         tag(self.root)
@@ -327,7 +327,7 @@ def _file_digest(path: Path) -> str | None:
 
 def export_identity(info: BackboneInfo, flip: bool, batch: int) -> dict[str, Any]:
     """What shapes an exported model and its verdict: weights, flip, input, and the versions involved."""
-    from tlx.cache import versions
+    from tlx.version import versions
 
     return {
         "format": EXPORT_FORMAT,

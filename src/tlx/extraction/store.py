@@ -33,7 +33,6 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +40,13 @@ from tlx import notices
 from tlx.data import DECODING
 from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
+from tlx.version import versions
 
 if TYPE_CHECKING:
     import numpy
 
-    from tlx.backbone import Backbone
     from tlx.recipe import BackboneConfig
-    from tlx.registry import Entry
+    from tlx.registry import Backbone, Entry
 
 ENV = "TLX_CACHE_DIR"
 #: bumped whenever the stored layout or the meaning of a key changes
@@ -87,17 +86,6 @@ def image_key(path: Path) -> str:
     return digest([os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])[:32]
 
 
-def versions(packages: Iterable[str]) -> dict[str, str]:
-    """The installed version of each package (``absent`` when it is not installed)."""
-    found = {}
-    for name in packages:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found
-
-
 def _warn(message: str) -> None:
     notices.warn(f"cache: {message}")
 
@@ -117,7 +105,7 @@ class BackboneInfo:
     @classmethod
     def of(cls, backbone: Backbone, sha256: str | None = None) -> BackboneInfo:
         """``backbone``'s info; ``sha256``: its weights' digest when already known (else computed)."""
-        from tlx.weights import state_digest
+        from tlx.extraction.weights import state_digest
 
         config = json.loads(json.dumps(backbone.data_config))  # tuples as lists, as read back from JSON
         return cls(sha256 or state_digest(backbone.module), backbone.feature_dim, config, backbone.weights)

@@ -1,0 +1,87 @@
+"""The built-in datasets: ``imagefolder`` (``root/<split>/<class>/<image>``, downloaded from ``url`` if
+missing), ``folder`` (``root/<class>/<image>``, split into train and test, stratified and seeded) and
+``csv`` (manifests with the columns ``path,label``, image paths relative to the CSV file)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from tlx import hookimpl
+from tlx.data import Splits, download_and_unpack, scan_class_folder, scan_imagefolder, scan_manifests
+from tlx.recipe import UserPath
+
+
+class ImageFolderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: UserPath
+    train: str = "train"
+    test: str = "val"
+    url: str | None = None
+
+
+class FolderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: UserPath
+    #: share of each class held out for testing
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class ManifestOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: UserPath
+    #: a second manifest for testing; without it, test_fraction of each class is held out of manifest
+    test_manifest: UserPath | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> ManifestOptions:
+        stray = sorted({"test_fraction", "split_seed"} & self.model_fields_set)
+        if self.test_manifest is not None and stray:
+            raise PydanticCustomError(
+                "split",
+                "{keys} split manifest when there is no test_manifest; remove one or the other",
+                {"keys": " and ".join(stray)},
+            )
+        return self
+
+
+@hookimpl
+def register_datasets(register):
+    register(
+        "imagefolder",
+        imagefolder,
+        description="root/<split>/<class>/<image>; classes are the sorted folder names",
+        options=ImageFolderOptions,
+    )
+    register(
+        "folder",
+        folder,
+        description="root/<class>/<image>, split stratified by class (test_fraction, split_seed)",
+        options=FolderOptions,
+    )
+    register(
+        "csv",
+        manifest,
+        description="CSV manifest path,label (paths relative to the CSV); test_manifest or test_fraction",
+        options=ManifestOptions,
+    )
+
+
+def imagefolder(options: ImageFolderOptions) -> Splits:
+    if not options.root.exists() and options.url:
+        download_and_unpack(options.url, options.root)
+    return scan_imagefolder(options.root, options.train, options.test)
+
+
+def folder(options: FolderOptions) -> Splits:
+    return scan_class_folder(options.root, options.test_fraction, options.split_seed)
+
+
+def manifest(options: ManifestOptions) -> Splits:
+    return scan_manifests(options.manifest, options.test_manifest, options.test_fraction, options.split_seed)
