@@ -147,6 +147,33 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
     assert warm["features"]["computed"] == 0 and len(warm["skipped"]) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
+def test_ray_features_equal_a_fresh_eager_model(tmp_path: Path, flip: bool) -> None:
+    """The engine's path in the differential check of every path (tests/test_paths.py): the actors'
+    features of real images, flip averaging off and on, are the eager-torch reference's."""
+    from tests.test_paths import assert_reference, by_path, frozen, reference
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("ants", "bees"):
+            (data / split / label).mkdir(parents=True)
+            for source in sorted((HYMENOPTERA / split / label).glob("*.jpg"))[:2]:
+                shutil.copy(source, data / split / label / source.name)
+    recipe = recipe_file(tmp_path, data, "efficientnet_lite0", flip=flip)
+    cache = tmp_path / "cache"
+    tlx("run", recipe, "--cache-dir", cache, "--out", tmp_path / "run", "--set", "extract.engine.kind=ray")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["features"]["runtime"] == "onnxruntime" and metrics["features"]["computed"] == 8
+    door = frozen(data, cache, "efficientnet_lite0", flip)
+    splits = [
+        Split(split, [(p, 0) for p in sorted((data / split).rglob("*.jpg"))]) for split in ("train", "val")
+    ]
+    assert door.cached(splits), "read back from what the actors computed"
+    expected = reference({}, data, "efficientnet_lite0", flip)
+    assert_reference(by_path(splits, door.features(splits)), expected, f"ray engine, flip {flip}")
+
+
 def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path) -> None:
     paths = coloured(tmp_path / "images", 24)
     split = Split("s", [(p, 0) for p in paths])
