@@ -15,7 +15,7 @@ import yaml
 
 import tlx
 from tests.conftest import assert_user_error, make_imagefolder, write_recipe
-from tlx import sweep_jobs
+from tlx import sweeps
 from tlx.default_plugins.heads import LogRegOptions
 from tlx.sweeps import leaderboard
 from tlx.train import with_choices
@@ -229,14 +229,22 @@ def _without_timings(value: Any) -> Any:
 def test_parallel_sweep_gives_the_sequential_results(
     tmp_path: Path, dataset: Path, counting_backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    forked = []
-    fork = sweep_jobs._fork
-    monkeypatch.setattr(sweep_jobs, "_fork", lambda *args: forked.append(args[0]) or fork(*args))
+    log, run = tmp_path / "pids.txt", sweeps._run
+
+    def logged(combination, *args):  # forked children inherit it: each appends its own line
+        with log.open("a") as f:
+            f.write(f"{os.getpid()} {combination.name}\n")
+        return run(combination, *args)
+
+    monkeypatch.setattr(sweeps, "_run", logged)
     recipe, grid = sweep_recipe(tmp_path, dataset), {"head.type": ["linear", "mlp"], "train.lr": [0.01, 0.1]}
     one = tlx.sweep(recipe, grid, out=tmp_path / "one", cache_dir=tmp_path / "cache1", jobs=1)
-    assert forked == []
+    assert {line.split()[0] for line in log.read_text().splitlines()} == {str(os.getpid())}
+    log.unlink()
     two = tlx.sweep(recipe, grid, out=tmp_path / "two", cache_dir=tmp_path / "cache2", jobs=2)
-    assert sorted(forked) == [2, 3, 4]  # the first extracts the features, here; the rest in children
+    lines = [line.split() for line in log.read_text().splitlines()]
+    here = [name for pid, name in lines if pid == str(os.getpid())]
+    assert len(lines) == 4 and here == [lines[0][1]]  # the first extracts, here; the rest in children
     assert counting_backbone.seen == 2 * 27  # once per sweep (each its own cache)
     assert _without_timings(one.rows) == _without_timings(two.rows)
     for row in one.rows:
@@ -257,37 +265,3 @@ def test_an_error_in_a_parallel_combination_is_one_line(
     result = invoke("sweep", recipe, *args)  # 0.99 fails in a child: its features are cached by then
     assert_user_error(result, "train.val_fraction: 0.99 leaves class")
     assert (tmp_path / "sw" / "0.34" / "metrics.json").is_file()
-
-
-def test_of_the_ready_combinations_the_longest_starts_first() -> None:
-    """A kind not yet seen counts as the longest; a combination whose features are not ready waits."""
-    backbone = {1: "a", 2: "a", 3: "b", 4: "a"}.get
-    kind = {1: "linear", 2: "mlp", 3: "mlp", 4: "logreg"}.get
-    costs = {"linear": [2.0, 2.4], "mlp": [9.0]}
-    assert sweep_jobs._longest([1, 2, 3, 4], {"a"}, backbone, kind, costs) == 4
-    costs["logreg"] = [3.0]
-    assert sweep_jobs._longest([1, 2, 3, 4], {"a"}, backbone, kind, costs) == 2
-    assert sweep_jobs._longest([1, 3, 4], {"a"}, backbone, kind, costs) == 4
-    assert sweep_jobs._longest([3], {"a"}, backbone, kind, costs) is None
-
-
-def test_readying_ahead_leaves_errors_to_the_runs_and_ends_with_its_process(tmp_path: Path) -> None:
-    """A backbone that fails to get ready counts as ready: its run meets the error and reports it."""
-    done = tmp_path / "done"
-
-    def ready_one(number: int) -> None:
-        if number == 1:
-            raise RuntimeError("no weights")
-        (done / str(number)).touch()
-
-    done.mkdir()
-    ahead = sweep_jobs._Ahead([1, 2], ready_one)
-    ahead.wait(2)
-    ahead.wait(1)
-    assert [p.name for p in done.iterdir()] == ["2"]
-    ahead.stop()
-
-    dying = sweep_jobs._Ahead([3, 4], lambda number: os._exit(1))
-    dying.wait(4)  # returns: the process ended without readying 4
-    dying.stop()
-    assert dying.process.exitcode == 1

@@ -21,9 +21,12 @@ import contextlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +40,6 @@ from tlx.errors import TlxError, describe, shorten
 from tlx.extraction.pipeline import can_fork
 from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, recipe_from
 from tlx.report import Console, QuietConsole
-from tlx.sweep_jobs import run_in_parallel
 
 if TYPE_CHECKING:
     from tlx.data import Split
@@ -97,7 +99,7 @@ def sweep(
     ``grid`` maps recipe keys to the values to try (``{"head.type": ["linear", "logreg"]}``);
     ``overrides`` are ``KEY=VALUE`` strings as with ``--set``; ``out`` is the sweep folder (default
     ``sweeps/<timestamp>-<recipe name>``; an existing sweep folder is resumed). ``jobs``: how many
-    combinations train at once, one core each (default: one per core; see :mod:`tlx.sweep_jobs`).
+    combinations train at once, one core each (default: one per core; see :func:`_in_parallel`).
     ``quiet`` prints nothing. The whole grid is validated before the first run.
     """
     jobs = cpu_cores() if jobs is None else jobs
@@ -143,28 +145,18 @@ def _sweep(
     def console(number: int) -> Console:
         return QuietConsole() if quiet else Progress(number, len(combinations), combinations[number - 1])
 
-    def run_one(number: int, progress: Console, painter: Painter | None = None) -> dict[str, Any]:
-        return _run(combinations[number - 1], path, folder, cache, painter, progress)
+    def run_one(
+        number: int, painter: Painter | None = None, progress: Console | None = None
+    ) -> dict[str, Any]:
+        return _run(combinations[number - 1], path, folder, cache, painter, progress or console(number))
 
     parallel = min(jobs, len(todo)) > 1 and can_fork()
     if parallel:
-        from tlx.plots import Painter, preload
-
-        preload()  # once, here: every process forked from this one draws its figures itself
-        done = run_in_parallel(
-            todo,
-            jobs,
-            lambda number, progress: run_one(number, progress, Painter(inline=True)),
-            console,
-            lambda n: _cached(combinations[n - 1], cache),
-            lambda n: _backbone_key(combinations[n - 1]),
-            lambda n: _training_key(combinations[n - 1]),
-            lambda n: _ready(combinations[n - 1], cache),
-        )
+        done = _in_parallel(combinations, todo, jobs, run_one, console, cache)
         results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
     with _painters() as painters:  # started after the last fork: a child must not hold their pipes
         for number in [] if parallel else todo:
-            results[combinations[number - 1].name] = run_one(number, console(number), next(painters))
+            results[combinations[number - 1].name] = run_one(number, next(painters))
         rows = leaderboard(combinations, results)
         best = folder / rows[0]["run"]
         write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
@@ -249,12 +241,6 @@ def _backbone_key(combination: Combination) -> str:
     )
 
 
-def _training_key(combination: Combination) -> str:
-    """What decides how long a combination trains once its features are cached: head and training."""
-    recipe = combination.recipe
-    return recipe.head.model_dump_json() + recipe.train.model_dump_json()
-
-
 def _frozen(combination: Combination, cache_dir: Path | None) -> tuple[FrozenBackbone, list[Split]]:
     """The combination's frozen backbone and the splits of its dataset."""
     from tlx.extraction.frozen import FrozenBackbone
@@ -275,6 +261,103 @@ def _ready(combination: Combination, cache_dir: Path | None) -> None:
     """Ready the combination's backbone for extraction (:meth:`FrozenBackbone.ready`)."""
     frozen, splits = _frozen(combination, cache_dir)
     frozen.ready(splits, engine=combination.parts.engine)
+
+
+#: runs combination ``number`` (in a forked child: with its painter and console): its metrics
+RunOne = Callable[..., dict[str, Any]]
+#: what a forked child says: its metrics, its console's ``(echo or warning, line)``, other warnings
+Said = tuple[dict[str, Any], list[tuple[str, str]], list[str]]
+#: what a forked child of :func:`_in_parallel` runs (set before the pool forks)
+_child_runs: Callable[[int], Said] | None = None
+
+
+def _in_parallel(
+    combinations: list[Combination],
+    numbers: list[int],
+    jobs: int,
+    run_one: RunOne,
+    console: Callable[[int], Console],
+    cache: Path | None,
+) -> dict[int, dict[str, Any]]:
+    """Combinations ``numbers``, ``jobs`` at a time: the metrics of each.
+
+    The first combination of each backbone whose features are not cached runs in this process, which
+    extracts them on every core; meanwhile a pool of ``jobs`` processes forked from this one trains
+    the combinations whose features are cached, one core each, and readies the later backbones
+    (:meth:`FrozenBackbone.ready`: built, exported and probed, so that their runs only recall them;
+    an error is left to the run, which reports it). Every number is what one at a time gives: heads
+    train on one thread either way, seeded the same. A child's lines and warnings are shown here when
+    it is done (its own output may go nowhere: a notebook, a test runner); the first error stops the
+    sweep.
+    """
+    from tlx.plots import Painter, preload
+
+    global _child_runs
+    extracting: dict[str, int] = {}
+    for n in numbers:
+        key = _backbone_key(combinations[n - 1])
+        if key not in extracting and not _cached(combinations[n - 1], cache):
+            extracting[key] = n
+    waiting = [n for n in numbers if n not in extracting.values()]
+    preload()  # once, here: every child draws its figures itself, matplotlib already imported
+
+    def in_child(number: int) -> Said:
+        progress, said, warned = console(number), [], []
+        progress.echo = lambda text: said.append(("echo", text))  # type: ignore[method-assign]
+        progress.warning = lambda text: said.append(("warning", text))  # type: ignore[method-assign]
+        with notices.collected(warned):
+            return run_one(number, Painter(inline=True), progress), said, warned
+
+    _child_runs = in_child
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_child)
+    results: dict[int, dict[str, Any]] = {}
+    running: dict[Future[Said], int] = {}
+
+    def start_ready() -> None:
+        for n in [n for n in waiting if _backbone_key(combinations[n - 1]) not in extracting]:
+            running[pool.submit(_child, n)] = n
+            waiting.remove(n)
+
+    try:
+        readied = {n: pool.submit(_ready, combinations[n - 1], cache) for n in list(extracting.values())[1:]}
+        start_ready()
+        for key, n in list(extracting.items()):
+            if n in readied:
+                wait([readied[n]])
+            results[n] = run_one(n, Painter(inline=True))
+            del extracting[key]
+            start_ready()
+        for future in as_completed(running):
+            number = running[future]
+            results[number], said, warned = future.result()
+            progress = console(number)
+            for kind, text in said:
+                getattr(progress, kind)(text)
+            for text in warned:
+                notices.warn(text)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _start_child() -> None:
+    """A forked child's start: one torch thread (more could deadlock after this process's started)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _child(number: int) -> Said:
+    """Combination ``number`` in a forked child; an error that cannot cross back becomes a RuntimeError."""
+    assert _child_runs is not None
+    try:
+        return _child_runs(number)
+    except TlxError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(describe(exc)) from None
 
 
 def _prepare(folder: Path) -> None:

@@ -20,13 +20,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel
 from torch import nn
+from torch.nn import functional as F
 
 from tlx.errors import TlxError
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import TrainConfig
-from tlx.span import in_span, narrowable, span_basis
-from tlx.stacked import stackable, train_stacked
 from tlx.tensors import Features, threads_set
 
 
@@ -134,10 +133,9 @@ def selection_score(
 
     With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
     :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
-    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (an mlp's
-    first layer within the span of the training rows, :mod:`tlx.span`; the heads of all folds at once
-    where that is exact and fits the cache, :mod:`tlx.stacked`). The test split plays no part: a sweep
-    chooses its winner by this score.
+    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (the heads
+    of all folds in one :func:`train_heads`). The test split plays no part: a sweep chooses its winner
+    by this score.
 
     ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
     choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
@@ -164,19 +162,13 @@ def selection_score(
         for _ in parts:
             torch.manual_seed(seed)
             heads.append(make_head())
-        if narrowable(heads[0], config):  # every fold's head is of one kind
-            basis = span_basis(train.x)  # spans every fold's rows: one basis lets the folds stack
-            spans = [in_span(head, basis) for head in heads]
-            if all(spans):
-                heads = [span.narrow for span in spans]
-                parts = [(span.features(rest), span.features(out)) for span, (rest, out) in zip(spans, parts)]
-        fits = [rest for rest, _ in parts]
-        if stackable(heads, fits, config):
-            weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
-            train_stacked(heads, fits, config, seed=seed, weights=weights)
-        else:
+        if isinstance(heads[0], ClosedFormHead):
             for head, (rest, out) in zip(heads, parts):
                 fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
+        else:
+            fits = [rest for rest, _ in parts]
+            weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
+            train_heads(heads, fits, config, seed=seed, weights=weights)
         with threads_set(1):  # as it trained: the same score on any number of threads
             scores = [accuracy(head, out) for head, (_, out) in zip(heads, parts)]
         how = f"{k}-fold cross-validation on the training split"
@@ -217,47 +209,190 @@ def train_head(
     weight: torch.Tensor | None = None,
     best: BestEpoch | None = None,
 ) -> list[Epoch]:
-    """Train ``head`` on ``train`` for ``config.epochs`` epochs, shuffled by ``seed``.
+    """Train ``head`` on ``train`` (:func:`train_heads`), its accuracy on ``test`` after every epoch.
 
-    The head's small operations run on one thread; more only add overhead (same numbers).
     With ``val`` and ``best``, training stops once the validation loss has not improved for
     ``best.patience`` epochs, and the head keeps the weights of its best validation epoch.
-    An mlp's first layer trains within the span of the training rows where that is exact
-    (:mod:`tlx.span`): the same steps, to float rounding, on a fraction of the memory.
     """
-    span = in_span(head, span_basis(train.x)) if narrowable(head, config) else None
-    if span is not None:
-        head, train, test = span.narrow, span.features(train), span.features(test)
-        val = span.features(val) if val is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    n = len(train.y)
-    groups = param_groups(head.named_parameters(), config.lr, config.weight_decay)
-    optimizer = Optimizer(groups, config, steps_per_epoch=math.ceil(n / config.batch_size))
     loss_fn = make_loss(config, weight)
     history: list[Epoch] = []
-    with threads_set(1):
-        for epoch in range(1, config.epochs + 1):
-            head.train()
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in range(0, n, config.batch_size):
-                batch = order[start : start + config.batch_size]
-                optimizer.zero_grad()
-                loss = loss_fn(head(train.x[batch]), train.y[batch])
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
-            record = Epoch(epoch, total / n, accuracy(head, test), *val_scores)
-            history.append(record)
-            on_epoch(record)
-            if best is not None and best.update(record, lambda: copy.deepcopy(head.state_dict())):
-                break
+
+    def after(epoch: int, train_loss: float) -> bool:
+        val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
+        record = Epoch(epoch, train_loss, accuracy(head, test), *val_scores)
+        history.append(record)
+        on_epoch(record)
+        return best is not None and best.update(record, lambda: copy.deepcopy(head.state_dict()))
+
+    train_heads([head], [train], config, seed=seed, weights=[weight], after_epoch=after)
     if best is not None:
         head.load_state_dict(best.kept)
-    if span is not None:
-        span.write_back()
     return history
+
+
+def train_heads(
+    heads: list[nn.Module],
+    fits: list[Features],
+    config: TrainConfig,
+    *,
+    seed: int,
+    weights: list[torch.Tensor | None],
+    after_epoch: Callable[[int, float], bool] | None = None,
+) -> None:
+    """The one training loop: ``heads[i]`` on ``fits[i]`` with class weights ``weights[i]``, for
+    ``config.epochs`` epochs, each head's batches shuffled by ``seed``, on one thread (a head's small
+    operations only lose to more).
+
+    Several heads (the folds of a selection) train as one stacked model where that is exact and fits
+    the cache (:func:`stackable`): each layer's weights of all heads in one ``(k, in, out)`` tensor, one
+    step for all, each fold with its own batches, loss and class weights and no update after its own
+    epoch has ended; they end where each, trained alone, would (to float rounding). Otherwise they
+    train one after the other. ``after_epoch(epoch, mean training loss)`` (one head) follows every
+    epoch; it returns True to stop.
+    """
+    if len(heads) > 1 and not stackable(heads, fits, config):
+        for head, fit, weight in zip(heads, fits, weights):
+            train_heads([head], [fit], config, seed=seed, weights=[weight])
+        return
+    k, batch_size = len(heads), config.batch_size
+    sizes = [len(fit.y) for fit in fits]
+    steps = [math.ceil(n / batch_size) for n in sizes]
+    stack = _Stack(heads) if k > 1 else None
+    model = stack or heads[0]
+    groups = param_groups(heads[0].named_parameters(), config.lr, config.weight_decay)
+    if stack is not None:
+        groups = [{**g, "params": [stack.params[p] for p in g["params"]]} for g in groups]
+    optimizer = Optimizer(groups, config, steps_per_epoch=max(steps))
+    losses = [make_loss(config, weight) for weight in weights]
+    x, y = _padded(fits, batch_size) if stack is not None else (fits[0].x, fits[0].y)
+    generators = [torch.Generator().manual_seed(seed) for _ in heads]
+    folds = torch.arange(k).unsqueeze(1)
+    with threads_set(1):
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            orders = [torch.randperm(n, generator=g) for n, g in zip(sizes, generators)]
+            if stack is not None:  # padding rows point at row 0 and are left out of every loss
+                order = torch.stack([F.pad(o, (0, max(sizes) + batch_size - len(o))) for o in orders])
+            total = 0.0
+            for step in range(max(steps)):
+                start = step * batch_size
+                counts = [min(max(n - start, 0), batch_size) for n in sizes]
+                optimizer.zero_grad()
+                if stack is None:
+                    batch = orders[0][start : start + batch_size]
+                    loss = losses[0](model(x[batch]), y[batch])
+                else:
+                    batch = order[:, start : start + batch_size]
+                    logits, targets = stack(x[folds, batch]), y[folds, batch]
+                    loss = sum(losses[i](logits[i, :m], targets[i, :m]) for i, m in enumerate(counts) if m)
+                loss.backward()
+                idle = [i for i, m in enumerate(counts) if not m]
+                kept = _slices(optimizer, idle) if idle else []
+                optimizer.step()
+                _restore(kept)
+                if after_epoch is not None:
+                    total += loss.item() * counts[0]
+            if after_epoch is not None and after_epoch(epoch, total / sizes[0]):
+                break
+    if stack is not None:
+        stack.write_back()
+
+
+#: the stacked parameters, gradients and momentum must fit in about this much cache: five 1280×512 mlp
+#: layers (39 MB) trained slower stacked than one by one (bench/RESULTS.md)
+CACHE_BYTES = 16 * 2**20
+#: layers applied element by element, which act on stacked activations as they are
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Identity)
+
+
+def _layers(head: nn.Module) -> list[nn.Module]:
+    """The layers ``head`` applies in turn (a subclass of ``nn.Sequential`` may have its own forward)."""
+    return list(head) if type(head) is nn.Sequential else [head]
+
+
+def _stackable_layer(layer: nn.Module) -> bool:
+    if type(layer) is nn.Dropout:  # a mask per fold would draw other random numbers than one by one
+        return layer.p == 0
+    return type(layer) is nn.Linear or type(layer) in ELEMENTWISE
+
+
+def stackable(heads: list[nn.Module], fits: list[Features], config: TrainConfig) -> bool:
+    """Whether ``heads`` can train stacked exactly as one by one, and faster: ``nn.Linear`` layers,
+    element-wise activations and dropout of 0, all trainable, whose stacked state fits in
+    :data:`CACHE_BYTES`; SGD (AdamW counts its steps per tensor, so a fold cannot skip one); folds whose
+    epochs differ in steps only where the learning rate does not depend on them."""
+    if config.optimizer != "sgd" or not all(_stackable_layer(m) for m in _layers(heads[0])):
+        return False
+    if not all(param.requires_grad for param in heads[0].parameters()):
+        return False
+    if 3 * 4 * len(heads) * sum(p.numel() for p in heads[0].parameters()) > CACHE_BYTES:
+        return False
+    steps = {math.ceil(len(fit.y) / config.batch_size) for fit in fits}
+    return len(steps) == 1 or (config.schedule == "constant" and not config.warmup_epochs)
+
+
+class _Stack(nn.Module):
+    """``k`` heads' parameters stacked layer by layer (a weight as ``(k, in, out)``, a bias as
+    ``(k, 1, out)``) and their forward pass on ``(k, batch, in)`` inputs."""
+
+    def __init__(self, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = [list(column) for column in zip(*(_layers(head) for head in heads))]
+        self.params: dict[nn.Parameter, nn.Parameter] = {}  # the first head's parameter -> stacked
+        for column in self.layers:
+            for name in ("weight", "bias"):
+                if getattr(column[0], name, None) is not None:
+                    tensors = [getattr(m, name).detach() for m in column]
+                    stacked = torch.stack([t.t() if name == "weight" else t.unsqueeze(0) for t in tensors])
+                    self.params[getattr(column[0], name)] = nn.Parameter(stacked)
+
+    def _get(self, layer: nn.Module, name: str) -> nn.Parameter | None:
+        param = getattr(layer, name, None)
+        return self.params[param] if param is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for column in self.layers:
+            layer = column[0]
+            if type(layer) is nn.Linear:
+                weight, bias = self._get(layer, "weight"), self._get(layer, "bias")
+                x = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+            elif type(layer) is not nn.Dropout:
+                x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Give every head its trained parameters."""
+        for column in self.layers:
+            for name in ("weight", "bias"):
+                stacked = self._get(column[0], name)
+                if stacked is None:
+                    continue
+                for i, layer in enumerate(column):
+                    getattr(layer, name).copy_(stacked[i].t() if name == "weight" else stacked[i, 0])
+
+
+def _padded(fits: list[Features], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folds' rows and labels as ``(k, n)`` tensors, the shorter folds padded with zeros."""
+    n = max(len(fit.y) for fit in fits)
+    x = torch.zeros(len(fits), n, fits[0].x.shape[1])
+    y = torch.zeros(len(fits), n, dtype=torch.long)
+    for i, fit in enumerate(fits):
+        x[i, : len(fit.y)], y[i, : len(fit.y)] = fit.x, fit.y
+    return x, y
+
+
+def _slices(optimizer: Optimizer, folds: list[int]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Copies of the ``folds``' slices of every parameter and its optimizer state, to put back after a
+    step those folds must not take (their epoch has ended)."""
+    tensors = [p.data for g in optimizer.groups for p in g["params"]]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if t is not None]
+    return [(t, i, t[i].clone()) for t in tensors for i in folds]
+
+
+def _restore(kept: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
+    for tensor, i, copy_ in kept:
+        tensor[i] = copy_
 
 
 def _loss_and_accuracy(head: nn.Module, features: Features, loss_fn: nn.Module) -> tuple[float, float]:
