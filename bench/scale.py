@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from trees import trees as source_trees
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
 
@@ -124,15 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     data = build(args.shared.resolve(), work / f"data{args.images}", args.images)
-    trees = {"after": REPO / "src"}
-    if args.before:
-        before = work / f"src-{args.before}"
-        if not before.is_dir():
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before, "src"],
-                                     check=True, capture_output=True).stdout  # fmt: skip
-            subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
-            (work / "src").rename(before)
-        trees = {"before": before, **trees}
+    trees = source_trees(args.before, work)
     cache = work / "cache"
     cold = work / "cold"
     if not cold.is_dir():

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trees import trees as source_trees
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -79,13 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tlx-sweep-bench-"))
     try:
-        trees = {"after": REPO / "src"}
-        if args.before:
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before, "src"],
-                                     check=True, capture_output=True).stdout  # fmt: skip
-            subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
-            (work / "src").rename(work / "before")
-            trees = {"before": work / "before", **trees}
+        trees = source_trees(args.before, work)
         runs, extraction = [], []
         for k in range(args.rounds):
             extraction.append(standalone(args.data.resolve(), work / f"standalone-{k}"))

@@ -290,14 +290,16 @@ def test_the_torch_reference_and_fallback_of_a_fresh_flip_export_are_eval_torch(
     """The 54% case: flip averaging wraps the backbone in a new module (training mode), the exporter
     restored that mode on the whole tree, and the probe's torch reference, kept as the fallback,
     computed features with BatchNorm in training mode. Both must equal a fresh eager model's."""
-    from tlx.extraction.backbone import create_backbone, flip_averaged
+    from tlx.extraction.backbone import create_backbone
+    from tlx.extraction.flip import FlipAveraged
     from tlx.extraction.preprocess import eval_transform
     from tlx.extraction.store import BackboneInfo
     from tlx.recipe import BackboneConfig
 
     entry = tlx.plugins.load().backbones.get("efficientnet_lite0", "backbone.name")
     config = BackboneConfig(name="efficientnet_lite0")
-    eager = flip_averaged(create_backbone(entry, config))
+    eager = create_backbone(entry, config)
+    eager.module = FlipAveraged(eager.module)
     transform = eval_transform(eager.data_config)
     paths = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:4]
     images = np.stack([transform(Image.open(p).convert("RGB")) for p in paths])
@@ -307,8 +309,8 @@ def test_the_torch_reference_and_fallback_of_a_fresh_flip_export_are_eval_torch(
     info = BackboneInfo.of(eager)
 
     def fresh(root: Path) -> runtimes.Runner:
-        built = flip_averaged(create_backbone(entry, config))
-        return runtimes.prepare("onnxruntime", CPU, root, info, lambda: built.module, True, 4)
+        built = FlipAveraged(create_backbone(entry, config).module)
+        return runtimes.prepare("onnxruntime", CPU, root, info, lambda: built, True, 4)
 
     probed = fresh(tmp_path / "a")
     assert probed.pending is not None, "a fresh export"

@@ -267,8 +267,9 @@ def _ready(combination: Combination, cache_dir: Path | None) -> None:
 RunOne = Callable[..., dict[str, Any]]
 #: what a forked child says: its metrics, its console's ``(echo or warning, line)``, other warnings
 Said = tuple[dict[str, Any], list[tuple[str, str]], list[str]]
-#: what a forked child of :func:`_in_parallel` runs (set before the pool forks)
-_child_runs: Callable[[int], Said] | None = None
+#: what a forked child of :func:`_in_parallel` does with a combination's number, by name (set before
+#: the pool forks: only the name and the number cross to the child)
+_child_tasks: dict[str, Callable[[int], Any]] = {}
 
 
 def _in_parallel(
@@ -292,7 +293,6 @@ def _in_parallel(
     """
     from tlx.plots import Painter, preload
 
-    global _child_runs
     extracting: dict[str, int] = {}
     for n in numbers:
         key = _backbone_key(combinations[n - 1])
@@ -308,7 +308,7 @@ def _in_parallel(
         with notices.collected(warned):
             return run_one(number, Painter(inline=True), progress), said, warned
 
-    _child_runs = in_child
+    _child_tasks.update(run=in_child, ready=lambda n: _ready(combinations[n - 1], cache))
     sys.stdout.flush()
     sys.stderr.flush()
     pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_child)
@@ -317,11 +317,11 @@ def _in_parallel(
 
     def start_ready() -> None:
         for n in [n for n in waiting if _backbone_key(combinations[n - 1]) not in extracting]:
-            running[pool.submit(_child, n)] = n
+            running[pool.submit(_child, "run", n)] = n
             waiting.remove(n)
 
     try:
-        readied = {n: pool.submit(_ready, combinations[n - 1], cache) for n in list(extracting.values())[1:]}
+        readied = {n: pool.submit(_child, "ready", n) for n in list(extracting.values())[1:]}
         start_ready()
         for key, n in list(extracting.items()):
             if n in readied:
@@ -349,11 +349,11 @@ def _start_child() -> None:
     torch.set_num_threads(1)
 
 
-def _child(number: int) -> Said:
-    """Combination ``number`` in a forked child; an error that cannot cross back becomes a RuntimeError."""
-    assert _child_runs is not None
+def _child(task: str, number: int) -> Any:
+    """Task ``task`` of combination ``number`` in a forked child; an error that cannot cross back to
+    this process becomes a RuntimeError."""
     try:
-        return _child_runs(number)
+        return _child_tasks[task](number)
     except TlxError:
         raise
     except Exception as exc:

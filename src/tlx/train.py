@@ -264,6 +264,8 @@ def train_heads(
         groups = [{**g, "params": [stack.params[p] for p in g["params"]]} for g in groups]
     optimizer = Optimizer(groups, config, steps_per_epoch=max(steps))
     losses = [make_loss(config, weight) for weight in weights]
+    # unweighted, a full batch's mean loss is the mean of its per-image losses: one call for all folds
+    per_image = make_loss(config, reduction="none") if all(w is None for w in weights) else None
     x, y = _padded(fits, batch_size) if stack is not None else (fits[0].x, fits[0].y)
     generators = [torch.Generator().manual_seed(seed) for _ in heads]
     folds = torch.arange(k).unsqueeze(1)
@@ -284,7 +286,12 @@ def train_heads(
                 else:
                     batch = order[:, start : start + batch_size]
                     logits, targets = stack(x[folds, batch]), y[folds, batch]
-                    loss = sum(losses[i](logits[i, :m], targets[i, :m]) for i, m in enumerate(counts) if m)
+                    if per_image is not None and min(counts) == batch_size:
+                        loss = per_image(logits.flatten(0, 1), targets.flatten()).view(k, -1).mean(1).sum()
+                    else:
+                        loss = sum(
+                            losses[i](logits[i, :m], targets[i, :m]) for i, m in enumerate(counts) if m
+                        )
                 loss.backward()
                 idle = [i for i, m in enumerate(counts) if not m]
                 kept = _slices(optimizer, idle) if idle else []

@@ -7,7 +7,6 @@ size, data config) is remembered in the cache folder, so a later run recalls it 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from tlx.errors import TlxError
@@ -39,13 +38,6 @@ def create_backbone(entry: Entry, config: BackboneConfig) -> Backbone:
             f"(got {backbone.feature_dim!r})"
         )
     return backbone
-
-
-def flip_averaged(backbone: Backbone) -> Backbone:
-    """The same backbone, its features averaged over each image and its horizontal mirror."""
-    from tlx.extraction.flip import FlipAveraged
-
-    return replace(backbone, module=FlipAveraged(backbone.module))
 
 
 def build_backbone(
