@@ -205,7 +205,7 @@ def test_health_answers_while_a_slow_predict_runs(run_dir: Path) -> None:
     server, _ = start(run_dir, "--max-upload-mb", "100")
     try:
         slow: dict[str, Any] = {}
-        images = [BEE] * 100
+        images = [BEE] * 300  # long enough to poll /health many times on a fast host too
         worker = threading.Thread(target=lambda: slow.update(answer=post_files(server, *images)))
         started = time.monotonic()
         worker.start()
@@ -220,8 +220,8 @@ def test_health_answers_while_a_slow_predict_runs(run_dir: Path) -> None:
         worker.join()
         status, answer = slow["answer"]
         assert status == 200 and len(answer["predictions"]) == len(images)
-        assert elapsed > 2.0, "the predict was too quick to show anything"
         # a blocked event loop would answer /health once, after the predict: here it answers throughout
+        # (ten answers, 50 ms apart at least, also show that the predict ran long enough to tell)
         assert len(latencies) >= 10 and max(latencies) < 1.0, (elapsed, sorted(latencies)[-5:])
         print(f"predict {elapsed:.1f} s, /health {len(latencies)}× max {max(latencies):.3f} s")
     finally:
