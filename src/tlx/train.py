@@ -266,7 +266,7 @@ def train_heads(
     losses = [make_loss(config, weight) for weight in weights]
     # unweighted, a full batch's mean loss is the mean of its per-image losses: one call for all folds
     per_image = make_loss(config, reduction="none") if all(w is None for w in weights) else None
-    x, y = _padded(fits, batch_size) if stack is not None else (fits[0].x, fits[0].y)
+    x, y = _padded(fits) if stack is not None else (fits[0].x, fits[0].y)
     generators = [torch.Generator().manual_seed(seed) for _ in heads]
     folds = torch.arange(k).unsqueeze(1)
     with threads_set(1):
@@ -379,7 +379,7 @@ class _Stack(nn.Module):
                     getattr(layer, name).copy_(stacked[i].t() if name == "weight" else stacked[i, 0])
 
 
-def _padded(fits: list[Features], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(fits: list[Features]) -> tuple[torch.Tensor, torch.Tensor]:
     """The folds' rows and labels as ``(k, n)`` tensors, the shorter folds padded with zeros."""
     n = max(len(fit.y) for fit in fits)
     x = torch.zeros(len(fits), n, fits[0].x.shape[1])
