@@ -333,11 +333,6 @@ class TrainedRun:
     def info(self) -> BackboneInfo:
         return self.frozen.info
 
-    @property
-    def tuned(self) -> bool:
-        """Whether the backbone was fine-tuned (its weights are in the run folder)."""
-        return self.frozen.tuned is not None
-
     def model(self) -> nn.Module:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
         from torch import nn
