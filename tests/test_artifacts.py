@@ -109,6 +109,48 @@ def test_a_folder_held_by_a_live_run_refuses_a_second_run(
     assert_user_error(invoke("run", recipe, "--out", out), "already holds a run (metrics.json)")
 
 
+def test_a_run_never_writes_into_a_folder_of_other_files(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cd project && tlx run recipe.yaml --out .`` must not replace the recipe being read."""
+    project = tmp_path / "project"
+    project.mkdir()
+    recipe = write_recipe(
+        project / "recipe.yaml",
+        f"# my notes\ndataset: {{root: {tiny_dataset}}}\nbackbone: {{name: counting}}\n",
+    )
+    (project / "history.csv").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in project.iterdir()}
+    monkeypatch.chdir(project)
+    result = invoke("run", "recipe.yaml", "--out", ".", "--set", "extract.workers=0")
+    assert_user_error(result, "--out: . already holds files tlx did not write there (2, first: history.csv)")
+    assert {p.name: p.read_bytes() for p in project.iterdir()} == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert invoke("run", recipe, "--out", empty, "--set", "extract.workers=0").exit_code == 0
+
+
+def test_an_unfinished_run_folder_is_tlxs_to_write_again(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"dataset: {{root: {tiny_dataset}}}\nbackbone: {{name: counting}}\n"
+    )
+    out = tmp_path / "out"
+
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_predictions", full_disk)
+    assert_user_error(invoke("run", recipe, "--out", out, "--set", "extract.workers=0"), "free space")
+    assert (out / artifacts.LOCK_FILE).exists() and not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    result = invoke("run", recipe, "--out", out, "--set", "extract.workers=0")
+    assert result.exit_code == 0, result.output
+    assert not (out / artifacts.LOCK_FILE).exists()
+
+
 # --- 2. SIGTERM --------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 - ``curves.png``, ``confusion.png``, ``errors.png`` (the most confident mistakes on the test split)
 
 Every file is written atomically (:func:`tlx.files.write_atomic`): a reader never sees half of one. While
-a run lives it holds ``.tlx-run.lock`` in its folder, so a second run cannot write into the same folder.
+a run lives it holds ``.tlx-run.lock`` in its folder, so a second run cannot write into the same folder;
+a run that stops before it finishes leaves the lock file beside what it wrote, marking the folder as
+tlx's to write into again. A run writes into no other existing folder that holds files.
 """
 
 from __future__ import annotations
@@ -128,9 +130,29 @@ def refuse_finished(out: Path) -> None:
         raise TlxError(f"--out: {out} already holds a run ({METRICS_FILE}); choose another folder")
 
 
+def refuse_foreign(out: Path) -> None:
+    """A run writes only into a new or empty folder, or one an unfinished tlx run left (its lock file).
+
+    Anything else may hold the user's own files (``--out .`` in a project folder holds the recipe
+    being read): nothing in it is touched.
+    """
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return  # created below, or refused there as not a folder
+    except OSError:
+        return  # unreadable: refused below as unwritable
+    if names and LOCK_FILE not in names:
+        raise TlxError(
+            f"--out: {out} already holds files tlx did not write there ({len(names)}, first: "
+            f"{shorten(names[0], 60)}); a run writes only into a new or empty folder: choose another"
+        )
+
+
 def prepare_out_dir(out: Path) -> None:
-    """Create ``out`` before any heavy work; refuse to overwrite an earlier run or an unwritable folder."""
+    """Create ``out`` before any heavy work; refuse an earlier run, other files, an unwritable folder."""
     refuse_finished(out)
+    refuse_foreign(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -192,9 +214,21 @@ def _locked(folder: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        if not _unfinished(folder):
+            with contextlib.suppress(OSError):
+                path.unlink()
         os.close(fd)
+
+
+def _unfinished(folder: Path) -> bool:
+    """Whether ``folder`` holds files of a run that did not finish (no ``metrics.json``).
+
+    Its lock file is then left in place: it marks the folder as tlx's, to be written into again.
+    """
+    with contextlib.suppress(OSError):
+        names = {p.name for p in folder.iterdir()} - {LOCK_FILE}
+        return bool(names) and METRICS_FILE not in names
+    return False
 
 
 def resolved_recipe(recipe: Recipe, dataset_options: BaseModel, head_options: BaseModel) -> dict[str, Any]:
