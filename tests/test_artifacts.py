@@ -286,6 +286,30 @@ def test_export_under_a_file_is_a_one_line_error(fmt: str, trained: Path, tmp_pa
     assert_user_error(result, f"--output: {tmp_path / 'somefile.txt'} cannot be a folder", "in the way")
 
 
+def test_export_replaces_no_file_without_force_and_no_run_file_ever(
+    trained: Path, tiny_dataset: Path, tmp_path: Path, invoke
+) -> None:
+    metrics = (trained / "metrics.json").read_bytes()
+    for force in ((), ("--force",)):
+        result = invoke(
+            "export", trained, "--format", "torchscript", "--output", trained / "metrics.json", *force
+        )
+        assert_user_error(result, f"--output: {trained / 'metrics.json'} is a file of the run folder")
+    assert (trained / "metrics.json").read_bytes() == metrics
+
+    image = next((tiny_dataset / "train").rglob("*.jpg"))
+    pixels = image.read_bytes()
+    result = invoke("export", trained, "--format", "torchscript", "--output", image)
+    assert_user_error(result, f"--output: {image} exists; pass --force to replace it")
+    assert image.read_bytes() == pixels
+
+    assert invoke("export", trained, "--format", "torchscript").exit_code == 0
+    again = invoke("export", trained, "--format", "torchscript")
+    assert_user_error(again, f"--output: {trained / 'model.pt'} exists; pass --force")
+    result = invoke("export", trained, "--format", "torchscript", "--force")  # an earlier export: replaced
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize(
     ("fmt", "error"),
     [

@@ -293,13 +293,14 @@ def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool, cache_dir: P
 @click.option(
     "--output", type=click.Path(path_type=Path), help="Model file (default: RUN_DIR/model.onnx|.pt)."
 )
-def export_(run_dir: Path, fmt: str, output: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --output (never a run folder's own files).")
+def export_(run_dir: Path, fmt: str, output: Path | None, force: bool) -> None:
     """Write backbone and head of RUN_DIR as one model: normalized images in, logits out."""
     from tlx.artifacts import load_run
     from tlx.export import SUFFIX, export
 
     output = output or run_dir / f"model{SUFFIX[fmt]}"
-    meta = export(load_run(run_dir), fmt, output)  # type: ignore[arg-type]
+    meta = export(load_run(run_dir), fmt, output, force=force)  # type: ignore[arg-type]
     click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
 
 

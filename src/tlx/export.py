@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from tlx.artifacts import TrainedRun
+from tlx.artifacts import METRICS_FILE, TrainedRun
 from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
 from tlx.report import describe_preprocessing
@@ -41,12 +41,16 @@ def preprocessing(run: TrainedRun) -> dict[str, Any]:
     }
 
 
-def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
+def export(run: TrainedRun, fmt: Format, output: Path, *, force: bool = False) -> Path:
     """Write the model to ``output`` and its preprocessing beside it; returns the preprocessing path.
 
     Both files are written atomically: a failed export (unwritable folder, full disk) leaves no
-    truncated model, and is a :class:`TlxError` naming the file.
+    truncated model, and is a :class:`TlxError` naming the file. An existing file is replaced only
+    with ``force`` (see :func:`check_output`).
     """
+    meta = preprocessing_path(output)
+    for path in (output, meta):
+        check_output(path, force)
     model = run.model()
     _, height, width = run.info.data_config["input_size"]
     example = torch.zeros(2, 3, height, width)
@@ -71,7 +75,6 @@ def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
             with torch.no_grad():
                 torch.jit.save(torch.jit.trace(model, example), buffer)
             write = lambda tmp: tmp.write_bytes(buffer.getvalue())  # noqa: E731
-    meta = preprocessing_path(output)
     try:
         write_atomic(output, write)
     except OSError as exc:
@@ -81,6 +84,33 @@ def export(run: TrainedRun, fmt: Format, output: Path) -> Path:
     except OSError as exc:
         raise unwritable(meta, exc) from None
     return meta
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse to replace an existing file unless ``force``, and a run folder's own files always.
+
+    In a run folder (one with ``metrics.json``) only an earlier export may be replaced: a model with
+    its preprocessing file beside it, or that preprocessing file.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise TlxError(f"--output: {path} is a folder; name the model file, e.g. {path / 'model.onnx'}")
+    if (path.parent / METRICS_FILE).exists() and not _exported(path):
+        raise TlxError(
+            f"--output: {path} is a file of the run folder {path.parent}; choose another name "
+            "(an export is never written over a run's own files)"
+        )
+    if not force:
+        raise TlxError(f"--output: {path} exists; pass --force to replace it, or choose another name")
+
+
+def _exported(path: Path) -> bool:
+    """Whether ``path`` is a model written by an earlier export, or the preprocessing file of one."""
+    if preprocessing_path(path).exists():
+        return True
+    stem = path.name.removesuffix(".preprocessing.json")
+    return stem != path.name and any((path.parent / f"{stem}{suffix}").exists() for suffix in SUFFIX.values())
 
 
 def unwritable(path: Path, exc: OSError) -> TlxError:
