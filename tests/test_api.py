@@ -198,6 +198,30 @@ def test_predict_refuses_what_it_cannot_decode(tmp_path: Path, tiny_dataset: Pat
     assert classifier.predict_proba([]).shape == (0, 2)
 
 
+def test_numpy_arrays_are_images_and_other_values_one_line_errors(tmp_path: Path, lite0_run: tlx.Run) -> None:
+    photo = next((HYMENOPTERA / "val" / "bees").iterdir())
+    classifier = lite0_run.load()
+    with Image.open(photo) as image:
+        rgb = np.asarray(image.convert("RGB"))
+        grey = np.asarray(image.convert("L"))
+    expected = classifier.predict_proba(photo)
+    assert np.abs(classifier.predict_proba(rgb) - expected).max() < 1e-6  # H×W×3 is one image
+    assert classifier.predict_proba(np.stack([rgb, rgb])).shape == (2, 2)  # N×H×W×3 a batch
+    assert classifier.predict_proba([grey, grey[:, :, None]]).shape == (2, 2)
+    refused = [
+        (None, r"^images: expected a file or folder path, .* not None$"),
+        ([None], r"^images\[0\]: expected .*, not None$"),
+        (photo.read_bytes(), r"^images: .* not bytes \(decode them first: PIL.Image.open"),
+        ([photo, 3], r"^images\[1\]: expected .*, not int$"),
+        (rgb.astype(np.float32), r"^images\[0\]: a numpy array of float32 with shape .* is not an image"),
+        (rgb[:, :, :2], r"^images\[0\]: a numpy array of uint8 with shape \(\d+, \d+, 2\) is not an image"),
+    ]
+    for value, message in refused:
+        for call in (classifier.predict, classifier.predict_proba, classifier.top_k):
+            with pytest.raises(tlx.TlxError, match=message):
+                call(value)
+
+
 def test_the_public_names_load_without_torch() -> None:
     code = (
         "import sys, tlx; tlx.fit, tlx.load, tlx.Run, tlx.Classifier, tlx.Recipe; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
     from tlx.predict import Source
     from tlx.recipe import Recipe
 
-    #: one image file or folder, one in-memory image, or several of them
-    Images = str | Path | Image.Image | Iterable[str | Path | Image.Image]
+    #: one image file or folder, one in-memory image (PIL, or a numpy array H×W[×C] of uint8), or several
+    ImageLike = str | Path | Image.Image | np.ndarray
+    Images = ImageLike | Iterable[ImageLike]
 
 #: what stands for a recipe file's name where there is no file (the run folder's name, error messages)
 IN_MEMORY = "recipe"
@@ -57,7 +59,8 @@ class Prediction(NamedTuple):
 
 
 class Classifier:
-    """A trained run's backbone and head: class probabilities of image files, folders and PIL images.
+    """A trained run's backbone and head: class probabilities of image files, folders, PIL images and
+    numpy arrays (H×W×C uint8, as ``PIL.Image.fromarray`` takes them; N×H×W×C for a batch).
 
     In-memory images are decoded by the rules of image files (EXIF orientation, modes to RGB) and
     preprocessed alike; a folder stands for its images in sorted order, searched recursively, as
@@ -204,13 +207,53 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> tuple[str
     return tuple(overrides)
 
 
+#: what the image arguments of :class:`Classifier` take, in words
+ACCEPTED = "a file or folder path, a PIL image or a numpy uint8 array H×W, H×W×3 or H×W×4"
+
+
 def _sources(images: Images) -> list[Source]:
-    """One list of files, folders and in-memory images, whichever ``images`` is."""
+    """One list of files, folders and in-memory images, whichever ``images`` is; else a TlxError.
+
+    A numpy array of 2 or 3 dimensions is one image, of 4 a batch (N×H×W×C), as PIL reads arrays.
+    """
+    import numpy as np
     from PIL import Image
 
-    if isinstance(images, str | Path | Image.Image):
+    if isinstance(images, str | os.PathLike | Image.Image) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)
+    ):
         images = [images]
-    return [Path(item) if isinstance(item, str) else item for item in images]
+    elif isinstance(images, bytes | bytearray | memoryview) or not isinstance(images, Iterable):
+        raise TlxError(f"images: expected {ACCEPTED}, or a list of them, not {_kind(images)}")
+    return [_source(item, f"images[{i}]") for i, item in enumerate(images)]
+
+
+def _source(item: Any, where: str) -> Source:
+    """One image argument as a path or a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, str | os.PathLike):
+        return Path(item)
+    if isinstance(item, np.ndarray):
+        if item.ndim == 3 and item.shape[2] == 1:
+            item = item[:, :, 0]
+        if item.dtype == np.uint8 and (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (3, 4))):
+            return Image.fromarray(np.ascontiguousarray(item))
+        raise TlxError(
+            f"{where}: a numpy array of {item.dtype} with shape {item.shape} is not an image; pass "
+            "uint8 values of shape H×W, H×W×3 (RGB) or H×W×4 (RGBA)"
+        )
+    raise TlxError(f"{where}: expected {ACCEPTED}, not {_kind(item)}")
+
+
+def _kind(value: Any) -> str:
+    """A value's type in words; bytes get a hint, since they are a common mistake."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytes (decode them first: PIL.Image.open(io.BytesIO(data)))"
+    return "None" if value is None else type(value).__name__
 
 
 def _name(source: Source) -> str:
