@@ -149,29 +149,9 @@ def selection_score(
             f"validation split (train.val_fraction {config.val_fraction:g})",
         )
     else:
-        smallest = int(torch.bincount(train.y, minlength=n_classes).min())
-        if smallest < 2:
-            raise TlxError(
-                f"selection: a class has {smallest} training image(s), too few to cross-validate; "
-                "add images to every class"
-            )
-        k = min(folds, smallest)
-        ids = fold_ids(train.y, k, seed)
-        parts = [(subset(train, ids != fold), subset(train, ids == fold)) for fold in range(k)]
-        heads = []
-        for _ in parts:
-            torch.manual_seed(seed)
-            heads.append(make_head())
-        if isinstance(heads[0], ClosedFormHead):
-            for head, (rest, out) in zip(heads, parts):
-                fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
-        else:
-            fits = [rest for rest, _ in parts]
-            weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
-            train_heads(heads, fits, config, seed=seed, weights=weights)
-        with threads_set(1):  # as it trained: the same score on any number of threads
-            scores = [accuracy(head, out) for head, (_, out) in zip(heads, parts)]
-        how = f"{k}-fold cross-validation on the training split"
+        held = out_of_fold(make_head, train, config, n_classes=n_classes, seed=seed, folds=folds)
+        scores = held.accuracies(train.y)
+        how = f"{held.k}-fold cross-validation on the training split"
     return {
         "mean": statistics.fmean(scores),
         "std": statistics.pstdev(scores),
@@ -179,6 +159,60 @@ def selection_score(
         "selected_by": how,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """Class probabilities of every training image from the head of the fold that did not train on it."""
+
+    probabilities: torch.Tensor  # (n, classes) float32
+    fold: torch.Tensor  # (n,) the fold each image was held out in
+    k: int
+
+    def accuracies(self, y: torch.Tensor) -> list[float]:
+        """The accuracy of each fold's head on its held-out images."""
+        right = self.probabilities.argmax(dim=1) == y
+        return [right[self.fold == i].float().mean().item() for i in range(self.k)]
+
+
+def out_of_fold(
+    make_head: Callable[[], nn.Module],
+    train: Features,
+    config: TrainConfig,
+    *,
+    n_classes: int,
+    seed: int,
+    folds: int = SELECTION_FOLDS,
+) -> OutOfFold:
+    """Train a new head (``make_head``) on all but one of ``folds`` stratified folds of ``train``, for
+    each fold, and keep its probabilities for the held-out images: the held-out predictions that
+    selection scores and the audit's label quality come from (the heads of all folds in one
+    :func:`train_heads`)."""
+    smallest = int(torch.bincount(train.y, minlength=n_classes).min())
+    if smallest < 2:
+        raise TlxError(
+            f"selection: a class has {smallest} training image(s), too few to cross-validate; "
+            "add images to every class"
+        )
+    k = min(folds, smallest)
+    ids = fold_ids(train.y, k, seed)
+    parts = [(subset(train, ids != fold), subset(train, ids == fold)) for fold in range(k)]
+    heads = []
+    for _ in parts:
+        torch.manual_seed(seed)
+        heads.append(make_head())
+    if isinstance(heads[0], ClosedFormHead):
+        for head, (rest, out) in zip(heads, parts):
+            fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
+    else:
+        fits = [rest for rest, _ in parts]
+        weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
+        train_heads(heads, fits, config, seed=seed, weights=weights)
+    probabilities = torch.empty(len(train.y), n_classes)
+    with threads_set(1), torch.inference_mode():  # as it trained: the same numbers on any number of threads
+        for fold, head in enumerate(heads):
+            probabilities[ids == fold] = head.eval()(subset(train, ids == fold).x).softmax(dim=1)
+    return OutOfFold(probabilities, ids, k)
 
 
 def with_choices(options: Any, chosen: dict[str, Any]) -> Any:
