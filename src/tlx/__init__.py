@@ -2,7 +2,7 @@
 
 Two public surfaces, both importable from here and nowhere else:
 
-- the Python API: ``fit``, ``load``, ``sweep``, ``Run``, ``Classifier``, ``Recipe``;
+- the Python API: ``fit``, ``load``, ``sweep``, ``audit``, ``Run``, ``Classifier``, ``Audit``, ``Recipe``;
 - the plugin API (``docs/plugins.md``): ``hookimpl`` and what the five hooks register or receive:
   ``Backbone`` and its factories, ``Split``/``Splits``, ``Tracker``, the engines' ``BackboneSpec``,
   ``FrozenBackbone``, ``Engine``, ``Job``, ``Batch``, weights helpers, ``TlxError`` and ``describe``.
@@ -22,7 +22,8 @@ from tlx.hookspecs import hookimpl
 from tlx.version import __version__
 
 if TYPE_CHECKING:
-    from tlx.api import Classifier, Run, fit, load
+    from tlx.api import Classifier, Run, audit, fit, load
+    from tlx.audits import Audit
     from tlx.components import validate_options
     from tlx.data import Split, Splits
     from tlx.extraction.engines import Engine, Job
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 #: public name -> the module that defines it
 _LAZY = {
     "fit": "tlx.api",
+    "audit": "tlx.api",
+    "Audit": "tlx.audits",
     "load": "tlx.api",
     "Run": "tlx.api",
     "Classifier": "tlx.api",
@@ -71,6 +74,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Audit",
     "Backbone",
     "BackboneFactory",
     "BackboneSpec",
@@ -91,6 +95,7 @@ __all__ = [
     "TrackerFactory",
     "WeightFiles",
     "__version__",
+    "audit",
     "describe",
     "fit",
     "hookimpl",

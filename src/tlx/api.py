@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from tlx.artifacts import TrainedRun
+    from tlx.audits import Audit
     from tlx.predict import Source
     from tlx.recipe import Recipe
 
@@ -160,6 +161,26 @@ def fit(
             if quiet:
                 kept += dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
     return Run(folder, metrics, kept, cache)
+
+
+def audit(
+    recipe: str | Path | Mapping[str, Any] | Recipe,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    quiet: bool = True,
+) -> Audit:
+    """Audit a recipe's data as ``tlx audit RECIPE --set ... --out OUT`` does: label issues,
+    duplicates and leakage, outliers, clean manifests (see :mod:`tlx.audits`); ``recipe`` and
+    ``overrides`` as :func:`fit` takes them. Returns the folder and what ``audit.json`` holds."""
+    from tlx.audits import audit as run_audit
+    from tlx.report import Console, QuietConsole
+
+    loaded, source = _recipe(recipe, _overrides(overrides))
+    console = QuietConsole() if quiet else Console()
+    cache = None if cache_dir is None else Path(cache_dir)
+    return run_audit(loaded, source, None if out is None else Path(out), cache, console)
 
 
 def load(

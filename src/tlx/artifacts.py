@@ -153,6 +153,11 @@ def prepare_out_dir(out: Path) -> None:
     """Create ``out`` before any heavy work; refuse an earlier run, other files, an unwritable folder."""
     refuse_finished(out)
     refuse_foreign(out)
+    writable_folder(out)
+
+
+def writable_folder(out: Path) -> None:
+    """Create the folder ``out`` and check that a file can be written in it; else a TlxError."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

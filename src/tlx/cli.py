@@ -99,6 +99,20 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     fit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
 
 
+@cli.command("audit")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@OVERRIDES
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Audit folder, new or empty (default: under audits/)."
+)
+@CACHE_DIR
+def audit_(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
+    """Find label issues, duplicates, train/test leakage and outliers in RECIPE's data."""
+    from tlx.api import audit
+
+    audit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
+
+
 @cli.command("sweep")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option(

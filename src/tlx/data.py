@@ -295,11 +295,13 @@ def stratified_split(
     return train, test
 
 
-def read_manifest(path: Path, key: str) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+def read_manifest(
+    path: Path, key: str, root: Path | None = None
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Rows ``(image, label)`` of a CSV manifest with a header ``path,label``, and the rows left out.
 
-    Relative paths are taken from the CSV's folder, which is the dataset root: a path that leads
-    out of it (``..``, absolute, a link) is left out, as links out of an image folder are.
+    Relative paths are taken from the dataset root, ``root`` or else the CSV's folder: a path that
+    leads out of it (``..``, absolute, a link) is left out, as links out of an image folder are.
     """
     rows = []
     start = 1  # the line where the row being read begins: where an unclosed quote opened
@@ -324,27 +326,31 @@ def read_manifest(path: Path, key: str) -> tuple[list[tuple[Path, str]], list[tu
             "header line path,label"
         )
     entries, skipped = [], []
-    root = path.parent.resolve()
+    base = path.parent if root is None else root
+    inside = base.resolve()
     for line, row in rows:
         file, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         if not file or not label:
             raise TlxError(f"{key}: {path} line {line}: needs both a path and a label")
-        image = path.parent / file
-        if not image.resolve().is_relative_to(root):
+        image = base / file
+        if not image.resolve().is_relative_to(inside):
             skipped.append((image, OUTSIDE_ROOT))
         elif not image.is_file():
             raise TlxError(f"{key}: {path} line {line}: image {image} not found")
         else:
             entries.append((image, label))
     if not entries:
-        outside = f" inside its folder {path.parent} ({len(skipped)} lie outside it)" if skipped else ""
+        outside = f" inside the dataset root {base} ({len(skipped)} lie outside it)" if skipped else ""
         raise TlxError(f"{key}: manifest {path} lists no images{outside}")
     return entries, skipped
 
 
-def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: int) -> Splits:
-    """Splits from a CSV manifest and a test manifest, or one manifest split by ``test_fraction``."""
-    rows, skipped = read_manifest(train, "dataset.manifest")
+def scan_manifests(
+    train: Path, test: Path | None, test_fraction: float, seed: int, root: Path | None = None
+) -> Splits:
+    """Splits from a CSV manifest and a test manifest, or one manifest split by ``test_fraction``;
+    image paths are relative to ``root``, else to each manifest's folder."""
+    rows, skipped = read_manifest(train, "dataset.manifest", root)
     classes = sorted({label for _, label in rows})
     if len(classes) < 2:
         raise TlxError(f"dataset.manifest: {train} has {len(classes)} label(s); a classifier needs two")
@@ -357,7 +363,7 @@ def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: i
         )
         source = f"{train} (test_fraction {test_fraction:g}, split_seed {seed})"
     else:
-        test_rows, test_skipped = read_manifest(test, "dataset.test_manifest")
+        test_rows, test_skipped = read_manifest(test, "dataset.test_manifest", root)
         unknown = sorted({label for _, label in test_rows} - set(classes))
         if unknown:
             raise TlxError(
@@ -371,7 +377,7 @@ def scan_manifests(train: Path, test: Path | None, test_fraction: float, seed: i
         Split("train", train_samples, tuple(skipped)),
         Split("test", test_samples, tuple(test_skipped)),
         source,
-        roots=tuple(dict.fromkeys(m.parent for m in (train, test) if m is not None)),
+        roots=(root,) if root is not None else tuple(dict.fromkeys(m.parent for m in (train, test) if m)),
     )
 
 

@@ -1,6 +1,7 @@
 """The built-in datasets: ``imagefolder`` (``root/<split>/<class>/<image>``, downloaded from ``url`` if
 missing), ``folder`` (``root/<class>/<image>``, split into train and test, stratified and seeded) and
-``csv`` (manifests with the columns ``path,label``, image paths relative to the CSV file)."""
+``csv`` (manifests with the columns ``path,label``, image paths relative to ``root`` or else the CSV
+file's folder)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class ManifestOptions(BaseModel):
     test_manifest: UserPath | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
+    #: the folder image paths are relative to and must lie in (default: each manifest's folder)
+    root: UserPath | None = None
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> ManifestOptions:
@@ -84,4 +87,6 @@ def folder(options: FolderOptions) -> Splits:
 
 
 def manifest(options: ManifestOptions) -> Splits:
-    return scan_manifests(options.manifest, options.test_manifest, options.test_fraction, options.split_seed)
+    return scan_manifests(
+        options.manifest, options.test_manifest, options.test_fraction, options.split_seed, options.root
+    )
