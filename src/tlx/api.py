@@ -170,17 +170,19 @@ def audit(
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
     quiet: bool = True,
+    near_threshold: float | None = None,
 ) -> Audit:
     """Audit a recipe's data as ``tlx audit RECIPE --set ... --out OUT`` does: label issues,
     duplicates and leakage, outliers, clean manifests (see :mod:`tlx.audits`); ``recipe`` and
-    ``overrides`` as :func:`fit` takes them. Returns the folder and what ``audit.json`` holds."""
+    ``overrides`` as :func:`fit` takes them; ``near_threshold`` as ``--near-threshold``. Returns the
+    folder and what ``audit.json`` holds."""
     from tlx.audits import audit as run_audit
     from tlx.report import Console, QuietConsole
 
     loaded, source = _recipe(recipe, _overrides(overrides))
     console = QuietConsole() if quiet else Console()
     cache = None if cache_dir is None else Path(cache_dir)
-    return run_audit(loaded, source, None if out is None else Path(out), cache, console)
+    return run_audit(loaded, source, None if out is None else Path(out), cache, console, near_threshold)
 
 
 def load(

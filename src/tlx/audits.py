@@ -67,17 +67,39 @@ class Image:
     label: str
 
 
-def audit(recipe: Recipe, source: str, out: Path | None, cache_dir: Path | None, console: Console) -> Audit:
-    """Audit ``recipe``'s data and write the audit folder ``out`` (default: a new one under ``audits/``)."""
+def audit(
+    recipe: Recipe,
+    source: str,
+    out: Path | None,
+    cache_dir: Path | None,
+    console: Console,
+    near_threshold: float | None = None,
+) -> Audit:
+    """Audit ``recipe``'s data and write the audit folder ``out`` (default: a new one under ``audits/``).
+
+    ``near_threshold``: the cosine similarity of features from which two images are near-duplicates
+    (default :data:`tlx.findings.NEAR_THRESHOLD`).
+    """
+    from tlx.findings import NEAR_THRESHOLD
+
     started = time.perf_counter()
+    threshold = NEAR_THRESHOLD if near_threshold is None else near_threshold
+    if not 0 < threshold <= 1:
+        raise TlxError(f"--near-threshold: {threshold} is not a cosine similarity in (0, 1]; try 0.9")
     with _folder(out, Path(source)) as folder:
-        summary, found = _audit(recipe, source, folder, cache_dir, console, started)
+        summary, found = _audit(recipe, source, folder, cache_dir, console, started, threshold)
     _print(console, folder, summary, found)
     return Audit(folder, summary)
 
 
 def _audit(
-    recipe: Recipe, source: str, folder: Path, cache_dir: Path | None, console: Console, started: float
+    recipe: Recipe,
+    source: str,
+    folder: Path,
+    cache_dir: Path | None,
+    console: Console,
+    started: float,
+    threshold: float,
 ) -> tuple[dict[str, Any], Found]:
     """Find, write every file, and give ``audit.json``'s content and the rows of the findings."""
     import numpy as np
@@ -114,7 +136,7 @@ def _audit(
     given = train.y.numpy()
     labels = findings.label_issues(held.probabilities.numpy(), given)
     x = torch.cat([train.x, test.x]).numpy()
-    pairs = findings.duplicates(x, findings.digests([i.path for i in images]))
+    pairs = findings.duplicates(x, findings.digests([i.path for i in images]), threshold)
     n_train = len(given)
     train_scores = findings.outlier_scores(train.x.numpy(), train.x.numpy(), same=True)
     test_scores = findings.outlier_scores(train.x.numpy(), test.x.numpy(), same=False)
@@ -153,7 +175,7 @@ def _audit(
             "exact": sum(p.kind == "exact" for p in pairs),
             "near": sum(p.kind == "near" for p in pairs),
             "leakage": len(cross),
-            "threshold": findings.NEAR_THRESHOLD,
+            "threshold": threshold,
         },
         "outliers": {"flagged": sum(r["flagged"] for r in found.outliers), "fence": round(fence, 6)},
         "clean": {"train": len(keep), "removed": n_train - len(keep)},

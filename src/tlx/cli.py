@@ -106,11 +106,22 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
     "--out", type=click.Path(path_type=Path), help="Audit folder, new or empty (default: under audits/)."
 )
 @CACHE_DIR
-def audit_(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
+@click.option(
+    "--near-threshold",
+    type=float,
+    help="Cosine similarity of features from which two images are near-duplicates (default 0.9).",
+)
+def audit_(
+    recipe: Path,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    cache_dir: Path | None,
+    near_threshold: float | None,
+) -> None:
     """Find label issues, duplicates, train/test leakage and outliers in RECIPE's data."""
     from tlx.api import audit
 
-    audit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
+    audit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False, near_threshold=near_threshold)
 
 
 @cli.command("sweep")
