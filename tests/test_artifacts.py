@@ -22,7 +22,7 @@ from tlx.files import FILE_MODE
 from tlx.predict import predict
 from tlx.run import run
 
-from .conftest import REPO, TLX, assert_user_error, recipe_for, write_recipe
+from .conftest import REPO, TLX, assert_user_error, make_imagefolder, recipe_for, write_recipe
 
 #: a backbone plugin for ``tlx`` subprocesses: the mean colour of an image, after ``DELAY`` seconds
 COLOURS = """
@@ -374,3 +374,23 @@ def test_eval_refuses_overrides_that_cannot_change_it(trained: Path, invoke) -> 
     assert "train.epochs" not in invoke("eval", "--help").output
     result = invoke("eval", trained, "--set", "extract.batch_size=2", "--set", "device=cpu", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_eval_on_the_runs_own_training_images_warns_how_many(
+    trained: Path, tiny_dataset: Path, tmp_path: Path, invoke
+) -> None:
+    result = invoke("eval", trained, "--set", "dataset.test=train")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"tlx: warning: 12 of the 12 images evaluated are training images of {trained} (the same files or "
+        "the same bytes); the accuracy overstates how it does on new images"
+    ]
+    assert "on 12 images" in result.stdout
+    other = make_imagefolder(tmp_path / "other", classes=2, per_class=(6, 4), size=50)  # other pixels
+    assert "warning" not in invoke("eval", trained, "--set", f"dataset.root={other}").stderr
+    copied = (tiny_dataset / "train" / "class0" / "5.jpg").read_bytes()
+    (other / "val" / "class0" / "0.jpg").write_bytes(copied)
+    assert (
+        "1 of the 8 images evaluated are training images"
+        in invoke("eval", trained, "--set", f"dataset.root={other}").stderr
+    )
