@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from tlx.run import run
 
-from .conftest import recipe_for
+from .conftest import assert_user_error, recipe_for
 
 
 @pytest.fixture
@@ -129,3 +130,16 @@ def test_a_recipe_alias_bomb_is_refused_by_the_bounded_reader(sweep: Path, invok
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 5)]
     (sweep / "b" / "recipe.yaml").write_text("\n".join(lines) + "\n")
     assert_left_out(invoke("compare", sweep), sweep / "b", "recipe.yaml: line 4: more than 10000 values")
+
+
+def test_a_sweep_folder_that_cannot_be_listed_is_a_one_line_error(
+    tmp_path: Path, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As another user's folder would be; simulated, since the tests may run as root."""
+
+    def denied(path: Path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    result = invoke("compare", tmp_path)
+    assert_user_error(result, f"{tmp_path}: cannot list it", "Permission denied", "permissions")

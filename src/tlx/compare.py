@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlx.errors import TlxError, shorten
+from tlx.errors import TlxError, describe, shorten
 from tlx.recipe import dotted, read_yaml
 from tlx.runfiles import METRICS_FILE, RECIPE_FILE, read_metrics
 
@@ -25,11 +25,16 @@ def run_folders(paths: list[Path]) -> list[Path]:
         if (path / METRICS_FILE).is_file():
             found.append(path)
             continue
-        inside = (
-            sorted(p for p in path.iterdir() if not p.is_symlink() and (p / METRICS_FILE).is_file())
-            if path.is_dir()
-            else []
-        )
+        try:
+            inside = (
+                sorted(p for p in path.iterdir() if not p.is_symlink() and (p / METRICS_FILE).is_file())
+                if path.is_dir()
+                else []
+            )
+        except OSError as exc:
+            raise TlxError(
+                f"{path}: cannot list it ({describe(exc)}); check the folder's permissions"
+            ) from None
         if not inside:
             raise TlxError(
                 f"{path}: not a tlx run or sweep folder (no {METRICS_FILE} in it or its subfolders); "
