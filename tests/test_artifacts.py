@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from tlx.files import FILE_MODE
 from tlx.predict import predict
 from tlx.run import run
 
-from .conftest import REPO, TLX, assert_user_error, recipe_for, write_recipe
+from .conftest import REPO, TLX, assert_user_error, make_imagefolder, recipe_for, write_recipe
 
 #: a backbone plugin for ``tlx`` subprocesses: the mean colour of an image, after ``DELAY`` seconds
 COLOURS = """
@@ -207,39 +208,133 @@ def nan_head(folder: Path) -> None:
     )
 
 
+def edit_head_metadata(folder: Path, **values: str) -> None:
+    """Save ``folder``'s head again with some of its metadata replaced."""
+    path = folder / "head.safetensors"
+    state = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    safetensors.torch.save_file(state, str(path), {**metadata, **values})
+
+
+def without_digests(folder: Path) -> None:
+    """``folder`` as a run written before tlx recorded its files' digests."""
+    provenance = json.loads((folder / "provenance.json").read_text())
+    del provenance["files"]
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+
+
+#: each damage: what it does, the file it damages, the error's words where no digest tells of it
 DAMAGE = {
     "truncated head": (
         lambda f: (f / "head.safetensors").write_bytes((f / "head.safetensors").read_bytes()[:100]),
+        "head.safetensors",
         ["head.safetensors: cannot read it", "restore the file"],
     ),
-    "empty head": (lambda f: (f / "head.safetensors").write_bytes(b""), ["head.safetensors: cannot read it"]),
+    "empty head": (
+        lambda f: (f / "head.safetensors").write_bytes(b""),
+        "head.safetensors",
+        ["head.safetensors: cannot read it"],
+    ),
     "provenance not json": (
         lambda f: (f / "provenance.json").write_text("{not json"),
+        "provenance.json",
         ["provenance.json: cannot read it", "JSONDecodeError"],
     ),
     "provenance without keys": (
         lambda f: (f / "provenance.json").write_text('{"backbone": {}}'),
-        ["provenance.json: holds no backbone.sha256"],
+        "provenance.json",
+        ["provenance.json: missing required key backbone.sha256", "restore the file"],
+    ),
+    "provenance digest not hex": (
+        lambda f: (f / "provenance.json").write_text('{"backbone": {"sha256": "x"}}'),
+        "provenance.json",
+        ["provenance.json: backbone.sha256: String should match pattern"],
     ),
     "head type edited": (
         lambda f: edit_recipe(f, "head", type="linear"),
+        "recipe.yaml",
         ["recipe.yaml: head.type is linear, but head.safetensors holds a mlp head", "head.type: mlp"],
     ),
     "head options edited": (
         lambda f: edit_recipe(f, "head", type="mlp", hidden=[6]),
+        "recipe.yaml",
         ["head.safetensors: does not fit the mlp head", "[4, 3]", "[6, 3]"],
     ),
-    "head weights nan": (nan_head, ["head.safetensors: the head's weights are not finite"]),
+    "head weights nan": (
+        nan_head,
+        "head.safetensors",
+        ["head.safetensors: the head's weights are not finite"],
+    ),
+    "class names not a list": (
+        lambda f: edit_head_metadata(f, classes='"class0"'),
+        "head.safetensors",
+        ["head.safetensors: classes: Input should be a valid list"],
+    ),
+    "class names repeated": (
+        lambda f: edit_head_metadata(f, classes='["class0", "class0"]'),
+        "head.safetensors",
+        ["head.safetensors: classes: Value error, class names must be distinct"],
+    ),
 }
 
 
+@pytest.mark.parametrize("digests", [True, False], ids=["digests", "no digests"])
 @pytest.mark.parametrize("case", DAMAGE)
-def test_damaged_run_files_are_one_line_errors(case: str, trained: Path, tiny_dataset: Path, invoke) -> None:
-    damage, words = DAMAGE[case]
+def test_damaged_run_files_are_one_line_errors(
+    case: str, digests: bool, trained: Path, tiny_dataset: Path, invoke
+) -> None:
+    """A damaged file that ``provenance.json`` holds a digest of is refused as edited, whatever the damage."""
+    damage, name, words = DAMAGE[case]
+    if not digests:
+        without_digests(trained)
     damage(trained)
     result = invoke("predict", trained, tiny_dataset / "val", "--json")
+    if digests and name != "provenance.json":
+        words = [f"{trained / name}: edited since the run wrote it (SHA-256 ", "restore the file"]
     assert_user_error(result, str(trained), *words)
     assert result.stdout == ""
+
+
+EDITS = {
+    "class names swapped in the head": (
+        lambda f: edit_head_metadata(f, classes='["class1", "class0"]'),
+        "head.safetensors",
+    ),
+    "extract.flip flipped in the recipe": (lambda f: edit_recipe(f, "extract", flip=True), "recipe.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", EDITS)
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_run_file_edited_after_the_run_is_refused(
+    case: str, command: str, trained: Path, tiny_dataset: Path, invoke
+) -> None:
+    """Edits that load without complaint and change every prediction."""
+    edit, name = EDITS[case]
+    edit(trained)
+    result = invoke(command, trained, *([tiny_dataset / "val"] if command == "predict" else []))
+    assert_user_error(result, f"{trained / name}: edited since the run wrote it", "or train a new run")
+
+
+def test_provenance_records_the_digest_of_each_file_a_run_loads(trained: Path) -> None:
+    files = json.loads((trained / "provenance.json").read_text())["files"]
+    assert files == {
+        name: hashlib.sha256((trained / name).read_bytes()).hexdigest()
+        for name in ("recipe.yaml", "head.safetensors")
+    }
+
+
+def test_a_run_without_digests_loads_with_a_one_line_note(trained: Path, tiny_dataset: Path, invoke) -> None:
+    before = invoke("predict", trained, tiny_dataset / "val", "--json")
+    without_digests(trained)
+    result = invoke("predict", trained, tiny_dataset / "val", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == before.stdout
+    assert result.stderr.splitlines() == [
+        f"tlx: warning: {trained / 'provenance.json'}: records no digests of the run's files (an older tlx "
+        "wrote it), so an edited run file goes unnoticed; train a new run to have them checked"
+    ]
 
 
 def test_unreadable_run_file_is_a_one_line_error(
@@ -273,7 +368,7 @@ def test_a_failed_write_leaves_no_truncated_run_file(
     out = tmp_path / "out"
     with pytest.raises(TlxError, match="No space left on device"):
         run(recipe_for(tmp_path, tiny_dataset, "train.epochs=1"), "r", out)
-    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
 
 
 # --- 4. export -----------------------------------------------------------------------------------------
@@ -345,3 +440,23 @@ def test_eval_refuses_overrides_that_cannot_change_it(trained: Path, invoke) -> 
     assert "train.epochs" not in invoke("eval", "--help").output
     result = invoke("eval", trained, "--set", "extract.batch_size=2", "--set", "device=cpu", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_eval_on_the_runs_own_training_images_warns_how_many(
+    trained: Path, tiny_dataset: Path, tmp_path: Path, invoke
+) -> None:
+    result = invoke("eval", trained, "--set", "dataset.test=train")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"tlx: warning: 12 of the 12 images evaluated are training images of {trained} (the same files or "
+        "the same bytes); the accuracy overstates how it does on new images"
+    ]
+    assert "on 12 images" in result.stdout
+    other = make_imagefolder(tmp_path / "other", classes=2, per_class=(6, 4), size=50)  # other pixels
+    assert "warning" not in invoke("eval", trained, "--set", f"dataset.root={other}").stderr
+    copied = (tiny_dataset / "train" / "class0" / "5.jpg").read_bytes()
+    (other / "val" / "class0" / "0.jpg").write_bytes(copied)
+    assert (
+        "1 of the 8 images evaluated are training images"
+        in invoke("eval", trained, "--set", f"dataset.root={other}").stderr
+    )

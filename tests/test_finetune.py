@@ -271,6 +271,28 @@ def test_a_finetuned_run_is_reloaded_with_its_trained_backbone(tmp_path: Path, t
     assert scores.accuracy == metrics["test_accuracy"]
 
 
+def test_a_finetuned_runs_backbone_file_edited_or_removed_is_refused(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    """Without its fine-tuned weights the run would load the pretrained backbone and predict otherwise."""
+    from tlx.artifacts import load_run
+
+    finetune_run(tmp_path, tiny_dataset, "out", "train.epochs=1")
+    tuned = tmp_path / "out" / "backbone.safetensors"
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert set(provenance["files"]) == {"recipe.yaml", "head.safetensors", "backbone.safetensors"}
+    original = tuned.read_bytes()
+    tuned.write_bytes(original[:-4] + b"\0\0\0\0")
+    with pytest.raises(TlxError, match=re.escape(f"{tuned}: edited since the run wrote it")):
+        load_run(tmp_path / "out")
+    tuned.unlink()
+    for digests in (provenance, {k: v for k, v in provenance.items() if k != "files"}):  # and an older run
+        (tmp_path / "out" / "provenance.json").write_text(json.dumps(digests))
+        missing = "recipe.yaml: strategy is finetune, but backbone.safetensors is missing"
+        with pytest.raises(TlxError, match=re.escape(missing)):
+            load_run(tmp_path / "out")
+
+
 def test_bad_image_policy_applies_to_finetuning(
     tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
 ) -> None:

@@ -3,7 +3,8 @@
 Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx export``:
 
 - ``recipe.yaml``      the recipe with every default filled in (component options too), paths absolute
-- ``provenance.json``  versions of Python, tlx, torch, timm and each plugin; the backbone weights' SHA-256
+- ``provenance.json``  versions of Python, tlx, torch, timm and each plugin; the backbone weights' SHA-256;
+  the SHA-256 of each file a run is loaded from (recipe, head, fine-tuned backbone), checked on load
 - ``metrics.json``     final scores, the training history, the choices made on the training split
 - ``history.csv``      one row per epoch (or per L2 strength for a closed-form head)
 - ``head.safetensors`` the trained head, with the class names, head type and feature size as metadata
@@ -43,6 +44,19 @@ from tlx.errors import TlxError, describe, shorten
 from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
+from tlx.runfiles import (
+    HEAD_FILE,
+    METRICS_FILE,
+    PROVENANCE_FILE,
+    RECIPE_FILE,
+    RESTORE,
+    TUNED_BACKBONE_FILE,
+    HeadMetadata,
+    check_digests,
+    checked,
+    digests,
+    read_provenance,
+)
 from tlx.scores import Scores
 
 if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder needs none
@@ -53,11 +67,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder ne
     from tlx.extraction.store import BackboneInfo
     from tlx.tensors import Features
 
-HEAD_FILE = "head.safetensors"
-RECIPE_FILE = "recipe.yaml"
-PROVENANCE_FILE = "provenance.json"
-TUNED_BACKBONE_FILE = "backbone.safetensors"
-METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 LOCK_FILE = RUN_MARKER
 #: the most misclassified test images ``errors.png`` shows
@@ -285,10 +294,10 @@ def write_run(
     """Write every file of the run folder; ``metrics.json`` last, so its presence marks a finished run.
 
     A fine-tuned backbone is saved too (``backbone.safetensors``): its weights are no longer the
-    pretrained ones the recipe names. ``painter`` draws the figures.
+    pretrained ones the recipe names. ``provenance.json`` follows the files a run is loaded from, with
+    their digests (:func:`load_run` checks them). ``painter`` draws the figures.
     """
     write_recipe(out / RECIPE_FILE, resolved)
-    write_json(out / PROVENANCE_FILE, provenance)
     write_head(
         out / HEAD_FILE,
         head,
@@ -298,6 +307,8 @@ def write_run(
     )
     if tuned_backbone is not None:
         write_tensors(out / TUNED_BACKBONE_FILE, tuned_backbone)
+    loaded = (RECIPE_FILE, HEAD_FILE, *((TUNED_BACKBONE_FILE,) if tuned_backbone is not None else ()))
+    write_json(out / PROVENANCE_FILE, {**provenance, "files": digests(out, loaded)})
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
     write_predictions(out / PREDICTIONS_FILE, predictions, scores.classes)
@@ -389,8 +400,8 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
 
     The backbone is recalled from the cache folder (``cache_dir``, as
     :func:`tlx.extraction.store.cache_dir` finds it) as a run recalls it, built only where it is not
-    remembered. A run file that is unreadable, truncated, edited or not finite is a :class:`TlxError`
-    naming it.
+    remembered. A run file that is unreadable, truncated, edited (its SHA-256 is not the one in
+    ``provenance.json``) or not finite is a :class:`TlxError` naming it.
     """
     from tlx.components import resolve
     from tlx.extraction.frozen import FrozenBackbone
@@ -401,18 +412,26 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
             raise TlxError(
                 f"{folder}: not a finished tlx run folder ({name} is missing); pass the --out of tlx run"
             )
+    provenance = read_provenance(folder / PROVENANCE_FILE)
+    tuned = folder / TUNED_BACKBONE_FILE
+    check_digests(folder, provenance, (RECIPE_FILE, HEAD_FILE, *((tuned.name,) if tuned.exists() else ())))
     recipe = load_recipe(folder / RECIPE_FILE, overrides)
-    expected = backbone_digest(folder / PROVENANCE_FILE)
+    if (recipe.strategy == "finetune") != tuned.is_file():
+        raise TlxError(
+            f"{folder / RECIPE_FILE}: strategy is {recipe.strategy}, but {tuned.name} is "
+            f"{'missing' if recipe.strategy == 'finetune' else 'in the folder'}; restore the run's files "
+            "as the run wrote them"
+        )
+    expected = provenance.backbone.sha256
     state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
-    tuned = folder / TUNED_BACKBONE_FILE
 
     def load_tuned(module: nn.Module) -> None:
         weights, _ = read_tensors(tuned)
         load_state(module, weights, tuned, f"backbone {recipe.backbone.name}")
 
     root = default_cache(cache_dir)
-    frozen = FrozenBackbone.of(recipe, parts, root, load_tuned if tuned.is_file() else None)
+    frozen = FrozenBackbone.of(recipe, parts, root, load_tuned if recipe.strategy == "finetune" else None)
     if frozen.info.sha256 != expected:
         raise TlxError(
             f"{folder / PROVENANCE_FILE}: the weights of backbone {recipe.backbone.name} have changed since "
@@ -425,19 +444,6 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
     return TrainedRun(folder, recipe, parts, frozen, head, classes)
 
 
-def backbone_digest(path: Path) -> str:
-    """The SHA-256 of the backbone weights a run used, from its ``provenance.json``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
-        raise TlxError(f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote") from None
-    backbone = data.get("backbone") if isinstance(data, dict) else None
-    digest = backbone.get("sha256") if isinstance(backbone, dict) else None
-    if not isinstance(digest, str):
-        raise TlxError(f"{path}: holds no backbone.sha256; restore the file the run wrote")
-    return digest
-
-
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file; an unreadable or truncated one is a TlxError."""
     from safetensors import SafetensorError, safe_open
@@ -446,21 +452,14 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a mapping)
     except (OSError, SafetensorError) as exc:
-        raise TlxError(
-            f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote or train a new run"
-        ) from None
+        raise TlxError(f"{path}: cannot read it ({describe(exc)}); {RESTORE}") from None
 
 
 def read_head(path: Path, head_type: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A run's head state and class names; refused if not finite or of another type than ``head_type``."""
     state, metadata = read_tensors(path)
-    try:
-        classes = json.loads(metadata["classes"])
-    except (KeyError, ValueError):
-        classes = None
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise TlxError(f"{path}: holds no class names; restore the file the run wrote or train a new run")
-    saved = metadata.get("head", head_type)
+    read = checked(HeadMetadata, metadata, path)
+    saved = read.head or head_type
     if saved != head_type:
         raise TlxError(
             f"{path.with_name(RECIPE_FILE)}: head.type is {head_type}, but {path.name} holds a {saved} head; "
@@ -468,7 +467,7 @@ def read_head(path: Path, head_type: str) -> tuple[dict[str, torch.Tensor], list
         )
     if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
         raise TlxError(f"{path}: the head's weights are not finite (NaN or infinity); train a new run")
-    return state, classes
+    return state, read.classes
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:

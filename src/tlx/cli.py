@@ -182,15 +182,26 @@ def sweep_(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 def compare_(folders: tuple[Path, ...], as_json: bool, markdown: bool) -> None:
-    """Show runs side by side (run or sweep folders): the recipe keys that differ, accuracy, seconds."""
+    """Show runs side by side (run or sweep folders): the recipe keys that differ, accuracy, seconds.
+
+    A damaged run is left out with a warning saying why; the others are shown, and the exit code is 2.
+    """
     from tlx import compare
 
-    keys, rows = compare.compare(list(folders))
+    found = compare.compare(list(folders))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    header, table = compare.cells(keys, rows)
-    click.echo((compare.markdown if markdown else compare.aligned)(header, table), nl=False)
+        click.echo(json.dumps(found.rows, indent=2))
+    elif found.rows:
+        header, table = compare.cells(found.keys, found.rows)
+        click.echo((compare.markdown if markdown else compare.aligned)(header, table), nl=False)
+    for _, reason in found.damaged:
+        click.echo(f"tlx: warning: left out of the comparison: {reason}", err=True)
+    if found.damaged:
+        total = len(found.rows) + len(found.damaged)
+        raise TlxError(
+            f"{len(found.damaged)} of {total} runs are damaged (listed above); restore their files, "
+            "or compare the others only"
+        )
 
 
 @cli.group()

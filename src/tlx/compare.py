@@ -2,22 +2,20 @@
 
 A folder given is a run folder (it holds ``metrics.json``) or a sweep folder (its subfolders are
 runs). A key that some runs lack (another head's options) is shown only where runs that have it
-disagree; the head type already tells those runs apart.
+disagree; the head type already tells those runs apart. A run whose ``recipe.yaml`` or
+``metrics.json`` cannot be read or holds what no run writes is left out of the table, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tlx.errors import TlxError, describe, shorten
-from tlx.recipe import dotted
-
-METRICS_FILE = "metrics.json"
-RECIPE_FILE = "recipe.yaml"
+from tlx.recipe import dotted, read_yaml
+from tlx.runfiles import METRICS_FILE, RECIPE_FILE, read_metrics
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
@@ -27,11 +25,16 @@ def run_folders(paths: list[Path]) -> list[Path]:
         if (path / METRICS_FILE).is_file():
             found.append(path)
             continue
-        inside = (
-            sorted(p for p in path.iterdir() if not p.is_symlink() and (p / METRICS_FILE).is_file())
-            if path.is_dir()
-            else []
-        )
+        try:
+            inside = (
+                sorted(p for p in path.iterdir() if not p.is_symlink() and (p / METRICS_FILE).is_file())
+                if path.is_dir()
+                else []
+            )
+        except OSError as exc:
+            raise TlxError(
+                f"{path}: cannot list it ({describe(exc)}); check the folder's permissions"
+            ) from None
         if not inside:
             raise TlxError(
                 f"{path}: not a tlx run or sweep folder (no {METRICS_FILE} in it or its subfolders); "
@@ -42,43 +45,43 @@ def run_folders(paths: list[Path]) -> list[Path]:
     return [p for p in found if unique.get(p.resolve()) is p]
 
 
-def _read(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise TlxError(f"{path}: cannot read it ({describe(exc)}); restore the file the run wrote") from None
+@dataclass
+class Comparison:
+    """The recipe keys that differ, one row per readable run, and the runs that could not be read."""
+
+    keys: list[str]
+    #: each run's folder, the differing keys, its scores and seconds
+    rows: list[dict[str, Any]]
+    #: each damaged run's folder, with the one-line reason
+    damaged: list[tuple[Path, str]]
 
 
-def compare(paths: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
-    """The differing recipe keys, and one row per run: its folder, those keys, its scores and seconds."""
-    folders = run_folders(paths)
-    recipes, metrics = [], []
-    for folder in folders:
-        recipe, data = _read(folder / RECIPE_FILE), _read(folder / METRICS_FILE)
-        if not isinstance(data, dict) or not isinstance(data.get("test_accuracy"), (int, float)):
-            raise TlxError(f"{folder / METRICS_FILE}: holds no test_accuracy; restore the file the run wrote")
-        recipes.append(dotted(recipe if isinstance(recipe, dict) else {}))
-        metrics.append(data)
+def compare(paths: list[Path]) -> Comparison:
+    """The runs in ``paths`` side by side; a damaged run is listed apart and the rest are compared."""
+    runs, damaged = [], []
+    for folder in run_folders(paths):
+        try:
+            recipe = dotted(read_yaml(folder / RECIPE_FILE))
+            runs.append((folder, recipe, read_metrics(folder / METRICS_FILE)))
+        except TlxError as exc:
+            damaged.append((folder, str(exc)))
     keys = [
         key
-        for key in dict.fromkeys(k for r in recipes for k in r)
-        if len({json.dumps(r[key], sort_keys=True) for r in recipes if key in r}) > 1
+        for key in dict.fromkeys(k for _, recipe, _ in runs for k in recipe)
+        if len({json.dumps(recipe[key], sort_keys=True) for _, recipe, _ in runs if key in recipe}) > 1
     ]
-    rows = []
-    for folder, recipe, data in zip(folders, recipes, metrics):
-        selection = data.get("selection") or {}
-        rows.append(
-            {
-                "run": str(folder),
-                **{key: recipe.get(key) for key in keys},
-                "test_accuracy": data["test_accuracy"],
-                "selection": selection.get("mean"),
-                "selection_std": selection.get("std"),
-                "seconds": (data.get("seconds") or {}).get("total"),
-            }
-        )
-    return keys, rows
+    rows = [
+        {
+            "run": str(folder),
+            **{key: recipe.get(key) for key in keys},
+            "test_accuracy": metrics.test_accuracy,
+            "selection": metrics.selection.mean if metrics.selection else None,
+            "selection_std": metrics.selection.std if metrics.selection else None,
+            "seconds": metrics.seconds.total,
+        }
+        for folder, recipe, metrics in runs
+    ]
+    return Comparison(keys, rows, damaged)
 
 
 def cells(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -89,14 +92,13 @@ def cells(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list[str], list[
         selection = (
             f"{row['selection']:.2%} ± {row['selection_std']:.2%}" if row["selection"] is not None else "-"
         )
-        seconds = f"{row['seconds']:.1f}" if isinstance(row["seconds"], (int, float)) else "-"
         table.append(
             [
                 row["run"],
                 *(_cell(row[key]) for key in keys),
                 f"{row['test_accuracy']:.2%}",
                 selection,
-                seconds,
+                f"{row['seconds']:.1f}",
             ]
         )
     return header, table

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import random
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from tlx.errors import TlxError
+from tlx.files import sha256_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -175,6 +175,14 @@ def check_overlap(splits: Splits) -> list[str]:
     return messages
 
 
+def shared_images(train: Split, test: Split) -> int:
+    """How many image files of ``test`` are files of ``train`` (through links too) or hold the same
+    bytes as one: images that a head trained on ``train`` has seen."""
+    (train_files, _), (test_files, _) = map(_files_by_identity, (train, test))
+    others = {identity: file for identity, file in test_files.items() if identity not in train_files}
+    return len(test_files) - len(others) + len(_same_content(train_files, others))
+
+
 def _files_by_identity(split: Split) -> tuple[dict[tuple[int, int], tuple[Path, int]], int]:
     """The distinct files of ``split`` by (device, inode), each with its path and size; and how many
     listings repeat a file listed before."""
@@ -200,8 +208,7 @@ def _same_content(
     def sha256(path: Path) -> str | None:
         if path not in digests:
             try:
-                with path.open("rb") as file:
-                    digests[path] = hashlib.file_digest(file, "sha256").hexdigest()
+                digests[path] = sha256_of(path)
             except OSError:
                 digests[path] = None
         return digests[path]

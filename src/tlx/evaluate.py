@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from tlx.artifacts import TrainedRun
+from pathlib import Path
+
+from tlx import notices
+from tlx.artifacts import RECIPE_FILE, TrainedRun
+from tlx.components import resolve
+from tlx.data import Split, shared_images
 from tlx.errors import TlxError
+from tlx.recipe import load_recipe
 from tlx.scores import Scores
 from tlx.tensors import Features
 from tlx.train import predict
@@ -32,5 +38,29 @@ def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
             f"dataset.root: {splits.source} has classes {', '.join(splits.classes)}, the run was trained on "
             f"{', '.join(run.classes)}; evaluate on a dataset with the same class folders"
         )
+    if any(key.split(".")[0] == "dataset" for key in run.recipe.set_keys):
+        trained_on = training_images(run.folder)
+        seen = shared_images(trained_on, splits.test) if trained_on is not None else 0
+        if seen:
+            notices.warn(
+                f"{seen} of the {len(splits.test)} images evaluated are training images of {run.folder} "
+                "(the same files or the same bytes); the accuracy overstates how it does on new images"
+            )
     test = run.extract(splits.test)
     return Scores.of(run.classes, test.y, predict(run.head, test)), test
+
+
+def training_images(folder: Path) -> Split | None:
+    """The training split of run ``folder``, as its recipe lists it now; None where its dataset is gone.
+
+    A dataset whose ``root`` is missing is not listed: listing it might download it again.
+    """
+    path = folder / RECIPE_FILE
+    parts = resolve(load_recipe(path), str(path))
+    root = getattr(parts.dataset_options, "root", None)
+    if isinstance(root, Path) and not root.exists():
+        return None
+    try:
+        return parts.dataset.factory(parts.dataset_options).train
+    except TlxError:
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -45,3 +46,9 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as strict JSON (see :func:`to_json`), atomically."""
     text = to_json(data)
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes as hex, read in blocks (it may be large); OSError if unreadable."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
