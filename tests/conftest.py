@@ -58,6 +58,23 @@ def make_imagefolder(root: Path, classes: int, per_class: tuple[int, int] = (6, 
     return root
 
 
+#: ``dataset.group`` for :func:`make_grouped_folder`'s file names: the object before ``_<photo>.png``
+GROUPED = r"^(.+)_\d+\.png$"
+
+
+def make_grouped_folder(root: Path, objects: dict[str, int], photos: int = 3, prefix: str = "") -> Path:
+    """``root/<class>/<prefix><class><g>_<j>.png``: ``objects[class]`` objects of ``photos`` photos each
+    (shades of one colour per object), grouped by :data:`GROUPED`."""
+    for k, (name, count) in enumerate(objects.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for g in range(count):
+            for j in range(photos):
+                colour = (60 * k + 9 * g, 10 * j, 200 - 7 * g)
+                Image.new("RGB", (24, 24), colour).save(folder / f"{prefix}{name}{g}_{j}.png")
+    return root
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """Two classes, six training and three test images each."""

@@ -1,4 +1,5 @@
-"""Dataset kinds: one folder split stratified and seeded, CSV manifests, and the class balance summary."""
+"""Dataset kinds: one folder split stratified and seeded, CSV manifests, groups of images of one object,
+and the class balance summary."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tlx.data import Split, Splits, scan_class_folder, scan_manifests
+from tlx.data import Split, Splits, check_overlap, scan_class_folder, scan_imagefolder, scan_manifests
+from tlx.default_plugins.datasets import ImageFolderOptions, imagefolder
 from tlx.errors import TlxError
 from tlx.recipe import load_recipe
 from tlx.report import describe_balance
 from tlx.run import run
 
-from .conftest import write_recipe
+from .conftest import GROUPED, make_grouped_folder, recipe_for, write_recipe
 
 
 def class_folder(root: Path, counts: dict[str, int]) -> Path:
@@ -148,3 +150,95 @@ def test_kind_options_are_validated(tmp_path: Path, images: Path) -> None:
         path = write_recipe(tmp_path / "r.yaml", f"dataset: {dataset}\nbackbone: {{name: counting}}\n")
         with pytest.raises(TlxError, match=message):
             run(load_recipe(path), "r.yaml", tmp_path / "out")
+
+
+def groups_by_name(split: Split) -> dict[str, str]:
+    assert split.groups is not None
+    return dict(zip((path.name for path, _ in split.samples), split.groups, strict=True))
+
+
+def test_groups_come_from_the_file_names(tmp_path: Path) -> None:
+    make_grouped_folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
+    make_grouped_folder(tmp_path / "d" / "val", {"a": 1, "b": 1}, prefix="t")
+    loose = tmp_path / "d" / "train" / "a" / "loose.png"
+    Image.new("RGB", (24, 24)).save(loose)
+    splits = imagefolder(ImageFolderOptions(root=tmp_path / "d", group=GROUPED))
+    train = groups_by_name(splits.train)
+    assert train["a0_0.png"] == train["a0_2.png"] == "a0" and train["b1_1.png"] == "b1"
+    assert train["loose.png"] == str(loose)  # no match: a group of its own
+    assert set(groups_by_name(splits.test).values()) == {"ta0", "tb0"}
+    assert imagefolder(ImageFolderOptions(root=tmp_path / "d")).train.groups is None
+
+
+def test_groups_come_from_a_manifest_column(images: Path) -> None:
+    lines = [
+        "path,label,object",
+        *(f"images/{i}.png,{i % 2},obj{i // 4}" for i in range(9)),
+        "images/9.png,1,",
+    ]
+    (images / "all.csv").write_text("\n".join(lines) + "\n")
+    splits = scan_manifests(images / "all.csv", None, 0.2, 0, group="object")
+    groups = {**groups_by_name(splits.train), **groups_by_name(splits.test)}
+    assert [groups[f"{i}.png"] for i in range(9)] == ["obj0"] * 4 + ["obj1"] * 4 + ["obj2"]
+    assert groups["9.png"] == str(images / "images/9.png")  # an empty cell: a group of its own
+    with pytest.raises(TlxError, match=r"^dataset.group: .*all.csv has no column 'photo'; name the column"):
+        scan_manifests(images / "all.csv", None, 0.2, 0, group="photo")
+
+
+@pytest.mark.usefixtures("counting_backbone")
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("(a", r"dataset.group: not a regular expression \(missing \), unterminated subpattern"),
+        (r"_\d+", r"dataset.group: the regular expression has no capture group; wrap the part"),
+    ],
+)
+def test_a_bad_group_pattern_is_a_one_line_error(tmp_path: Path, pattern: str, message: str) -> None:
+    root = make_grouped_folder(tmp_path / "d", {"a": 2, "b": 2})
+    with pytest.raises(TlxError, match=message) as caught:
+        run(
+            recipe_for(tmp_path, root, "dataset.kind=folder", f"dataset.group={pattern}"), "r", tmp_path / "o"
+        )
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folder_split_keeps_each_group_on_one_side(tmp_path: Path, seed: int) -> None:
+    root = make_grouped_folder(tmp_path / "d", {"a": 8, "b": 6})
+    splits = scan_class_folder(root, 0.25, seed, re.compile(GROUPED))
+    train, test = groups_by_name(splits.train), groups_by_name(splits.test)
+    assert not set(train.values()) & set(test.values())
+    assert len(train) + len(test) == 42 and splits.test.class_counts(2)[0] and splits.test.class_counts(2)[1]
+    assert all(splits.train.class_counts(2))
+    objects = {name.split("_")[0] for name in test}
+    ungrouped = {p.name.split("_")[0] for p, _ in scan_class_folder(root, 0.25, seed).test.samples}
+    assert len(ungrouped) > len(objects)  # without groups, an object's photos land on both sides
+
+
+def test_a_group_in_both_splits_is_a_warning(tmp_path: Path) -> None:
+    make_grouped_folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
+    make_grouped_folder(tmp_path / "d" / "val", {"a": 1, "b": 1}, photos=1)  # photo 0 of a0, b0 again
+    for val in (tmp_path / "d" / "val").rglob("*.png"):
+        Image.new("RGB", (30, 30), (1, 2, 3)).save(val)  # other bytes: not the same files
+    warnings = check_overlap(scan_imagefolder(tmp_path / "d", "train", "val", re.compile(GROUPED)))
+    assert warnings == [
+        "2 group(s) of dataset.group have images in both split 'train' and split 'val' (first: 'a0'); "
+        "they overstate the test accuracy; move each group's images into one split"
+    ]
+
+
+@pytest.mark.usefixtures("counting_backbone")
+def test_selection_folds_follow_the_groups_of_the_decoded_images(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_grouped_folder(root / "train", {"a": 6, "b": 6})
+    make_grouped_folder(root / "val", {"a": 1, "b": 1}, prefix="t")
+    (root / "train" / "a" / "a0_7.png").write_bytes(b"not an image")  # skipped: the groups must follow
+    recipe = recipe_for(tmp_path, root, f"dataset.group={GROUPED}", "train.epochs=2")
+    metrics = run(recipe, "r.yaml", tmp_path / "out", select=True)
+    assert metrics["n_train"] == 36 and [s["path"] for s in metrics["skipped"]] == [
+        str(root / "train/a/a0_7.png")
+    ]
+    assert metrics["selection"]["selected_by"] == (
+        "5-fold cross-validation on the training split, each group (dataset.group) in one fold"
+    )

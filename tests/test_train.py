@@ -3,13 +3,22 @@ folds of a selection, trained stacked, end where each, trained alone, would."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tlx.data import load_image, scan_class_folder
+from tlx.errors import TlxError
+from tlx.folds import fold_ids, hold_out
 from tlx.recipe import TrainConfig
 from tlx.tensors import Features
-from tlx.train import class_weights, stackable, train_head, train_heads
+from tlx.train import class_weights, out_of_fold, stackable, train_head, train_heads
+
+from .conftest import GROUPED, make_grouped_folder
 
 #: fold sizes whose epochs differ in steps at batch size 4 (4, 5 and 4 steps) and in their last batch
 SIZES = (15, 17, 16)
@@ -119,3 +128,45 @@ def test_what_cannot_be_stacked_exactly_trains_one_by_one() -> None:
     # what is not stackable trains one by one, in the same loop: exactly as alone
     assert_alone_and_together_agree(lambda k: mlps(k, dropout=0.1), fits, TrainConfig(epochs=2, lr=0.05))
     assert_alone_and_together_agree(linears, fits, TrainConfig(epochs=2, optimizer="adamw"))
+
+
+def grouped_features(root: Path, objects: dict[str, int]) -> tuple[Features, list[str]]:
+    """Mean colours of real grouped images as features, and the group of each."""
+    train = scan_class_folder(make_grouped_folder(root, objects), 0.1, 0, re.compile(GROUPED)).train
+    x = torch.tensor(np.array([np.asarray(load_image(p), np.float32).mean((0, 1)) for p, _ in train.samples]))
+    assert train.groups is not None
+    return Features(x, torch.tensor([y for _, y in train.samples]), []), list(train.groups)
+
+
+def test_a_group_never_spans_two_folds(tmp_path: Path) -> None:
+    train, groups = grouped_features(tmp_path / "d", {"a": 12, "b": 9, "c": 7})
+    config = TrainConfig(epochs=1)
+    held = out_of_fold(lambda: nn.Linear(3, 3), train, config, n_classes=3, seed=4, groups=groups)
+    folds_of: dict[str, set[int]] = {}
+    for group, fold in zip(groups, held.fold.tolist()):
+        folds_of.setdefault(group, set()).add(fold)
+    assert held.k == 5 and all(len(f) == 1 for f in folds_of.values())
+    assert sorted(set(held.fold.tolist())) == [0, 1, 2, 3, 4]
+    assert len(held.accuracies(train.y)) == 5
+    ungrouped = fold_ids(train.y, 5, 4).tolist()
+    assert any(len({f for g, f in zip(groups, ungrouped) if g == group}) > 1 for group in folds_of)
+    fit, val = hold_out(Features(torch.arange(len(groups)).unsqueeze(1), train.y, []), 0.25, 4, groups)
+    fit_groups = {groups[i] for i in fit.x.flatten().tolist()}
+    val_groups = {groups[i] for i in val.x.flatten().tolist()}
+    assert not fit_groups & val_groups and fit_groups | val_groups == set(groups) and len(val.y) > 0
+
+
+def test_a_class_in_one_group_cannot_be_cross_validated(tmp_path: Path) -> None:
+    train, groups = grouped_features(tmp_path / "d", {"a": 4, "b": 2})
+    groups = [g if g.startswith("a") else "b" for g in groups]  # every photo of b: one object
+    with pytest.raises(TlxError, match=r"^selection: a class has 1 group\(s\) of dataset.group, too few"):
+        out_of_fold(lambda: nn.Linear(3, 2), train, TrainConfig(), n_classes=2, seed=0, groups=groups)
+    with pytest.raises(TlxError, match=r"^train.val_fraction: class '1' has images in 1 group\(s\)"):
+        hold_out(train, 0.2, 0, groups)
+
+
+def test_fold_assignment_without_groups_is_unchanged() -> None:
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 2, 2, 2, 2, 0, 1])
+    assert fold_ids(y, 3, 7).tolist() == [0, 1, 1, 2, 0, 0, 2, 0, 0, 0, 2, 1, 1, 1]
+    _, val = hold_out(Features(torch.arange(14.0).unsqueeze(1), y, []), 0.25, 3)
+    assert val.x.flatten().tolist() == [1.0, 2.0, 9.0]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import random
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -40,15 +41,31 @@ OUTSIDE_ROOT = "links outside the dataset root"
 
 @dataclass(frozen=True)
 class Split:
-    """One split: image paths with their class index."""
+    """One split: image paths with their class index, and with ``dataset.group`` the group of each."""
 
     name: str
     samples: list[tuple[Path, int]]
     #: files left out, with the reason, for the summary
     skipped: tuple[tuple[Path, str], ...] = ()
+    #: the group id of every sample, in order (images of one object: every split keeps them together)
+    groups: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def part(self, indices: Iterable[int], name: str | None = None) -> Split:
+        """The samples at ``indices`` with their groups, as split ``name`` (default: this split's)."""
+        kept = list(indices)
+        groups = tuple(self.groups[i] for i in kept) if self.groups is not None else None
+        return Split(name or self.name, [self.samples[i] for i in kept], groups=groups)
+
+    def decoded_groups(self, skipped: Iterable[tuple[Path, str]]) -> list[str] | None:
+        """The groups of the samples that were decoded (all but ``skipped``): one per row of this
+        split's features, as the selection's folds need them; None without groups."""
+        if self.groups is None:
+            return None
+        left_out = {path for path, _ in skipped}
+        return [g for (path, _), g in zip(self.samples, self.groups) if path not in left_out]
 
     def class_counts(self, n_classes: int) -> list[int]:
         counts = [0] * n_classes
@@ -147,7 +164,8 @@ def check_overlap(splits: Splits) -> list[str]:
     The same file (through links too) in train and test is a TlxError: the head would be tested on
     images it trained on. Different files with the same bytes (SHA-256) are a warning, as is a file
     listed twice in one split; they may be deliberate. Only files whose size occurs in both splits
-    are read and hashed: different sizes cannot hold the same bytes.
+    are read and hashed: different sizes cannot hold the same bytes. A group (``dataset.group``) with
+    images in both splits is a warning too.
     """
     (train, train_repeats), (test, test_repeats) = map(_files_by_identity, (splits.train, splits.test))
     both = [path for identity, (path, _) in test.items() if identity in train]
@@ -172,6 +190,14 @@ def check_overlap(splits: Splits) -> list[str]:
             f"split {splits.train.name!r} (first: {test_path} and {train_path}); they overstate the "
             "test accuracy; remove the copies from one split"
         )
+    if splits.train.groups is not None and splits.test.groups is not None:
+        shared = sorted(set(splits.train.groups) & set(splits.test.groups))
+        if shared:
+            messages.append(
+                f"{len(shared)} group(s) of dataset.group have images in both split "
+                f"{splits.train.name!r} and split {splits.test.name!r} (first: {shared[0]!r}); they "
+                "overstate the test accuracy; move each group's images into one split"
+            )
     return messages
 
 
@@ -222,8 +248,11 @@ def _same_content(
     return pairs
 
 
-def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
-    """Scan ``root/<train>`` and ``root/<test>``; classes are the sorted folder names of the train split."""
+def scan_imagefolder(root: Path, train: str, test: str, group: re.Pattern[str] | None = None) -> Splits:
+    """Scan ``root/<train>`` and ``root/<test>``; classes are the sorted folder names of the train split.
+
+    ``group``: the pattern whose first capture group in a file name is the image's group
+    (:func:`name_groups`)."""
     if not root.is_dir():
         raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
     train_dir, test_dir = _split_dir(root, train, "train"), _split_dir(root, test, "test")
@@ -236,11 +265,24 @@ def scan_imagefolder(root: Path, train: str, test: str) -> Splits:
         )
     return Splits(
         classes=classes,
-        train=_scan_split(train_dir, classes, root, every_class=True),
-        test=_scan_split(test_dir, classes, root, every_class=False),
+        train=name_groups(_scan_split(train_dir, classes, root, every_class=True), group),
+        test=name_groups(_scan_split(test_dir, classes, root, every_class=False), group),
         source=str(root),
         roots=(root,),
     )
+
+
+def name_groups(split: Split, pattern: re.Pattern[str] | None) -> Split:
+    """``split`` with the group of every image: the first capture group of ``pattern`` searched in its
+    file name (not its folders). An image whose name does not match, or matches with an empty or no
+    first group, is a group of its own (its path). Without ``pattern``, ``split`` as it is."""
+    if pattern is None:
+        return split
+    groups = tuple(
+        (match.group(1) if (match := pattern.search(path.name)) else None) or str(path)
+        for path, _ in split.samples
+    )
+    return replace(split, groups=groups)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -263,49 +305,104 @@ def class_folders(folder: Path, key: str) -> list[str]:
     return classes
 
 
-def scan_class_folder(root: Path, test_fraction: float, seed: int) -> Splits:
-    """Scan ``root/<class>/<image>`` and split it, stratified by class and seeded, into train and test."""
+def scan_class_folder(
+    root: Path, test_fraction: float, seed: int, group: re.Pattern[str] | None = None
+) -> Splits:
+    """Scan ``root/<class>/<image>`` and split it, stratified by class and seeded, into train and test;
+    ``group`` as for :func:`scan_imagefolder`, each group then on one side."""
     if not root.is_dir():
         raise TlxError(f"dataset.root: folder {root} does not exist; set --set dataset.root=PATH")
     classes = class_folders(root, "dataset.root")
-    images = _scan_split(root, classes, root, every_class=True)
-    train, test = stratified_split(images.samples, classes, test_fraction, seed, "dataset.root")
+    images = name_groups(_scan_split(root, classes, root, every_class=True), group)
+    train, test = stratified_split(images, classes, test_fraction, seed, "dataset.root", "test")
     return Splits(
         classes,
-        Split("train", train, images.skipped),
-        Split("test", test),
+        replace(train, name="train", skipped=images.skipped),
+        test,
         source=f"{root} (test_fraction {test_fraction:g}, split_seed {seed})",
         roots=(root,),
     )
 
 
 def stratified_split(
-    samples: list[tuple[Path, int]], classes: list[str], test_fraction: float, seed: int, key: str
-) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
-    """Hold out ``test_fraction`` of each class (rounded, at least one image) for testing.
+    split: Split, classes: list[str], fraction: float, seed: int, key: str, held_name: str
+) -> tuple[Split, Split]:
+    """(the rest, the part held out as split ``held_name``): ``fraction`` of each class, by ``seed``.
 
-    The same samples, fraction and seed always give the same split; each part keeps the input order.
+    Without groups, each class's share is rounded, at least one image and not all. With groups, the
+    held-out part is one fold of :func:`held_out_groups`. The same split, fraction and seed always give
+    the same parts; each keeps the input order.
     """
-    rng = random.Random(seed)
-    test_indices: set[int] = set()
-    for label, name in enumerate(classes):
-        members = [i for i, (_, y) in enumerate(samples) if y == label]
-        if len(members) < 2:
+    labels = [y for _, y in split.samples]
+    if split.groups is not None:
+        held = held_out_groups(labels, split.groups, classes, fraction, seed, key)
+    else:
+        rng = random.Random(seed)
+        held = set()
+        for label, name in enumerate(classes):
+            members = [i for i, y in enumerate(labels) if y == label]
+            if len(members) < 2:
+                raise TlxError(
+                    f"{key}: class {name!r} has {len(members)} image(s); splitting needs at least two "
+                    "per class (one to train on, one to test)"
+                )
+            n_held = min(max(round(len(members) * fraction), 1), len(members) - 1)
+            held.update(rng.sample(members, n_held))
+    rest = [i for i in range(len(labels)) if i not in held]
+    return split.part(rest), split.part(sorted(held), held_name)
+
+
+def held_out_groups(
+    labels: Sequence[int], groups: Sequence[str], classes: Sequence[str], fraction: float, seed: int, key: str
+) -> set[int]:
+    """The indices held out: one of ``round(1 / fraction)`` stratified group folds (:func:`group_folds`;
+    fewer where a class has fewer groups), so that every group lies on one side and each class's
+    held-out share is about ``fraction``. Every class keeps images on the other side."""
+    counts = groups_per_class(labels, groups, len(classes))
+    for name, count in zip(classes, counts):
+        if count < 2:
             raise TlxError(
-                f"{key}: class {name!r} has {len(members)} image(s); splitting needs at least two per "
-                "class (one to train on, one to test)"
+                f"{key}: class {name!r} has images in {count} group(s) of dataset.group; holding out "
+                "needs at least two groups per class (one to train on, one to hold out)"
             )
-        n_test = min(max(round(len(members) * test_fraction), 1), len(members) - 1)
-        test_indices.update(rng.sample(members, n_test))
-    train = [s for i, s in enumerate(samples) if i not in test_indices]
-    test = [s for i, s in enumerate(samples) if i in test_indices]
-    return train, test
+    folds = group_folds(labels, groups, min(max(round(1 / fraction), 2), *counts), seed)
+    held = {i for i, fold in enumerate(folds) if fold == 0}
+    for label, name in enumerate(classes):
+        if all(i in held for i, y in enumerate(labels) if y == label):
+            raise TlxError(
+                f"{key}: {fraction:g} holds out every group of class {name!r}; lower it or add groups"
+            )
+    return held
+
+
+def groups_per_class(labels: Sequence[int], groups: Sequence[str] | None, n_classes: int) -> list[int]:
+    """How many images of each class there are; with ``groups``, how many groups hold one."""
+    members: list[set[object]] = [set() for _ in range(n_classes)]
+    for i, label in enumerate(labels):
+        members[label].add(groups[i] if groups is not None else i)
+    return [len(m) for m in members]
+
+
+def group_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int) -> list[int]:
+    """A fold in ``0..k-1`` for every image, each group in one fold and every class spread evenly:
+    scikit-learn's ``StratifiedGroupKFold``, shuffled by ``seed``. ``k`` is at most the number of
+    groups of the smallest class."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = np.zeros(len(labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % 2**32)
+    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[held] = fold
+    return folds.tolist()
 
 
 def read_manifest(
-    path: Path, key: str, root: Path | None = None
-) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """Rows ``(image, label)`` of a CSV manifest with a header ``path,label``, and the rows left out.
+    path: Path, key: str, group: str | None = None, root: Path | None = None
+) -> tuple[list[tuple[Path, str]], tuple[str, ...] | None, list[tuple[Path, str]]]:
+    """Rows ``(image, label)`` of a CSV manifest with a header ``path,label``; the group of each row,
+    from the column named ``group`` when the manifest has it (an empty cell: the image's own group,
+    its path), else None; and the rows left out.
 
     Relative paths are taken from the dataset root, ``root`` or else the CSV's folder: a path that
     leads out of it (``..``, absolute, a link) is left out, as links out of an image folder are.
@@ -332,7 +429,7 @@ def read_manifest(
             f"{key}: {path} has columns {', '.join(columns) or 'none'}; a manifest starts with the "
             "header line path,label"
         )
-    entries, skipped = [], []
+    entries, skipped, groups = [], [], []
     base = path.parent if root is None else root
     inside = base.resolve()
     for line, row in rows:
@@ -346,43 +443,62 @@ def read_manifest(
             raise TlxError(f"{key}: {path} line {line}: image {image} not found")
         else:
             entries.append((image, label))
+            if group in columns:
+                groups.append((row[group] or "").strip() or str(image))
     if not entries:
         outside = f" inside the dataset root {base} ({len(skipped)} lie outside it)" if skipped else ""
         raise TlxError(f"{key}: manifest {path} lists no images{outside}")
-    return entries, skipped
+    return entries, tuple(groups) if group in columns else None, skipped
 
 
 def scan_manifests(
-    train: Path, test: Path | None, test_fraction: float, seed: int, root: Path | None = None
+    train: Path,
+    test: Path | None,
+    test_fraction: float,
+    seed: int,
+    group: str | None = None,
+    root: Path | None = None,
 ) -> Splits:
     """Splits from a CSV manifest and a test manifest, or one manifest split by ``test_fraction``;
-    image paths are relative to ``root``, else to each manifest's folder."""
-    rows, skipped = read_manifest(train, "dataset.manifest", root)
+    image paths are relative to ``root``, else to each manifest's folder.
+
+    ``group``: the column holding each image's group; ``train`` must have it, ``test`` may (to warn
+    of a group in both splits). Split by ``test_fraction``, each group lies on one side.
+    """
+    rows, groups, skipped = read_manifest(train, "dataset.manifest", group, root)
+    if group is not None and groups is None:
+        raise TlxError(
+            f"dataset.group: {train} has no column {group!r}; name the column that holds each "
+            "image's group, or remove dataset.group"
+        )
     classes = sorted({label for _, label in rows})
     if len(classes) < 2:
         raise TlxError(f"dataset.manifest: {train} has {len(classes)} label(s); a classifier needs two")
     index = {name: k for k, name in enumerate(classes)}
-    samples = [(image, index[label]) for image, label in rows]
-    test_skipped: list[tuple[Path, str]] = []
+    samples = Split("train", [(image, index[label]) for image, label in rows], tuple(skipped), groups)
     if test is None:
-        train_samples, test_samples = stratified_split(
-            samples, classes, test_fraction, seed, "dataset.manifest"
+        train_split, test_split = stratified_split(
+            samples, classes, test_fraction, seed, "dataset.manifest", "test"
         )
+        train_split = replace(train_split, skipped=samples.skipped)
         source = f"{train} (test_fraction {test_fraction:g}, split_seed {seed})"
     else:
-        test_rows, test_skipped = read_manifest(test, "dataset.test_manifest", root)
+        test_rows, test_groups, test_skipped = read_manifest(test, "dataset.test_manifest", group, root)
         unknown = sorted({label for _, label in test_rows} - set(classes))
         if unknown:
             raise TlxError(
                 f"dataset.test_manifest: {test} has label(s) {', '.join(unknown)} that {train} lacks; "
                 "every test label needs training images"
             )
-        train_samples, test_samples = samples, [(image, index[label]) for image, label in test_rows]
+        train_split = samples
+        test_split = Split(
+            "test", [(image, index[label]) for image, label in test_rows], tuple(test_skipped), test_groups
+        )
         source = f"{train}, {test}"
     return Splits(
         classes,
-        Split("train", train_samples, tuple(skipped)),
-        Split("test", test_samples, tuple(test_skipped)),
+        train_split,
+        test_split,
         source,
         roots=(root,) if root is not None else tuple(dict.fromkeys(m.parent for m in (train, test) if m)),
     )

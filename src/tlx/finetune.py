@@ -209,11 +209,11 @@ def _train_epoch(
 
 
 def _hold_out(splits: Splits, fraction: float, seed: int) -> tuple[Split, Split | None]:
-    """(fit, validation): ``fraction`` of each training class held out, by seed; no validation at 0."""
+    """(fit, validation): ``fraction`` of each training class held out, by seed, each group
+    (``dataset.group``) on one side; no validation at 0."""
     if not fraction:
         return splits.train, None
-    fit, val = stratified_split(splits.train.samples, splits.classes, fraction, seed, "train.val_fraction")
-    return Split(splits.train.name, fit), Split("validation", val)
+    return stratified_split(splits.train, splits.classes, fraction, seed, "train.val_fraction", "validation")
 
 
 def _loader(

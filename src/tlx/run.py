@@ -178,6 +178,7 @@ def train_on_features(
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
+    groups = splits.train.decoded_groups(train.skipped)  # one per row of the training features
     fit = fit_head(
         head,
         train,
@@ -186,6 +187,7 @@ def train_on_features(
         n_classes=len(splits.classes),
         seed=recipe.seed,
         on_epoch=console.epoch,
+        groups=groups,
     )
     train_s = time.perf_counter() - t0
     selection = None
@@ -199,6 +201,7 @@ def train_on_features(
             recipe.train,
             n_classes=n_classes,
             seed=recipe.seed,
+            groups=groups,
         )
     skipped = {path for path, _ in test.skipped}
     with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere

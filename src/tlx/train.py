@@ -13,7 +13,7 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.nn import functional as F
 
+from tlx.data import groups_per_class
 from tlx.errors import TlxError
 from tlx.folds import fold_ids, hold_out, subset
 from tlx.optim import Optimizer, make_loss, param_groups
@@ -99,9 +100,11 @@ def fit_head(
     n_classes: int,
     seed: int,
     on_epoch: Callable[[Epoch], None],
+    groups: Sequence[str] | None = None,
 ) -> Fit:
-    """Hold out the validation share, weigh the classes, then fit ``head`` the way its kind needs."""
-    fit, val = hold_out(train, config.val_fraction, seed) if config.val_fraction else (train, None)
+    """Hold out the validation share (each of ``groups``, one per training image, on one side), weigh
+    the classes, then fit ``head`` the way its kind needs."""
+    fit, val = hold_out(train, config.val_fraction, seed, groups) if config.val_fraction else (train, None)
     weight = class_weights(fit.y, n_classes, config.class_weight)
     n_val = len(val.y) if val is not None else 0
     if isinstance(head, ClosedFormHead):
@@ -128,14 +131,16 @@ def selection_score(
     n_classes: int,
     seed: int,
     folds: int = SELECTION_FOLDS,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """How well the head, trained as the recipe says, classifies training images it did not see.
 
     With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
     :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
     accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (the heads
-    of all folds in one :func:`train_heads`). The test split plays no part: a sweep chooses its winner
-    by this score.
+    of all folds in one :func:`train_heads`). ``groups`` (one per training image): each group in one
+    fold, or on one side of the hold-out, so near copies of an image do not train the head scoring
+    it. The test split plays no part: a sweep chooses its winner by this score.
 
     ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
     choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
@@ -143,15 +148,19 @@ def selection_score(
     """
     started = time.perf_counter()
     if config.val_fraction:
-        _, val = hold_out(train, config.val_fraction, seed)
+        _, val = hold_out(train, config.val_fraction, seed, groups)
         scores, how = (
             [accuracy(trained, val)],
             f"validation split (train.val_fraction {config.val_fraction:g})",
         )
     else:
-        held = out_of_fold(make_head, train, config, n_classes=n_classes, seed=seed, folds=folds)
+        held = out_of_fold(
+            make_head, train, config, n_classes=n_classes, seed=seed, folds=folds, groups=groups
+        )
         scores = held.accuracies(train.y)
         how = f"{held.k}-fold cross-validation on the training split"
+        if groups is not None:
+            how += ", each group (dataset.group) in one fold"
     return {
         "mean": statistics.fmean(scores),
         "std": statistics.pstdev(scores),
@@ -183,27 +192,36 @@ def out_of_fold(
     n_classes: int,
     seed: int,
     folds: int = SELECTION_FOLDS,
+    groups: Sequence[str] | None = None,
 ) -> OutOfFold:
     """Train a new head (``make_head``) on all but one of ``folds`` stratified folds of ``train``, for
     each fold, and keep its probabilities for the held-out images: the held-out predictions that
     selection scores and the audit's label quality come from (the heads of all folds in one
-    :func:`train_heads`)."""
-    smallest = int(torch.bincount(train.y, minlength=n_classes).min())
+    :func:`train_heads`).
+
+    ``groups`` (one per training image, e.g. ``Split.decoded_groups``): each group in one fold, so no
+    image is predicted by a head trained on its near copies. There are fewer folds when the smallest
+    class has fewer images (groups) than ``folds``; fewer than two is an error.
+    """
+    smallest = min(groups_per_class(train.y.tolist(), groups, n_classes))
     if smallest < 2:
+        what = "training image(s)" if groups is None else "group(s) of dataset.group"
         raise TlxError(
-            f"selection: a class has {smallest} training image(s), too few to cross-validate; "
-            "add images to every class"
+            f"selection: a class has {smallest} {what}, too few to cross-validate; add images to every class"
         )
     k = min(folds, smallest)
-    ids = fold_ids(train.y, k, seed)
+    ids = fold_ids(train.y, k, seed, groups)
     parts = [(subset(train, ids != fold), subset(train, ids == fold)) for fold in range(k)]
     heads = []
     for _ in parts:
         torch.manual_seed(seed)
         heads.append(make_head())
     if isinstance(heads[0], ClosedFormHead):
-        for head, (rest, out) in zip(heads, parts):
-            fit_head(head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None)
+        for fold, (head, (rest, out)) in enumerate(zip(heads, parts)):
+            kept = [g for g, i in zip(groups, ids.tolist()) if i != fold] if groups is not None else None
+            fit_head(
+                head, rest, out, config, n_classes=n_classes, seed=seed, on_epoch=lambda _: None, groups=kept
+            )
     else:
         fits = [rest for rest, _ in parts]
         weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]

@@ -1,16 +1,51 @@
 """The built-in datasets: ``imagefolder`` (``root/<split>/<class>/<image>``, downloaded from ``url`` if
 missing), ``folder`` (``root/<class>/<image>``, split into train and test, stratified and seeded) and
 ``csv`` (manifests with the columns ``path,label``, image paths relative to ``root`` or else the CSV
-file's folder)."""
+file's folder).
+
+Each takes an optional ``group``: images of one object (crops, frames, photos of one animal) that every
+split and fold keeps together. For the folder kinds it is a regular expression whose first capture
+group, searched in a file name, is the image's group; for ``csv`` the name of the column holding it.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from tlx import hookimpl
 from tlx.data import Splits, download_and_unpack, scan_class_folder, scan_imagefolder, scan_manifests
 from tlx.recipe import UserPath
+
+
+def _group_pattern(text: str | None) -> str | None:
+    """``text`` if it compiles as a regular expression with a capture group (the group id)."""
+    if text is None:
+        return None
+    try:
+        pattern = re.compile(text)
+    except re.error as exc:
+        raise PydanticCustomError(
+            "group", "not a regular expression ({error}); fix it or quote it in the YAML", {"error": str(exc)}
+        ) from None
+    if not pattern.groups:
+        raise PydanticCustomError(
+            "group",
+            "the regular expression has no capture group; wrap the part of the file name that names "
+            "the group in parentheses, e.g. ^(.+)_\\d+\\.jpg$",
+        )
+    return text
+
+
+#: a regular expression whose first capture group, searched in an image's file name, is its group
+GroupPattern = Annotated[str | None, AfterValidator(_group_pattern)]
+
+
+def _compiled(group: str | None) -> re.Pattern[str] | None:
+    return re.compile(group) if group is not None else None
 
 
 class ImageFolderOptions(BaseModel):
@@ -20,6 +55,7 @@ class ImageFolderOptions(BaseModel):
     train: str = "train"
     test: str = "val"
     url: str | None = None
+    group: GroupPattern = None
 
 
 class FolderOptions(BaseModel):
@@ -29,6 +65,7 @@ class FolderOptions(BaseModel):
     #: share of each class held out for testing
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
+    group: GroupPattern = None
 
 
 class ManifestOptions(BaseModel):
@@ -41,6 +78,8 @@ class ManifestOptions(BaseModel):
     split_seed: int = 0
     #: the folder image paths are relative to and must lie in (default: each manifest's folder)
     root: UserPath | None = None
+    #: the column holding each image's group
+    group: str | None = None
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> ManifestOptions:
@@ -79,14 +118,21 @@ def register_datasets(register):
 def imagefolder(options: ImageFolderOptions) -> Splits:
     if not options.root.exists() and options.url:
         download_and_unpack(options.url, options.root)
-    return scan_imagefolder(options.root, options.train, options.test)
+    return scan_imagefolder(options.root, options.train, options.test, _compiled(options.group))
 
 
 def folder(options: FolderOptions) -> Splits:
-    return scan_class_folder(options.root, options.test_fraction, options.split_seed)
+    return scan_class_folder(
+        options.root, options.test_fraction, options.split_seed, _compiled(options.group)
+    )
 
 
 def manifest(options: ManifestOptions) -> Splits:
     return scan_manifests(
-        options.manifest, options.test_manifest, options.test_fraction, options.split_seed, options.root
+        options.manifest,
+        options.test_manifest,
+        options.test_fraction,
+        options.split_seed,
+        options.group,
+        options.root,
     )
