@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import tlx
 from tlx.data import Split, Splits, check_overlap, scan_class_folder, scan_imagefolder, scan_manifests
 from tlx.default_plugins.datasets import ImageFolderOptions, imagefolder
 from tlx.errors import TlxError
@@ -145,11 +146,28 @@ def test_kind_options_are_validated(tmp_path: Path, images: Path) -> None:
         ("{kind: folder, root: x, test_fraction: 1.5}", r"dataset.test_fraction: .*less than 1"),
         (f"{{kind: csv, manifest: {manifest}, test_manifest: {manifest}, test_fraction: 0.3}}",
          r"dataset: test_fraction split manifest when there is no test_manifest"),
-        (f"{{kind: csv, manifest: {manifest}, root: x}}", r"unknown key dataset.root"),
+        (f"{{kind: csv, manifest: {manifest}, rot: x}}", r"unknown key dataset.rot; did you mean "),
     ):  # fmt: skip
         path = write_recipe(tmp_path / "r.yaml", f"dataset: {dataset}\nbackbone: {{name: counting}}\n")
         with pytest.raises(TlxError, match=message):
             run(load_recipe(path), "r.yaml", tmp_path / "out")
+
+
+@pytest.mark.usefixtures("counting_backbone")
+def test_a_run_on_two_manifests_under_another_root_loads_and_predicts(tmp_path: Path, images: Path) -> None:
+    """The manifests live elsewhere (an audit folder); ``root`` says where the images are. The run
+    folder's recipe.yaml holds every default (test_fraction too): it must load again."""
+    elsewhere = tmp_path / "audit"
+    train = write_manifest(elsewhere / "clean.csv", [(f"images/{i}.png", str(i % 2)) for i in range(8)])
+    test = write_manifest(elsewhere / "test.csv", [("images/8.png", "0"), ("images/9.png", "1")])
+    dataset = f"{{kind: csv, manifest: {train}, test_manifest: {test}, root: {images}}}"
+    path = write_recipe(tmp_path / "r.yaml", f"dataset: {dataset}\nbackbone: {{name: counting}}\n")
+    metrics = run(load_recipe(path), "r.yaml", tmp_path / "out")
+    assert (metrics["n_train"], metrics["n_test"]) == (8, 2)
+    assert len(tlx.load(tmp_path / "out").predict(images / "images" / "9.png")) == 1
+    outside = write_manifest(elsewhere / "out.csv", [("../audit/clean.csv", "0"), ("../audit/test.csv", "1")])
+    with pytest.raises(TlxError, match=r"out.csv lists no images inside the dataset root"):
+        scan_manifests(outside, None, 0.2, 0, root=images)
 
 
 def groups_by_name(split: Split) -> dict[str, str]:

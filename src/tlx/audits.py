@@ -132,6 +132,7 @@ def _audit(
         n_classes=n_classes,
         seed=recipe.seed,
         folds=SELECTION_FOLDS,
+        groups=splits.train.decoded_groups(train.skipped),
     )
     given = train.y.numpy()
     labels = findings.label_issues(held.probabilities.numpy(), given)

@@ -83,7 +83,12 @@ class ManifestOptions(BaseModel):
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> ManifestOptions:
-        stray = sorted({"test_fraction", "split_seed"} & self.model_fields_set)
+        # a value equal to its default changes nothing: a run folder's recipe.yaml writes every default
+        stray = sorted(
+            key
+            for key in {"test_fraction", "split_seed"} & self.model_fields_set
+            if getattr(self, key) != type(self).model_fields[key].default
+        )
         if self.test_manifest is not None and stray:
             raise PydanticCustomError(
                 "split",
