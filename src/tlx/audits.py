@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlx.errors import TlxError
-from tlx.files import to_json, write_atomic
+from tlx.files import sha256_of, to_json, write_atomic
 
 if TYPE_CHECKING:
     from tlx.data import Splits
@@ -137,7 +137,7 @@ def _audit(
     given = train.y.numpy()
     labels = findings.label_issues(held.probabilities.numpy(), given)
     x = torch.cat([train.x, test.x]).numpy()
-    pairs = findings.duplicates(x, findings.digests([i.path for i in images]), threshold)
+    pairs = findings.duplicates(x, [sha256_of(i.path) for i in images], threshold)
     n_train = len(given)
     train_scores = findings.outlier_scores(train.x.numpy(), train.x.numpy(), same=True)
     test_scores = findings.outlier_scores(train.x.numpy(), test.x.numpy(), same=False)

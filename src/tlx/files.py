@@ -50,5 +50,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file's bytes as hex, read in blocks (it may be large); OSError if unreadable."""
+    digest = hashlib.sha256()
     with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while block := file.read(1 << 20):  # hashlib.file_digest is Python 3.11+
+            digest.update(block)
+    return digest.hexdigest()

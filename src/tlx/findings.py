@@ -15,9 +15,7 @@ Pure array work on features and held-out probabilities, so each finding is check
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -61,18 +59,6 @@ class Pair:
     b: int
     kind: str  # "exact" or "near"
     similarity: float
-
-
-def digests(paths: list[Path]) -> list[str]:
-    """The SHA-256 of each file's bytes."""
-    result = []
-    for path in paths:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-        result.append(digest.hexdigest())
-    return result
 
 
 def normalized(x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,6 @@ without torch, so its extraction workers never import it (:func:`tlx.extraction.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -44,7 +43,7 @@ import numpy
 
 from tlx import notices
 from tlx.errors import TlxError, describe
-from tlx.files import write_atomic, write_json
+from tlx.files import sha256_of, write_atomic, write_json
 from tlx.recipe import cpu_cores
 from tlx.tensors import threads_set, to_backbone
 
@@ -320,7 +319,7 @@ def warn_fallback(reason: str) -> None:
 
 def _file_digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_of(path)
     except OSError:
         return None
 
