@@ -6,6 +6,9 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,8 +17,9 @@ import pytest
 import yaml
 
 import tlx
-from tests.conftest import assert_user_error, make_imagefolder, write_recipe
-from tlx import sweeps
+from tests.conftest import TLX, assert_user_error, make_imagefolder, write_recipe
+from tests.test_artifacts import COLOURS
+from tlx import artifacts, sweeps
 from tlx.default_plugins.heads import LogRegOptions
 from tlx.sweeps import leaderboard
 from tlx.train import with_choices
@@ -143,6 +147,9 @@ def test_sweep_command_prints_progress_and_the_leaderboard(
         (["--grid", "strategy=finetune"], ["strategy=finetune", "strategy: features"]),
         (["--set", "train.epochs=3"], ["nothing to sweep", "--grid"]),
         (["--grid", "head.type"], ["--grid 'head.type'", "KEY=V1,V2"]),
+        (["--grid", "head.type=linear,linear"], ["--grid head.type", "linear is given twice"]),
+        (["--grid", "head.type=mlp", "--grid", "head.type=mlp"], ["--grid head.type", "mlp is given twice"]),
+        (["--grid", "head.tpye=linear,mlp"], ["unknown key head.tpye", "did you mean head.type?"]),
     ],
 )
 def test_bad_grids_fail_before_any_run_in_one_line(
@@ -159,15 +166,21 @@ def test_bad_sweep_sections_and_run_of_a_sweep_recipe(tmp_path: Path, dataset: P
     assert_user_error(invoke("sweep", recipe), f"{recipe}: sweep.head.type", "expected a list")
     recipe = sweep_recipe(tmp_path, dataset, "sweep: [head.type]")
     assert_user_error(invoke("sweep", recipe), f"{recipe}: sweep", "mapping")
+    recipe = sweep_recipe(tmp_path, dataset, "sweep: {head.type: [linear, mlp, linear]}")
+    assert_user_error(invoke("sweep", recipe), f"{recipe}: sweep.head.type", "linear is given twice")
     recipe = sweep_recipe(tmp_path, dataset, "sweep: {head.type: [linear, mlp]}")
     assert_user_error(invoke("run", recipe), f"{recipe}: sweep", "tlx sweep")
 
 
 def test_ties_go_to_the_smaller_feature_dimension() -> None:
-    def result(mean: float, dim: int) -> dict:
+    def result(mean: float, dim: int) -> sweeps.Finished:
         seconds = {"extract": 0.0, "train": 0.0}
         selection = {"mean": mean, "std": 0.0, "selected_by": "5-fold", "seconds": 0.0}
-        return {"selection": selection, "test_accuracy": 0.5, "feature_dim": dim, "seconds": seconds}
+        data = {key: {"images": 3, "sha256": "0"} for key in ("train", "test")}
+        return sweeps.Finished.model_validate(
+            {"selection": selection, "test_accuracy": 0.5, "feature_dim": dim, "seconds": seconds}
+            | {"n_train": 3, "data": data}
+        )
 
     combos = [SimpleNamespace(name=n, values={"backbone.name": n}) for n in ("big", "small", "best")]
     rows = leaderboard(
@@ -265,3 +278,132 @@ def test_an_error_in_a_parallel_combination_is_one_line(
     result = invoke("sweep", recipe, *args)  # 0.99 fails in a child: its features are cached by then
     assert_user_error(result, "train.val_fraction: 0.99 leaves class")
     assert (tmp_path / "sw" / "0.34" / "metrics.json").is_file()
+
+
+def test_a_key_given_twice_to_grid_tries_the_values_of_both(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    args = ["--grid", "head.type=linear", "--grid", "head.type=mlp", "--out", tmp_path / "sw"]
+    result = invoke("sweep", sweep_recipe(tmp_path, dataset), *args)
+    assert result.exit_code == 0, result.output
+    assert "[1/2] head.type=linear: selection" in result.output
+    assert "[2/2] head.type=mlp: selection" in result.output
+
+
+def test_resume_runs_again_the_runs_made_on_other_data(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe, out = sweep_recipe(tmp_path, dataset), tmp_path / "sw"
+    assert {row["train_images"] for row in tlx.sweep(recipe, HEADS, out=out).rows} == {18}
+    make_imagefolder(dataset, classes=3, per_class=(10, 3))  # 30 training images now, 18 before
+    result = invoke("sweep", recipe, "--grid", "head.type=linear,mlp", "--out", out)
+    assert result.exit_code == 0, result.output
+    for n, name in enumerate(["linear", "mlp"], 1):
+        assert (
+            f"[{n}/2] head.type={name}: running it again: the dataset has changed since {out / name} ran "
+            "(18 training and 9 test images then, 30 and 9 now)\n" in result.output
+        )
+        assert json.loads((out / name / "metrics.json").read_text())["n_train"] == 30
+    assert "| train images |" in result.output and "| 30 |" in result.output
+    assert "| 18 |" not in (out / "leaderboard.md").read_text()
+
+
+def test_resume_runs_again_the_runs_whose_files_are_damaged(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe, out = sweep_recipe(tmp_path, dataset), tmp_path / "sw"
+    grid = {"head.type": ["linear", "mlp"], "train.lr": [0.01, 0.1]}
+    tlx.sweep(recipe, grid, out=out)
+    metrics = json.loads((out / "linear-0.01" / "metrics.json").read_text())
+    damage = {
+        "linear-0.01": json.dumps(metrics | {"selection": None}),
+        "linear-0.1": json.dumps({k: v for k, v in metrics.items() if k != "seconds"}),
+        "mlp-0.01": json.dumps(metrics | {"test_accuracy": "0.9"}),
+        "mlp-0.1": "{not json",
+    }
+    for name, text in damage.items():
+        (out / name / "metrics.json").write_text(text)
+    bomb = "".join(f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]\n" for n in range(1, 6))
+    (out / "mlp-0.1" / "recipe.yaml").write_text("l0: &l0 [x]\n" + bomb)  # 10**5 values, expanded
+    result = invoke(
+        "sweep", recipe, "--grid", "head.type=linear,mlp", "--grid", "train.lr=0.01,0.1", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "running it again" in line]
+    assert len(lines) == 4, result.output
+    for line, words in zip(
+        lines,
+        [
+            "linear-0.01/metrics.json: selection: Input should be a valid dictionary",
+            "linear-0.1/metrics.json: missing required key seconds",
+            "mlp-0.01/metrics.json: test_accuracy: Input should be a valid number",
+            "mlp-0.1/recipe.yaml: line 5: more than 10000 values",
+        ],
+    ):
+        assert words in line
+    for name in damage:
+        assert json.loads((out / name / "metrics.json").read_text())["selection"]["mean"] > 0
+
+
+def test_resume_refuses_a_folder_that_an_earlier_sweep_still_holds(
+    tmp_path: Path, dataset: Path, counting_backbone, invoke
+) -> None:
+    """As after ``kill -9`` of a parallel sweep: its forked processes still hold the folder and a run."""
+    recipe, out = sweep_recipe(tmp_path, dataset), tmp_path / "sw"
+    with artifacts.run_folder(out, recipe), artifacts.run_folder(out / "mlp", recipe):
+        result = invoke("sweep", recipe, "--grid", "head.type=linear,mlp", "--out", out)
+        assert_user_error(
+            result, f"a previous sweep is still finishing in {out} (process {os.getpid()})", "wait for it"
+        )
+        assert counting_backbone.seen == 0
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sweeps.can_fork(), reason="a parallel sweep forks (Linux)")
+def test_ctrl_c_stops_a_parallel_sweep_and_its_children(tmp_path: Path, dataset: Path, fake_plugin) -> None:
+    """Ctrl-C to the process group (as a terminal sends it) or to the sweep alone, while children train."""
+    env = {**os.environ, **fake_plugin("tlx-colours", COLOURS.format(delay=0)), "HF_HUB_OFFLINE": "1"}
+    recipe = write_recipe(
+        tmp_path / "colours.yaml", f"dataset: {{root: {dataset}}}\nbackbone: {{name: colours}}\n"
+    )
+    grid = ["--grid", "train.epochs=1,3000", "--grid", "head.type=linear,mlp", "--jobs", "3"]
+    for attempt, to_group in enumerate([True, False, True]):
+        out = tmp_path / f"sw{attempt}"
+        process = subprocess.Popen(
+            [*TLX, "sweep", recipe, *grid, "--out", out, "--set", "extract.workers=0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            slow = [out / "3000-linear", out / "3000-mlp"]
+            while not all((run / artifacts.LOCK_FILE).exists() for run in slow):  # both train, in children
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.05)
+            if to_group:
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 130, stderr
+            assert stderr.strip().splitlines()[-1] == "tlx: interrupted", stderr
+            assert "Traceback" not in stderr and "Process" not in stderr and stderr.count("tlx: ") == 1
+            assert _group(process.pid) == []
+            assert not any((run / "metrics.json").exists() for run in slow)
+        finally:
+            for pid in _group(process.pid):
+                os.kill(pid, signal.SIGKILL)

@@ -212,10 +212,10 @@ def _locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            holder = _holder(fd)
             os.close(fd)
             raise TlxError(
-                f"--out: {folder} is in use by another tlx run (process {holder or '?'}); "
+                f"--out: {folder} is in use by another tlx run (process {holder}); "
                 "wait for it to end or choose another folder"
             ) from None
         # the holder before us removes the file as it ends: hold the file that is at the path
@@ -243,6 +243,26 @@ def _unfinished(folder: Path) -> bool:
         names = {p.name for p in folder.iterdir()} - {LOCK_FILE}
         return bool(names) and METRICS_FILE not in names
     return False
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The process holding ``folder``'s lock (:func:`run_folder`), as written in it; None when none does."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the file below
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+def _holder(fd: int) -> str:
+    """The process id a held lock file records, or ``?``."""
+    return os.read(fd, 32).decode(errors="replace").strip() or "?"
 
 
 def resolved_recipe(recipe: Recipe, dataset_options: BaseModel, head_options: BaseModel) -> dict[str, Any]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import json
+import os
 import random
 import re
 import shutil
@@ -15,7 +18,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tlx.errors import TlxError
 from tlx.files import sha256_of
@@ -84,6 +87,25 @@ class Splits:
     source: str
     #: the folders the dataset reads images from, for :func:`check_out_dir`
     roots: tuple[Path, ...] = ()
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """What a run records of its data, to tell later whether the dataset changed: for the train and
+        the test split, its number of images and a SHA-256 of each image's path, class, size and
+        modification time."""
+        return {"train": _listing(self.train, self.classes), "test": _listing(self.test, self.classes)}
+
+
+def _listing(split: Split, classes: list[str]) -> dict[str, Any]:
+    """``split``'s number of images and the SHA-256 of its listing (see :meth:`Splits.listing`)."""
+    digest = hashlib.sha256()
+    for path, label in split.samples:
+        try:
+            st = path.stat()
+            stamp: list[int] | None = [st.st_size, st.st_mtime_ns]
+        except OSError:  # gone since the scan: decoding reports it
+            stamp = None
+        digest.update(json.dumps([os.path.abspath(path), classes[label], stamp]).encode())
+    return {"images": len(split), "sha256": digest.hexdigest()}
 
 
 def load_image(source: Path | Image.Image) -> Image.Image:

@@ -284,7 +284,8 @@ def load_sweep(
 
 
 def check_grid_key(key: str, values: Any, where: str) -> None:
-    """A grid entry names a recipe key (the closest one is suggested) and holds a non-empty list."""
+    """A grid entry names a recipe key (the closest one is suggested) and holds a non-empty list of
+    distinct values."""
     parts = key.split(".")
     if not all(parts):
         raise TlxError(f"{where}: expected a dotted recipe key, e.g. head.type")
@@ -310,12 +311,17 @@ def check_grid_key(key: str, values: Any, where: str) -> None:
         )
     if not values:
         raise TlxError(f"{where}: an empty list; give one value or more, e.g. --grid head.type=linear,mlp")
+    repeated = [value for n, value in enumerate(values) if value in values[:n]]
+    if repeated:
+        raise TlxError(f"{where}: {shorten(str(repeated[0]))} is given twice; give each value once")
 
 
 def parse_grid(items: tuple[str, ...]) -> dict[str, list[Any]]:
     """``KEY=V1,V2,...`` strings as ``{KEY: [V1, V2, ...]}``; the values are read as a YAML flow list.
 
-    So ``head.hidden=[256],[512]`` gives two lists; a text that is not YAML is split at its commas.
+    So ``head.hidden=[256],[512]`` gives two lists; a text that is not YAML is split at its commas. A key
+    given again adds its values (``head.type=linear`` and ``head.type=mlp`` try both). Each item is
+    checked with :func:`check_grid_key`, and :func:`load_sweep` checks each key's values together.
     """
     grid: dict[str, list[Any]] = {}
     for item in items:
@@ -336,7 +342,8 @@ def parse_grid(items: tuple[str, ...]) -> dict[str, list[Any]]:
             values = None
         if not isinstance(values, list):  # not YAML, or brackets that close the list early
             values = [v.strip() for v in raw.split(",")] if raw.strip() else []
-        grid[key.strip()] = values
+        check_grid_key(key.strip(), values, f"--grid {shown}")
+        grid[key.strip()] = grid.get(key.strip(), []) + values
     return grid
 
 
@@ -518,7 +525,10 @@ def validate(
         key = shorten(key)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         if first["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=1, cutoff=0.5)
+            known = _fields_at(model, loc[:-1])
+            if prefix and len(loc) == 1:  # a component's options sit beside its section's own keys
+                known += _fields_at(Recipe, prefix.split("."))
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
             hint = (
                 f"; did you mean {shorten('.'.join(([prefix] if prefix else []) + loc[:-1] + close))}?"
                 if close

@@ -272,7 +272,8 @@ def metrics_of(
     root: Path,
     seconds: float,
 ) -> dict[str, Any]:
-    """``metrics.json``: the scores, the training history and choices, the counts, where time went."""
+    """``metrics.json``: the scores, the training history and choices, the counts and listing of the data
+    (:meth:`~tlx.data.Splits.listing`), where time went."""
     scores = outcome.scores
     selection = {"selection": outcome.selection} if outcome.selection is not None else {}
     return {
@@ -283,6 +284,7 @@ def metrics_of(
         "chosen": outcome.fit.chosen,
         "classes": splits.classes,
         "class_counts": {s.name: s.class_counts(len(splits.classes)) for s in (splits.train, splits.test)},
+        "data": splits.listing(),
         "strategy": recipe.strategy,
         "n_train": outcome.n_train,
         "n_fit": outcome.fit.n_fit,

@@ -8,8 +8,11 @@ the smaller feature dimension (the cheaper backbone to run). The test accuracy i
 never used to choose. The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``,
 ``leaderboard.png`` and ``best`` (a link to the winner's folder, or a file naming it).
 
-Started again with the same folder, a sweep keeps the runs that finished (``metrics.json``) and
-runs the rest.
+Started again with the same folder, a sweep keeps the runs that finished (``metrics.json``) on the
+data it lists now (:meth:`tlx.data.Splits.listing`) and runs the rest, a finished run whose files are
+damaged or whose data has changed again. The sweep folder is locked while the sweep lives, by its
+forked processes too (:func:`tlx.artifacts.run_folder`): a second sweep into it is refused until the
+last of them has ended.
 
 The module is ``sweeps`` so that the public function ``tlx.sweep`` is not hidden by a submodule
 of the same name once the module is imported.
@@ -24,6 +27,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
@@ -33,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from tlx import notices
 from tlx.components import Components, resolve
 from tlx.errors import TlxError, describe, shorten
 from tlx.extraction.pipeline import can_fork
-from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, recipe_from
+from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, read_yaml, recipe_from, validate
 from tlx.report import Console, QuietConsole
 
 if TYPE_CHECKING:
@@ -65,6 +70,47 @@ class Combination:
     @property
     def label(self) -> str:
         return ", ".join(f"{key}={show(value)}" for key, value in self.values.items())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+
+
+class _Selection(_Strict):
+    mean: float
+    std: float
+    selected_by: str
+    seconds: float
+
+
+class _Seconds(_Strict):
+    extract: float
+    train: float
+
+
+class _Listing(_Strict):
+    images: int
+    sha256: str
+
+
+class _Data(_Strict):
+    train: _Listing
+    test: _Listing
+
+
+class Finished(_Strict):
+    """What the leaderboard reads of a run's ``metrics.json``: a file without it is damaged."""
+
+    selection: _Selection
+    seconds: _Seconds
+    test_accuracy: float
+    feature_dim: int
+    n_train: int
+    data: _Data
+
+
+class _Again(Exception):
+    """A finished run to run again, and why (one line)."""
 
 
 @dataclass
@@ -122,25 +168,48 @@ def _sweep(
     *,
     quiet: bool,
 ) -> Sweep:
-    from tlx.artifacts import new_run_folder
+    from tlx.artifacts import METRICS_FILE, new_run_folder, run_folder
 
     combinations = plan(path, grid, overrides, max_combinations)
     folder = Path(out) if out is not None else new_run_folder(path, Path("sweeps"))
-    _prepare(folder)
-    finished = {c.name: _finished(folder / c.name, c) for c in combinations}
-    cache = Path(cache_dir) if cache_dir is not None else None
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for number, combination in enumerate(combinations, 1):
-        done = finished[combination.name]
-        if done is None:
-            todo.append(number)
-            continue
+    _refuse_running(folder, combinations)
+    with run_folder(folder, path):
+        results: dict[str, Finished] = {}
+        todo, lines = [], []
+        listings: dict[str, dict[str, Any]] = {}
+        for number, combination in enumerate(combinations, 1):
+            prefix = f"[{number}/{len(combinations)}] {combination.label}"
+            try:
+                done = _finished(folder / combination.name, combination, listings)
+            except _Again as why:
+                lines.append(f"{prefix}: running it again: {why}")
+                done = None
+            if done is None:
+                todo.append(number)
+            else:
+                lines.append(f"{prefix}: kept {folder / combination.name}")
+                results[combination.name] = done
+        for number in todo:  # every finished run is checked: it is no longer one
+            (folder / combinations[number - 1].name / METRICS_FILE).unlink(missing_ok=True)
         if not quiet:
-            click.echo(
-                f"[{number}/{len(combinations)}] {combination.label}: kept {folder / combination.name}"
-            )
-        results[combination.name] = done
+            click.echo("".join(f"{line}\n" for line in lines), nl=False)
+        return _run_all(path, folder, combinations, todo, results, cache_dir, jobs, quiet=quiet)
+
+
+def _run_all(
+    path: Path,
+    folder: Path,
+    combinations: list[Combination],
+    todo: list[int],
+    results: dict[str, Finished],
+    cache_dir: str | Path | None,
+    jobs: int,
+    *,
+    quiet: bool,
+) -> Sweep:
+    """Run combinations ``todo`` (numbers from 1), rank them with ``results`` (the finished ones), and
+    write the leaderboard."""
+    cache = Path(cache_dir) if cache_dir is not None else None
 
     def console(number: int) -> Console:
         return QuietConsole() if quiet else Progress(number, len(combinations), combinations[number - 1])
@@ -153,10 +222,10 @@ def _sweep(
     parallel = min(jobs, len(todo)) > 1 and can_fork()
     if parallel:
         done = _in_parallel(combinations, todo, jobs, run_one, console, cache)
-        results.update({combinations[n - 1].name: metrics for n, metrics in done.items()})
+        results.update({combinations[n - 1].name: _read(metrics) for n, metrics in done.items()})
     with _painters() as painters:  # started after the last fork: a child must not hold their pipes
         for number in [] if parallel else todo:
-            results[combinations[number - 1].name] = run_one(number, next(painters))
+            results[combinations[number - 1].name] = _read(run_one(number, next(painters)))
         rows = leaderboard(combinations, results)
         best = folder / rows[0]["run"]
         write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
@@ -288,8 +357,8 @@ def _in_parallel(
     (:meth:`FrozenBackbone.ready`: built, exported and probed, so that their runs only recall them;
     an error is left to the run, which reports it). Every number is what one at a time gives: heads
     train on one thread either way, seeded the same. A child's lines and warnings are shown here when
-    it is done (its own output may go nowhere: a notebook, a test runner); the first error stops the
-    sweep.
+    it is done (its own output may go nowhere: a notebook, a test runner). The children leave Ctrl-C
+    and SIGTERM to this process: the first error, or Ctrl-C, ends every child and stops the sweep.
     """
     from tlx.plots import Painter, preload
 
@@ -311,17 +380,20 @@ def _in_parallel(
     _child_tasks.update(run=in_child, ready=lambda n: _ready(combinations[n - 1], cache))
     sys.stdout.flush()
     sys.stderr.flush()
+    others = multiprocessing.active_children()
     pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_child)
     results: dict[int, dict[str, Any]] = {}
     running: dict[Future[Said], int] = {}
 
     def start_ready() -> None:
         for n in [n for n in waiting if _backbone_key(combinations[n - 1]) not in extracting]:
-            running[pool.submit(_child, "run", n)] = n
+            with _signals_held():  # the pool forks its children on the first submit
+                running[pool.submit(_child, "run", n)] = n
             waiting.remove(n)
 
     try:
-        readied = {n: pool.submit(_child, "ready", n) for n in list(extracting.values())[1:]}
+        with _signals_held():
+            readied = {n: pool.submit(_child, "ready", n) for n in list(extracting.values())[1:]}
         start_ready()
         for key, n in list(extracting.items()):
             if n in readied:
@@ -337,13 +409,37 @@ def _in_parallel(
                 getattr(progress, kind)(text)
             for text in warned:
                 notices.warn(text)
+    except BaseException:
+        for child in multiprocessing.active_children():
+            if child not in others:
+                child.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
+#: what the pool's children leave to the sweep's process, which ends them (see :func:`_start_child`)
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back, then delivered: a child forked meanwhile starts with them held."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _start_child() -> None:
-    """A forked child's start: one torch thread (more could deadlock after this process's started)."""
+    """A forked child's start: Ctrl-C ignored and SIGTERM ending it, as the sweep's process stops the
+    children itself (a terminal sends Ctrl-C to every process); one torch thread (more could deadlock
+    after this process's started)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
     import torch
 
     torch.set_num_threads(1)
@@ -360,33 +456,40 @@ def _child(task: str, number: int) -> Any:
         raise RuntimeError(describe(exc)) from None
 
 
-def _prepare(folder: Path) -> None:
-    """Create the sweep folder; a run folder is not a sweep folder."""
-    from tlx.artifacts import METRICS_FILE
+def _refuse_running(folder: Path, combinations: list[Combination]) -> None:
+    """Refuse a sweep folder that an earlier sweep still holds: itself, or its forked processes that
+    outlived it (``kill -9``) and still run combinations."""
+    from tlx.artifacts import lock_holder
 
-    if (folder / METRICS_FILE).exists():
-        raise TlxError(f"--out: {folder} holds a run ({METRICS_FILE}), not a sweep; choose another folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TlxError(
-            f"--out: cannot create {folder} ({exc.strerror or exc}); choose another folder"
-        ) from None
+    holder = lock_holder(folder)
+    if holder is None:
+        return
+    running = (lock_holder(folder / c.name) for c in combinations)
+    process = next((pid for pid in running if pid is not None), holder)
+    raise TlxError(
+        f"--out: a previous sweep is still finishing in {folder} (process {process}); wait for it to "
+        "end, or choose another --out"
+    )
 
 
-def _finished(run_dir: Path, combination: Combination) -> dict[str, Any] | None:
-    """The metrics of a run this sweep finished before, after checking it ran this combination's recipe."""
+def _finished(
+    run_dir: Path, combination: Combination, listings: dict[str, dict[str, Any]]
+) -> Finished | None:
+    """The metrics of a run this sweep finished before; None where it did not finish.
+
+    A run made from another recipe is refused (a TlxError); one with damaged files, or made on data
+    other than the combination's dataset lists now, is to run again (:class:`_Again`). ``listings``:
+    the datasets' listings, by their options, filled in as they are read.
+    """
     from tlx.artifacts import METRICS_FILE, RECIPE_FILE, resolved_recipe
 
-    if not (run_dir / METRICS_FILE).exists():
+    path = run_dir / METRICS_FILE
+    if not path.exists():
         return None
     try:
-        metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
-        ran = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise TlxError(
-            f"{run_dir}: cannot read the finished run ({describe(exc)}); remove the folder to run it again"
-        ) from None
+        ran = read_yaml(run_dir / RECIPE_FILE)
+    except TlxError as exc:
+        raise _Again(exc) from None
     parts = combination.parts
     wanted = resolved_recipe(combination.recipe, parts.dataset_options, parts.head_options)
     differs = _first_difference(ran, wanted)
@@ -395,11 +498,27 @@ def _finished(run_dir: Path, combination: Combination) -> dict[str, Any] | None:
             f"--out: {run_dir} ran another recipe ({differs}); choose a new --out for this sweep, "
             "or remove that folder to run it again"
         )
-    if not isinstance(metrics, dict) or "selection" not in metrics:
-        raise TlxError(
-            f"{run_dir / METRICS_FILE}: holds no selection score; remove the folder to run it again"
+    try:
+        metrics = _read(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+        raise _Again(f"{path}: cannot read it ({describe(exc)})") from None
+    except TlxError as exc:
+        raise _Again(exc) from None
+    key = json.dumps(wanted["dataset"], sort_keys=True)
+    if key not in listings:
+        listings[key] = parts.dataset.factory(parts.dataset_options).listing()
+    then, now = metrics.data, _Data.model_validate(listings[key])
+    if then != now:
+        raise _Again(
+            f"the dataset has changed since {run_dir} ran ({then.train.images} training and "
+            f"{then.test.images} test images then, {now.train.images} and {now.test.images} now)"
         )
     return metrics
+
+
+def _read(metrics: Any, source: str = "metrics.json") -> Finished:
+    """What the leaderboard reads of a run's metrics; a TlxError names the first key missing or wrong."""
+    return validate(Finished, metrics, source=source)
 
 
 def _first_difference(ran: Any, wanted: Any, key: str = "") -> str | None:
@@ -451,23 +570,24 @@ def _painters() -> Iterator[Iterator[Painter]]:
             painter.__exit__()
 
 
-def leaderboard(combinations: list[Combination], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def leaderboard(combinations: list[Combination], results: dict[str, Finished]) -> list[dict[str, Any]]:
     """One row per combination, best selection score first; ties go to the smaller feature dimension."""
     rows = []
     for combination in combinations:
         metrics = results[combination.name]
-        selection, seconds = metrics["selection"], metrics["seconds"]
+        selection, seconds = metrics.selection, metrics.seconds
         rows.append(
             {
                 **{key: show(value) for key, value in combination.values.items()},
-                "selection": selection["mean"],
-                "selection_std": selection["std"],
-                "selected_by": selection["selected_by"],
-                "test_accuracy": metrics["test_accuracy"],
-                "feature_dim": metrics["feature_dim"],
-                "extract_s": seconds["extract"],
-                "train_s": seconds["train"],
-                "selection_s": selection["seconds"],
+                "selection": selection.mean,
+                "selection_std": selection.std,
+                "selected_by": selection.selected_by,
+                "test_accuracy": metrics.test_accuracy,
+                "train_images": metrics.n_train,
+                "feature_dim": metrics.feature_dim,
+                "extract_s": seconds.extract,
+                "train_s": seconds.train,
+                "selection_s": selection.seconds,
                 "run": combination.name,
             }
         )
@@ -483,12 +603,12 @@ def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str],
     from tlx.artifacts import write_rows, write_text
     from tlx.compare import markdown
 
-    write_rows(folder / "leaderboard.csv", rows)
     header = [
         "rank",
         *keys,
         "selection (mean ± std)",
         "test accuracy",
+        "train images",
         "feature dim",
         "extract s",
         "train s",
@@ -500,6 +620,7 @@ def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str],
             *(row[key] for key in keys),
             f"{row['selection']:.2%} ± {row['selection_std']:.2%}",
             f"{row['test_accuracy']:.2%}",
+            str(row["train_images"]),
             str(row["feature_dim"]),
             f"{row['extract_s']:.1f}",
             f"{row['train_s']:.1f}",
@@ -511,12 +632,15 @@ def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str],
         f"Ranked by the selection score ({rows[0]['selected_by']}); the test accuracy is shown, never "
         "used to choose. Ties go to the smaller feature dimension. ★ marks the winner.\n\n"
     )
-    write_text(folder / "leaderboard.md", note + markdown(header, table))
     labels = [", ".join(row[key] for key in keys) for row in rows]
     try:
+        write_rows(folder / "leaderboard.csv", rows)
+        write_text(folder / "leaderboard.md", note + markdown(header, table))
         painter.draw_leaderboard(folder / "leaderboard.png", labels, rows)
     except OSError as exc:
-        raise TlxError(f"--out: cannot write {folder / 'leaderboard.png'} ({exc.strerror or exc})") from None
+        raise TlxError(
+            f"--out: cannot write the leaderboard in {folder} ({exc.strerror or exc}); free space there"
+        ) from None
 
 
 def point_best(folder: Path, name: str) -> None:
