@@ -87,7 +87,7 @@ def test_runs_started_together_without_out_finish_in_their_own_folders(
     assert len(folders) == 2
     for folder in folders:
         assert json.loads((folder / "metrics.json").read_text())["n_train"] == 12
-        assert not (folder / artifacts.LOCK_FILE).exists()
+        assert artifacts.lock_holder(folder) is None  # the mark stays, unlocked
 
 
 def test_a_folder_held_by_a_live_run_refuses_a_second_run(
@@ -105,7 +105,7 @@ def test_a_folder_held_by_a_live_run_refuses_a_second_run(
 
     result = invoke("run", recipe, "--out", out, "--set", "extract.workers=0")  # free again
     assert result.exit_code == 0, result.output
-    assert not (out / artifacts.LOCK_FILE).exists()
+    assert artifacts.lock_holder(out) is None  # the mark stays, unlocked
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(FILE_MODE)}
     assert_user_error(invoke("run", recipe, "--out", out), "already holds a run (metrics.json)")
 
@@ -149,7 +149,7 @@ def test_an_unfinished_run_folder_is_tlxs_to_write_again(
     monkeypatch.undo()
     result = invoke("run", recipe, "--out", out, "--set", "extract.workers=0")
     assert result.exit_code == 0, result.output
-    assert not (out / artifacts.LOCK_FILE).exists()
+    assert artifacts.lock_holder(out) is None  # the mark stays, unlocked
 
 
 # --- 2. SIGTERM --------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 - ``curves.png``, ``confusion.png``, ``errors.png`` (the most confident mistakes on the test split)
 
 Every file is written atomically (:func:`tlx.files.write_atomic`): a reader never sees half of one. While
-a run lives it holds ``.tlx-run.lock`` in its folder, so a second run cannot write into the same folder;
-a run that stops before it finishes leaves the lock file beside what it wrote, marking the folder as
-tlx's to write into again. A run writes into no other existing folder that holds files.
+a run lives it holds a lock on ``.tlx-run.lock`` in its folder, so a second run cannot write into the
+same folder; the file stays beside what the run wrote, marking the folder as tlx's (a sweep runs a
+damaged or stale child again in it). A run writes into no other existing folder that holds files.
 """
 
 from __future__ import annotations
@@ -228,20 +228,16 @@ def _locked(folder: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        if not _unfinished(folder):
+        if _only_lock(folder):
             with contextlib.suppress(OSError):
                 path.unlink()
         os.close(fd)
 
 
-def _unfinished(folder: Path) -> bool:
-    """Whether ``folder`` holds files of a run that did not finish (no ``metrics.json``).
-
-    Its lock file is then left in place: it marks the folder as tlx's, to be written into again.
-    """
+def _only_lock(folder: Path) -> bool:
+    """Whether the lock file is all ``folder`` holds; else it stays, marking the folder as tlx's."""
     with contextlib.suppress(OSError):
-        names = {p.name for p in folder.iterdir()} - {LOCK_FILE}
-        return bool(names) and METRICS_FILE not in names
+        return {p.name for p in folder.iterdir()} == {LOCK_FILE}
     return False
 
 
