@@ -21,6 +21,7 @@ from tests.conftest import TLX, assert_user_error, make_imagefolder, write_recip
 from tests.test_artifacts import COLOURS
 from tlx import artifacts, sweeps
 from tlx.default_plugins.heads import LogRegOptions
+from tlx.runfiles import Metrics
 from tlx.sweeps import leaderboard
 from tlx.train import with_choices
 
@@ -173,13 +174,17 @@ def test_bad_sweep_sections_and_run_of_a_sweep_recipe(tmp_path: Path, dataset: P
 
 
 def test_ties_go_to_the_smaller_feature_dimension() -> None:
-    def result(mean: float, dim: int) -> sweeps.Finished:
-        seconds = {"extract": 0.0, "train": 0.0}
-        selection = {"mean": mean, "std": 0.0, "selected_by": "5-fold", "seconds": 0.0}
-        data = {key: {"images": 3, "sha256": "0"} for key in ("train", "test")}
-        return sweeps.Finished.model_validate(
-            {"selection": selection, "test_accuracy": 0.5, "feature_dim": dim, "seconds": seconds}
-            | {"n_train": 3, "data": data}
+    def result(mean: float, dim: int) -> Metrics:
+        seconds = {"extract": 0.0, "train": 0.0, "total": 0.0}
+        selection = {"mean": mean, "std": 0.0, "scores": [mean], "selected_by": "5-fold", "seconds": 0.0}
+        return Metrics.model_validate(
+            {
+                "selection": selection,
+                "test_accuracy": 0.5,
+                "feature_dim": dim,
+                "seconds": seconds,
+                "n_train": 3,
+            }
         )
 
     combos = [SimpleNamespace(name=n, values={"backbone.name": n}) for n in ("big", "small", "best")]
@@ -334,7 +339,7 @@ def test_resume_runs_again_the_runs_whose_files_are_damaged(
     for line, words in zip(
         lines,
         [
-            "linear-0.01/metrics.json: selection: Input should be a valid dictionary",
+            "linear-0.01/metrics.json: selection: missing",
             "linear-0.1/metrics.json: missing required key seconds",
             "mlp-0.01/metrics.json: test_accuracy: Input should be a valid number",
             "mlp-0.1/recipe.yaml: line 5: more than 10000 values",

@@ -57,14 +57,32 @@ class Selection(_RunFile):
     seconds: Seconds
 
 
+Count = Annotated[int, Field(strict=True, ge=0)]
+
+
+class Listing(_RunFile):
+    """A split as a run saw it (:meth:`tlx.data.Splits.listing`): its images and their digest."""
+
+    images: Count
+    sha256: Sha256
+
+
+class DataListing(_RunFile):
+    train: Listing
+    test: Listing
+
+
 class Metrics(_RunFile):
     """``metrics.json``: the scores and timings that ``tlx compare`` and ``tlx sweep`` read."""
 
     test_accuracy: Fraction
     feature_dim: Annotated[int, Field(strict=True, gt=0)]
+    n_train: Count
     seconds: Timings
     #: only a sweep's runs have one
     selection: Selection | None = None
+    #: the data the run was trained and tested on; None in runs written before tlx recorded it
+    data: DataListing | None = None
 
 
 class BackboneRecord(_RunFile):

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
-from pydantic import BaseModel, ConfigDict
 
 from tlx import notices
 from tlx.components import Components, resolve
 from tlx.errors import TlxError, describe, shorten
 from tlx.extraction.pipeline import can_fork
-from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, read_yaml, recipe_from, validate
+from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, read_yaml, recipe_from
 from tlx.report import Console, QuietConsole
+from tlx.runfiles import DataListing, Metrics, read_metrics
 
 if TYPE_CHECKING:
     from tlx.data import Split
@@ -70,43 +70,6 @@ class Combination:
     @property
     def label(self) -> str:
         return ", ".join(f"{key}={show(value)}" for key, value in self.values.items())
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
-
-
-class _Selection(_Strict):
-    mean: float
-    std: float
-    selected_by: str
-    seconds: float
-
-
-class _Seconds(_Strict):
-    extract: float
-    train: float
-
-
-class _Listing(_Strict):
-    images: int
-    sha256: str
-
-
-class _Data(_Strict):
-    train: _Listing
-    test: _Listing
-
-
-class Finished(_Strict):
-    """What the leaderboard reads of a run's ``metrics.json``: a file without it is damaged."""
-
-    selection: _Selection
-    seconds: _Seconds
-    test_accuracy: float
-    feature_dim: int
-    n_train: int
-    data: _Data
 
 
 class _Again(Exception):
@@ -174,7 +137,7 @@ def _sweep(
     folder = Path(out) if out is not None else new_run_folder(path, Path("sweeps"))
     _refuse_running(folder, combinations)
     with run_folder(folder, path):
-        results: dict[str, Finished] = {}
+        results: dict[str, Metrics] = {}
         todo, lines = [], []
         listings: dict[str, dict[str, Any]] = {}
         for number, combination in enumerate(combinations, 1):
@@ -201,7 +164,7 @@ def _run_all(
     folder: Path,
     combinations: list[Combination],
     todo: list[int],
-    results: dict[str, Finished],
+    results: dict[str, Metrics],
     cache_dir: str | Path | None,
     jobs: int,
     *,
@@ -222,10 +185,12 @@ def _run_all(
     parallel = min(jobs, len(todo)) > 1 and can_fork()
     if parallel:
         done = _in_parallel(combinations, todo, jobs, run_one, console, cache)
-        results.update({combinations[n - 1].name: _read(metrics) for n, metrics in done.items()})
+        results.update(
+            {combinations[n - 1].name: Metrics.model_validate(metrics) for n, metrics in done.items()}
+        )
     with _painters() as painters:  # started after the last fork: a child must not hold their pipes
         for number in [] if parallel else todo:
-            results[combinations[number - 1].name] = _read(run_one(number, next(painters)))
+            results[combinations[number - 1].name] = Metrics.model_validate(run_one(number, next(painters)))
         rows = leaderboard(combinations, results)
         best = folder / rows[0]["run"]
         write_leaderboard(folder, rows, list(combinations[0].values), next(painters))
@@ -472,9 +437,7 @@ def _refuse_running(folder: Path, combinations: list[Combination]) -> None:
     )
 
 
-def _finished(
-    run_dir: Path, combination: Combination, listings: dict[str, dict[str, Any]]
-) -> Finished | None:
+def _finished(run_dir: Path, combination: Combination, listings: dict[str, dict[str, Any]]) -> Metrics | None:
     """The metrics of a run this sweep finished before; None where it did not finish.
 
     A run made from another recipe is refused (a TlxError); one with damaged files, or made on data
@@ -499,26 +462,22 @@ def _finished(
             "or remove that folder to run it again"
         )
     try:
-        metrics = _read(json.loads(path.read_text(encoding="utf-8")), str(path))
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
-        raise _Again(f"{path}: cannot read it ({describe(exc)})") from None
+        metrics = read_metrics(path)
     except TlxError as exc:
         raise _Again(exc) from None
+    if metrics.selection is None or metrics.data is None:
+        missing = "selection" if metrics.selection is None else "data"
+        raise _Again(f"{path}: {missing}: missing; the run did not record it")
     key = json.dumps(wanted["dataset"], sort_keys=True)
     if key not in listings:
         listings[key] = parts.dataset.factory(parts.dataset_options).listing()
-    then, now = metrics.data, _Data.model_validate(listings[key])
+    then, now = metrics.data, DataListing.model_validate(listings[key])
     if then != now:
         raise _Again(
             f"the dataset has changed since {run_dir} ran ({then.train.images} training and "
             f"{then.test.images} test images then, {now.train.images} and {now.test.images} now)"
         )
     return metrics
-
-
-def _read(metrics: Any, source: str = "metrics.json") -> Finished:
-    """What the leaderboard reads of a run's metrics; a TlxError names the first key missing or wrong."""
-    return validate(Finished, metrics, source=source)
 
 
 def _first_difference(ran: Any, wanted: Any, key: str = "") -> str | None:
@@ -570,12 +529,13 @@ def _painters() -> Iterator[Iterator[Painter]]:
             painter.__exit__()
 
 
-def leaderboard(combinations: list[Combination], results: dict[str, Finished]) -> list[dict[str, Any]]:
+def leaderboard(combinations: list[Combination], results: dict[str, Metrics]) -> list[dict[str, Any]]:
     """One row per combination, best selection score first; ties go to the smaller feature dimension."""
     rows = []
     for combination in combinations:
         metrics = results[combination.name]
         selection, seconds = metrics.selection, metrics.seconds
+        assert selection is not None  # a sweep's runs are selected (run(select=True); resume checks it)
         rows.append(
             {
                 **{key: show(value) for key, value in combination.values.items()},
