@@ -130,6 +130,8 @@ def test_a_warm_audit_computes_no_feature_and_prints_its_summary(
     summary = json.loads((tmp_path / "again" / "audit.json").read_text())
     assert summary["features"]["computed"] == 0
     assert summary["label_issues"] == audited.summary["label_issues"]
+    assert f"(cosine ≥ {findings.NEAR_THRESHOLD})" in result.output
+    assert f"(default {findings.NEAR_THRESHOLD})" in invoke("audit", "--help").output
     assert "leakage: " in result.output and "imageNotFound.gif" in result.output
     assert f"tlx run {tmp_path / 'again' / 'clean.yaml'}" in result.output
 

@@ -109,7 +109,7 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: P
 @click.option(
     "--near-threshold",
     type=float,
-    help="Cosine similarity of features from which two images are near-duplicates (default 0.9).",
+    help="Cosine similarity of features from which two images are near-duplicates (default 0.85).",
 )
 def audit_(
     recipe: Path,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: cosine similarity of features at or above which two images are near-duplicates (bench/audit.py)
-NEAR_THRESHOLD = 0.90
+NEAR_THRESHOLD = 0.85
 #: neighbours whose mean distance is an image's outlier score
 OUTLIER_NEIGHBOURS = 5
 #: the fence above the training scores' third quartile, in interquartile ranges
