@@ -347,9 +347,11 @@ def _print(console: Console, folder: Path, summary: dict[str, Any], found: Found
         f"duplicates   {dups['exact']} exact, {dups['near']} near pair(s) (cosine ≥ {dups['threshold']}); "
         f"leakage: {dups['leakage']} pair(s) across the splits"
     )
-    for row in found.pairs[:SHOWN]:
+    leaks = sorted(found.pairs, key=lambda r: r["split_a"] == r["split_b"])  # leakage first, stable
+    for row in leaks[:SHOWN]:
+        leak = ", leakage" if row["split_a"] != row["split_b"] else ""
         console.echo(
-            f"  {row['kind']} {row['similarity']:.3f}: {row['path_a']} ({row['split_a']}) ~ "
+            f"  {row['kind']}{leak} {row['similarity']:.3f}: {row['path_a']} ({row['split_a']}) ~ "
             f"{row['path_b']} ({row['split_b']})"
         )
     console.echo(f"outliers     {outliers['flagged']} image(s) far from every training image")
