@@ -46,8 +46,18 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     near = root / "train" / "bees" / "resaved.jpg"
     with Image.open(root / "val" / "bees" / photos("val", "bees")[1].name) as image:
         image.resize((int(image.width * 0.6), int(image.height * 0.6))).save(near, quality=50)
+    resaved = root / "train" / "bees" / "lossless.png"  # another file, the same decoded pixels
+    with Image.open(root / "val" / "bees" / photos("val", "bees")[2].name) as image:
+        image.save(resaved)
     shutil.copy(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", root / "train" / "ants")
-    return {"root": root, "flipped": flipped, "exact": exact, "near": near, "cache": root.parent / "cache"}
+    return {
+        "root": root,
+        "flipped": flipped,
+        "exact": exact,
+        "near": near,
+        "resaved": resaved,
+        "cache": root.parent / "cache",
+    }
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -63,7 +73,7 @@ def audited(messy: dict, tmp_path_factory: pytest.TempPathFactory) -> tlx.Audit:
 
 def test_flipped_labels_rank_first_and_are_flagged(messy: dict, audited: tlx.Audit) -> None:
     labels = rows(audited.folder / "label_issues.csv")
-    assert len(labels) == 20 + 20 + 3 + 2 + 1  # every training image
+    assert len(labels) == 20 + 20 + 3 + 3 + 1  # every training image
     quality = [float(r["label_quality"]) for r in labels]
     assert quality == sorted(quality)
     worst = {Path(r["path"]): r for r in labels[:5]}  # 40 images: a real ant or two may look like bees
@@ -81,15 +91,17 @@ def test_copies_of_test_images_are_leakage_and_left_out_of_the_clean_manifest(
     exact = pairs[(messy["exact"], "exact")]
     assert (exact["split_a"], exact["split_b"]) == ("train", "val")
     assert Path(exact["path_b"]).name == photos("val", "ants")[0].name
+    lossless = pairs[(messy["resaved"], "exact")]
+    assert (lossless["split_b"], Path(lossless["path_b"]).name) == ("val", photos("val", "bees")[2].name)
     near = pairs[(messy["near"], "near")]
     assert (near["split_a"], near["split_b"], Path(near["path_b"]).name) == (
         "train",
         "val",
         photos("val", "bees")[1].name,
     )
-    assert audited.summary["duplicates"]["leakage"] >= 2
+    assert audited.summary["duplicates"]["leakage"] >= 3
     clean = {r["path"] for r in rows(audited.folder / "clean.csv")}
-    for path in (messy["exact"], messy["near"], *messy["flipped"]):
+    for path in (messy["exact"], messy["near"], messy["resaved"], *messy["flipped"]):
         assert str(path.relative_to(messy["root"])) not in clean
     assert len(rows(audited.folder / "test.csv")) == 16
 
@@ -98,7 +110,7 @@ def test_the_placeholder_gif_is_the_worst_outlier(audited: tlx.Audit) -> None:
     outliers = rows(audited.folder / "outliers.csv")
     assert Path(outliers[0]["path"]).name == "imageNotFound.gif"
     assert outliers[0]["flagged"] == "True"
-    assert len(outliers) == 46 + 16
+    assert len(outliers) == 47 + 16
 
 
 def test_the_clean_recipe_runs_on_the_clean_manifests(
@@ -213,7 +225,7 @@ def test_the_page_shows_each_kind_of_finding_in_a_browser(audited: tlx.Audit, tm
                 audited.summary["label_issues"]["flagged"]
             )
             expect(page.locator("#label-issues figure").first).to_contain_text("looks like bees")
-            expect(page.locator("#leakage figure.pair")).to_have_count(2)
+            expect(page.locator("#leakage figure.pair")).to_have_count(3)
             expect(page.locator("#leakage")).to_contain_text("exact, leakage")
             expect(page.locator("#outliers")).to_contain_text("imageNotFound.gif")
             widths = page.eval_on_selector_all("img", "images => images.map(i => i.naturalWidth)")

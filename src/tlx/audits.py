@@ -137,7 +137,8 @@ def _audit(
     given = train.y.numpy()
     labels = findings.label_issues(held.probabilities.numpy(), given)
     x = torch.cat([train.x, test.x]).numpy()
-    pairs = findings.duplicates(x, [sha256_of(i.path) for i in images], threshold)
+    paths = [i.path for i in images]
+    pairs = findings.same_pixels(findings.duplicates(x, [sha256_of(p) for p in paths], threshold), paths)
     n_train = len(given)
     train_scores = findings.outlier_scores(train.x.numpy(), train.x.numpy(), same=True)
     test_scores = findings.outlier_scores(train.x.numpy(), test.x.numpy(), same=False)

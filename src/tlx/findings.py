@@ -7,8 +7,9 @@ Pure array work on features and held-out probabilities, so each finding is check
   probable class above its threshold is not its given label is flagged, and images are ranked by
   self-confidence (the held-out probability of the given label). Written on NumPy: it is a few lines,
   and cleanlab is AGPL-3.0 where tlx is MIT.
-- duplicates: the same bytes (SHA-256), else a cosine similarity of features at or above a threshold,
-  found by scikit-learn's ``NearestNeighbors`` radius search (no all-pairs table).
+- duplicates: the same bytes (SHA-256) or the same decoded pixels (``exact``), else a cosine similarity
+  of features at or above a threshold (``near``), found by scikit-learn's ``NearestNeighbors`` radius
+  search (no all-pairs table).
 - outliers: the mean cosine distance to the nearest training images, flagged beyond Tukey's far-out
   fence (third quartile + 3 × the interquartile range) of the training images' own distances.
 """
@@ -16,11 +17,14 @@ Pure array work on features and held-out probabilities, so each finding is check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 #: cosine similarity of features at or above which two images are near-duplicates (bench/audit.py)
 NEAR_THRESHOLD = 0.85
+#: cosine similarity from which a near pair is decoded to compare its pixels
+PIXEL_CHECK = 0.995
 #: neighbours whose mean distance is an image's outlier score
 OUTLIER_NEIGHBOURS = 5
 #: the fence above the training scores' third quartile, in interquartile ranges
@@ -89,6 +93,29 @@ def duplicates(x: np.ndarray, hashes: list[str], threshold: float = NEAR_THRESHO
     pairs = [Pair(a, b, "exact", similar.get((a, b), 1.0)) for a, b in sorted(exact)]
     pairs += [Pair(a, b, "near", s) for (a, b), s in sorted(similar.items()) if (a, b) not in exact]
     return sorted(pairs, key=lambda p: (p.kind != "exact", -p.similarity, p.a, p.b))
+
+
+def same_pixels(pairs: list[Pair], paths: list[Path]) -> list[Pair]:
+    """``pairs`` with each near pair of nearly identical features (:data:`PIXEL_CHECK`) whose images
+    decode to the same pixels made ``exact``: the same picture in another file format."""
+    from dataclasses import replace
+
+    from tlx.data import load_image
+
+    def pixels(i: int) -> bytes | None:
+        try:
+            return load_image(paths[i]).tobytes()
+        except Exception:  # undecodable since it was read: not the same picture
+            return None
+
+    checked = []
+    for pair in pairs:
+        if pair.kind == "near" and pair.similarity >= PIXEL_CHECK:
+            a, b = pixels(pair.a), pixels(pair.b)
+            if a is not None and a == b:
+                pair = replace(pair, kind="exact")
+        checked.append(pair)
+    return sorted(checked, key=lambda p: (p.kind != "exact", -p.similarity, p.a, p.b))
 
 
 def outlier_scores(train: np.ndarray, queries: np.ndarray, *, same: bool) -> np.ndarray:
