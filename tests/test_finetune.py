@@ -345,3 +345,15 @@ def test_keys_that_cannot_apply_to_finetuning_are_refused(
 
 def tiny_dataset_for(tmp_path: Path) -> Path:
     return make_imagefolder(tmp_path / "d", classes=2)
+
+
+def test_diverging_finetuning_stops_at_its_first_epoch_naming_the_rates(
+    tmp_path: Path, tiny_dataset: Path, tiny_net: TinyNet
+) -> None:
+    rates = ("train.lr=1e30", "finetune.backbone_lr=1e30", "train.weight_decay=1e30")
+    with pytest.raises(TlxError) as info:
+        finetune_run(tmp_path, tiny_dataset, "out", *rates)
+    assert str(info.value) == (
+        "training diverged at epoch 1: the loss is nan; lower train.lr (now 1e+30) or "
+        "finetune.backbone_lr (now 1e+30) or train.weight_decay (now 1e+30)"
+    )

@@ -215,3 +215,24 @@ def test_every_seed_allowed_seeds_random_and_torch(valid: Path, seed: int) -> No
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     assert torch.Generator().manual_seed(recipe.seed).initial_seed() == seed
+
+
+# numbers
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=.inf", "train.lr"),
+        ("train.weight_decay=.inf", "train.weight_decay"),
+        ("finetune.backbone_lr=inf", "finetune.backbone_lr"),
+        ("head={type: logreg, l2: [0.1, .inf]}", "head.l2.1"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_a_recipe_error(
+    tmp_path: Path, valid: Path, invoke, override: str, key: str
+) -> None:
+    strategy = "finetune" if key.startswith("finetune") else "features"
+    result = invoke("run", valid, "--set", override, "--set", f"strategy={strategy}", "--out", tmp_path / "o")
+    assert_user_error(result, f"--set {override.split('=')[0]}: {key}: Input should be a finite number")
+    assert not (tmp_path / "o").exists()

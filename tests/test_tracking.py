@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,27 @@ def test_a_sweep_logs_one_tracker_run_per_combination_grouped_by_the_sweep(
     assert sorted(c[2] for c in calls if c[0] == "finish") == sorted(
         tmp_path / "sw" / r["run"] for r in done.rows
     )
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's
+@pytest.mark.parametrize("how", ["proc", "chmod"])
+def test_tensorboard_that_cannot_write_its_files_is_one_warning_no_traceback(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone, invoke, how: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    if how == "proc":  # a folder where even root creates no file
+        if not Path("/proc/self/fdinfo").is_dir():
+            pytest.skip("no /proc")
+        (out / "tb").symlink_to("/proc/self/fdinfo")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        (out / "tb").mkdir(mode=0o555)
+    recipe_for(tmp_path, tiny_dataset)
+    result = invoke("run", tmp_path / "r.yaml", "--out", out, "--set", "track=[{kind: tensorboard}]")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "Exception in thread" not in result.output
+    warnings = [line for line in result.stderr.splitlines() if "tracker 'tensorboard' failed" in line]
+    assert len(warnings) == 1, result.stderr
+    assert (out / "metrics.json").is_file()

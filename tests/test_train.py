@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import assert_user_error, recipe_for
+from tests.test_run import EPOCH_LINE
 from tlx.data import load_image, scan_class_folder
 from tlx.errors import TlxError
 from tlx.folds import fold_ids, hold_out
@@ -170,3 +172,40 @@ def test_fold_assignment_without_groups_is_unchanged() -> None:
     assert fold_ids(y, 3, 7).tolist() == [0, 1, 1, 2, 0, 0, 2, 0, 0, 0, 2, 1, 1, 1]
     _, val = hold_out(Features(torch.arange(14.0).unsqueeze(1), y, []), 0.25, 3)
     assert val.x.flatten().tolist() == [1.0, 2.0, 9.0]
+
+
+#: a step this large sends every weight past the largest float at once
+DIVERGING = {"lr": 1e30, "weight_decay": 1e30}
+
+
+def test_a_diverging_head_stops_at_its_first_epoch_naming_the_rates() -> None:
+    train = folds()[0]
+    epochs: list = []
+    with pytest.raises(TlxError) as info:
+        train_head(linears(1)[0], train, train, TrainConfig(**DIVERGING), seed=0, on_epoch=epochs.append)
+    assert str(info.value) == (
+        "training diverged at epoch 1: the loss is nan; "
+        "lower train.lr (now 1e+30) or train.weight_decay (now 1e+30)"
+    )
+    assert epochs == []  # no epoch of a broken head is reported
+
+
+@pytest.mark.parametrize("make", [linears, lambda k: mlps(k, dropout=0.1)])  # stacked, one by one
+def test_diverging_folds_stop_at_their_first_epoch(make: object) -> None:
+    config, fits = TrainConfig(**DIVERGING), folds()
+    weights = [None] * len(fits)
+    with pytest.raises(TlxError, match=r"^training diverged at epoch 1: .*lower train\.lr \(now 1e\+30\)"):
+        train_heads(make(len(fits)), fits, config, seed=0, weights=weights)  # type: ignore[operator]
+
+
+def test_a_diverging_run_is_one_line_and_leaves_no_run_folder(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone, invoke
+) -> None:
+    recipe_for(tmp_path, tiny_dataset)
+    out = tmp_path / "out"
+    result = invoke(
+        "run", tmp_path / "r.yaml", "--out", out, "--set", "train.lr=1e30", "--set", "train.weight_decay=1e30"
+    )
+    assert_user_error(result, "training diverged at epoch 1", "lower train.lr (now 1e+30)")
+    assert not EPOCH_LINE.search(result.stdout)  # no epoch of a broken head is reported
+    assert not out.exists()

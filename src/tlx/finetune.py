@@ -28,7 +28,7 @@ from tlx.optim import Optimizer, make_loss, param_groups
 from tlx.recipe import Recipe
 from tlx.registry import Backbone
 from tlx.tensors import to_backbone
-from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, class_weights
+from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, check_finite, class_weights
 
 
 @dataclass
@@ -144,6 +144,7 @@ def finetune(
             val_split, eval_transform(backbone.data_config), recipe, eval_size, device, shuffle=False
         )
     optimizer = Optimizer(groups, config, steps_per_epoch=len(train_loader))
+    rates = {"train.lr": config.lr, "finetune.backbone_lr": options.backbone_lr, "train.weight_decay": decay}
     skipped: dict[Path, str] = {}
     history: list[Epoch] = []
     best = BestEpoch(config.patience) if config.patience and val_loader is not None else None
@@ -153,6 +154,7 @@ def finetune(
             model, notices.bar(train_loader, desc=f"epoch {epoch}", leave=False), fit_split, skipped,
             loss_fn, optimizer, device, recipe.extract.on_bad_image,
         )  # fmt: skip
+        check_finite(epoch, train_loss, model.parameters(), rates)
         test_paths, test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
         val_scores: tuple[float | None, float | None] = (None, None)
         if val_loader is not None:

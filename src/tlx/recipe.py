@@ -65,7 +65,9 @@ def cpu_cores() -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A section with only its own keys; a number must be finite (``.inf`` or ``.nan`` trains nothing)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Open(BaseModel):

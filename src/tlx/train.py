@@ -13,7 +13,7 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -351,10 +351,28 @@ def train_heads(
                 _restore(kept)
                 if after_epoch is not None:
                     total += loss.item() * counts[0]
-            if after_epoch is not None and after_epoch(epoch, total / sizes[0]):
+            # one head's mean training loss; for the folds, the last step's (one read per epoch)
+            epoch_loss = total / sizes[0] if after_epoch is not None else loss.item()
+            params = [p for g in optimizer.groups for p in g["params"]]
+            check_finite(
+                epoch, epoch_loss, params, {"train.lr": config.lr, "train.weight_decay": config.weight_decay}
+            )
+            if after_epoch is not None and after_epoch(epoch, epoch_loss):
                 break
     if stack is not None:
         stack.write_back()
+
+
+def check_finite(epoch: int, loss: float, params: Iterable[torch.Tensor], rates: dict[str, float]) -> None:
+    """Stop training that has diverged: a loss or weight that is no longer finite, which every later
+    epoch would only carry on (and a run folder cannot hold). ``rates`` are the recipe keys that
+    lowered bring it back, with their values: the :class:`TlxError` names those that are set.
+    """
+    if math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    what = f"the loss is {loss:g}" if not math.isfinite(loss) else "the weights are no longer finite"
+    keys = " or ".join(f"{key} (now {value:g})" for key, value in rates.items() if value)
+    raise TlxError(f"training diverged at epoch {epoch}: {what}; lower {keys}")
 
 
 #: the stacked parameters, gradients and momentum must fit in about this much cache: five 1280×512 mlp

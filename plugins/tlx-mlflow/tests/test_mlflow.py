@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -103,6 +107,83 @@ def test_an_unwritable_store_warns_once_and_the_run_exits_0(tmp_path: Path) -> N
     assert len(warnings) == 1, result.stderr
     assert f"cannot log to the MLflow store sqlite:///{blocker}" in warnings[0]
     assert (out / "metrics.json").is_file() and (out / "head.safetensors").is_file()
+
+
+def run_tracked(tmp_path: Path, uri: str) -> tuple[Path, list[str]]:
+    """``tlx run`` (exit 0) tracked to ``uri``: the run folder and the mlflow warnings."""
+    out = tmp_path / "runs" / "a"
+    path = recipe(tmp_path, tracking_uri=uri)
+    result = CliRunner().invoke(cli, ["run", str(path), "--out", str(out), "--set", "train.epochs=3"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert (out / "metrics.json").is_file() and (out / "head.safetensors").is_file()
+    return out, [line for line in result.stderr.splitlines() if "tracker 'mlflow' failed" in line]
+
+
+def closed_port() -> int:
+    """A local port where nothing listens: bound, then let go."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)  # MLflow alone retries for about four minutes
+def test_a_server_that_refuses_is_one_warning_naming_it_and_the_run_exits_0(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    _, warnings = run_tracked(tmp_path, uri)
+    assert len(warnings) == 1 and f"cannot log to the MLflow store {uri} (" in warnings[0]
+
+
+class Unavailable(BaseHTTPRequestHandler):
+    """Answers every request 503 (which MLflow retries), counting them."""
+
+    requests = 0
+
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        self.send_response(503)
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("retries", "requests"), [(None, 3), ("0", 1)])
+def test_http_retries_are_bounded_unless_the_environment_sets_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: str | None, requests: int
+) -> None:
+    if retries is not None:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+    Unavailable.requests = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _, warnings = run_tracked(tmp_path, f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert len(warnings) == 1
+    assert Unavailable.requests == requests  # the first request and its retries; then the tracker is dropped
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries  # as the user left it
+
+
+@pytest.mark.timeout(60)  # MLflow alone retries an unopenable SQLite file for about 100 s
+def test_a_sqlite_store_that_cannot_be_opened_is_one_warning_at_once(tmp_path: Path) -> None:
+    taken = tmp_path / "taken.db"
+    taken.mkdir()  # a folder where the database file would go
+    _, warnings = run_tracked(tmp_path, f"sqlite:///{taken}")
+    assert len(warnings) == 1 and f"store sqlite:///{taken} (unable to open database file)" in warnings[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_sqlite_store_in_a_read_only_folder_is_one_warning_at_once(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    _, warnings = run_tracked(tmp_path, f"sqlite:///{folder / 'mlflow.db'}")
+    assert len(warnings) == 1 and f"store sqlite:///{folder / 'mlflow.db'} (" in warnings[0]
 
 
 def test_options_are_validated() -> None:

@@ -86,3 +86,5 @@ def test_options_are_validated_with_their_key() -> None:
         validate_options(entry, {"scale": 0}, "head", "r.yaml")
     with pytest.raises(TlxError, match=r"unknown key head.scales; did you mean head.scale"):
         validate_options(entry, {"scales": 3}, "head", "r.yaml")
+    with pytest.raises(TlxError, match=r"head.scale: Input should be a finite number"):
+        validate_options(entry, {"scale": float("inf")}, "head", "r.yaml")  # every logit would be nan

@@ -36,7 +36,7 @@ class MLPOptions(BaseModel):
 
 
 class LogRegOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: candidate L2 strengths; one value skips the selection
     l2: list[PositiveFloat] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)

@@ -8,6 +8,7 @@ per epoch, and the resolved recipe as hyperparameters with the final metrics. to
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,10 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         self.params = {**params, **{f"tag.{k}": v for k, v in tags.items()}}
+        # the writer's own thread would fail with a traceback of its own: a file is tried here first
+        self.log_dir.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.log_dir):
+            pass
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def epoch(self, step: int, metrics: dict[str, float]) -> None:

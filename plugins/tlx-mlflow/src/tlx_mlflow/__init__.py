@@ -1,12 +1,17 @@
 """tlx tracker ``mlflow``: one MLflow run per tlx run, in a real backend store (SQLite by default).
 
-mlflow is imported when a run starts, so that loading tlx's plugins stays cheap.
+mlflow is imported when a run starts, so that loading tlx's plugins stays cheap. A store that cannot
+be reached or written fails within seconds (:data:`HTTP_BOUNDS`, a SQLite store tried first), not
+after MLflow's minutes of retries; tlx then warns and the run goes on without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +24,13 @@ if TYPE_CHECKING:
 
 #: the most parameters MLflow takes in one batch
 BATCH = 100
+#: MLflow's HTTP settings while tlx logs, unless set in the environment: a server that does not answer
+#: fails in seconds (MLflow's defaults retry for about four minutes)
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 class MlflowOptions(BaseModel):
@@ -37,8 +49,31 @@ def tracking_uri(options: MlflowOptions, run_dir: Path) -> str:
     return options.tracking_uri or env or f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def bounded() -> Iterator[None]:
+    """:data:`HTTP_BOUNDS` for MLflow's calls inside, where the environment does not set them."""
+    missing = {key: value for key, value in HTTP_BOUNDS.items() if key not in os.environ}
+    os.environ.update(missing)
+    try:
+        yield
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)
+
+
+def check_sqlite(uri: str) -> None:
+    """Open the SQLite store of ``uri`` for writing, as MLflow would after ten retries (about 100 s)."""
+    path = uri.removeprefix("sqlite:///")
+    if not uri.startswith("sqlite:///") or not path or path == ":memory:":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")  # a write lock: refused on a read-only file or folder
+        db.execute("ROLLBACK")
+
+
 class MlflowTracker:
-    """Logs one tlx run as one MLflow run."""
+    """Logs one tlx run as one MLflow run; each call bounded in time (:func:`bounded`)."""
 
     def __init__(self, options: MlflowOptions, run_dir: Path) -> None:
         self.options = options
@@ -62,24 +97,29 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         try:
+            check_sqlite(self.uri)
             client = MlflowClient(tracking_uri=self.uri)
-            run = client.create_run(self._experiment(client), run_name=self.name, tags=tags)
+            with bounded():
+                run = client.create_run(self._experiment(client), run_name=self.name, tags=tags)
         except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(
-                f"cannot log to the MLflow store {self.uri} ({exc}); set the option tracking_uri or "
+                f"cannot log to the MLflow store {self.uri} ({first}); set the option tracking_uri or "
                 "MLFLOW_TRACKING_URI to a store this machine can reach and write"
             ) from exc
         self.client, self.run_id = client, run.info.run_id
         items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), BATCH):
-            client.log_batch(self.run_id, params=items[i : i + BATCH])
+        with bounded():
+            for i in range(0, len(items), BATCH):
+                client.log_batch(self.run_id, params=items[i : i + BATCH])
 
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         assert self.client is not None
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        with bounded():
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def epoch(self, step: int, metrics: dict[str, float]) -> None:
         self._metrics(metrics, step)
@@ -87,12 +127,14 @@ class MlflowTracker:
     def finish(self, metrics: dict[str, float], run_dir: Path) -> None:
         assert self.client is not None
         self._metrics(metrics, 0)
-        self.client.log_artifacts(self.run_id, str(run_dir))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        with bounded():
+            self.client.log_artifacts(self.run_id, str(run_dir))
+            self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self) -> None:
         if self.client is not None:
-            self.client.set_terminated(self.run_id, "FAILED")
+            with bounded():
+                self.client.set_terminated(self.run_id, "FAILED")
 
 
 @hookimpl

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class CosineOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: logits lie in [-scale, scale]
     scale: PositiveFloat = 16.0

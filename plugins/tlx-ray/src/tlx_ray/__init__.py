@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class RayOptions(BaseModel):
     """``extract.engine: {kind: ray, ...}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: the cluster (``ray://host:10001`` or ``host:6379``); None: ``$RAY_ADDRESS``, else a local Ray
     address: str | None = None

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
 
 #: blocks of the dataset of paths, at most: a block is what a failed actor's work is retried as
 MAX_BLOCKS = 1000
+#: seconds a cluster's address has to accept a connection
+CONNECT_TIMEOUT_S = 10
+#: the Ray Client's port when a ``ray://`` address gives none
+CLIENT_PORT = 10001
 
 
 class RayEngine:
@@ -119,6 +124,9 @@ def connect(options: RayOptions) -> None:
         return
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     address = options.address or os.environ.get("RAY_ADDRESS")
+    key = "extract.engine.address" if options.address else "$RAY_ADDRESS"
+    if address:
+        _answers(address, key)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -127,11 +135,30 @@ def connect(options: RayOptions) -> None:
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise TlxError(
-            f"extract.engine.address: cannot start or join {where} ({describe(exc)}); "
+            f"{key}: cannot start or join {where} ({describe(exc)}); "
             "check the address (ray status on the head node)"
         ) from None
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # execution plans and timings on every run
+
+
+def _answers(address: str, key: str) -> None:
+    """Refuse a cluster ``address`` (``[ray://]host:port``) where nothing accepts a connection within
+    :data:`CONNECT_TIMEOUT_S`: Ray itself retries such an address for many minutes. ``auto`` and
+    other forms are left to Ray."""
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if client and not port.isdigit():  # ray://host: the Ray Client's own port
+        host, port = address.removeprefix("ray://"), str(CLIENT_PORT)
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TlxError(
+            f"{key}: no Ray cluster answers at {address} ({describe(exc)}); "
+            "check the address and that the cluster is up (ray status on the head node)"
+        ) from None
 
 
 def _cores() -> int:
