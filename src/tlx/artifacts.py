@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel
 
+from tlx import notices
 from tlx.components import Components
 from tlx.data import RUN_MARKER, Split
 from tlx.errors import TlxError, describe, shorten
@@ -45,6 +46,7 @@ from tlx.files import FILE_MODE, write_atomic, write_json
 from tlx.plots import Painter
 from tlx.recipe import Recipe, load_recipe
 from tlx.runfiles import (
+    CALIBRATION_FILE,
     HEAD_FILE,
     METRICS_FILE,
     PROVENANCE_FILE,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder ne
     import torch
     from torch import nn
 
+    from tlx.calibration import Calibration
     from tlx.extraction.frozen import FrozenBackbone
     from tlx.extraction.store import BackboneInfo
     from tlx.tensors import Features
@@ -306,6 +309,7 @@ def write_run(
     chosen: dict[str, Any],
     painter: Painter,
     tuned_backbone: nn.Module | None = None,
+    calibration: Calibration | None = None,
 ) -> None:
     """Write every file of the run folder; ``metrics.json`` last, so its presence marks a finished run.
 
@@ -323,13 +327,47 @@ def write_run(
     )
     if tuned_backbone is not None:
         write_tensors(out / TUNED_BACKBONE_FILE, tuned_backbone)
-    loaded = (RECIPE_FILE, HEAD_FILE, *((TUNED_BACKBONE_FILE,) if tuned_backbone is not None else ()))
+    if calibration is not None:
+        write_calibration(out / CALIBRATION_FILE, calibration)
+    loaded = (
+        RECIPE_FILE,
+        HEAD_FILE,
+        *((TUNED_BACKBONE_FILE,) if tuned_backbone is not None else ()),
+        *((CALIBRATION_FILE,) if calibration is not None else ()),
+    )
     write_json(out / PROVENANCE_FILE, {**provenance, "files": digests(out, loaded)})
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
     write_predictions(out / PREDICTIONS_FILE, predictions, scores.classes)
     painter.draw(out, metrics["history"], chosen, scores, predictions.mistakes(scores.classes))
     write_json(out / METRICS_FILE, metrics)
+
+
+def write_calibration(path: Path, calibration: Calibration) -> None:
+    """The calibration as safetensors: the training features and conformal scores, the numbers as
+    metadata (exact decimal strings)."""
+    from safetensors.numpy import save_file
+
+    tensors = {"train": calibration.train, "scores": calibration.scores.astype("float32")}
+    metadata = {k: repr(float(getattr(calibration, k))) for k in ("temperature", "threshold", "accept")}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_calibration(path: Path) -> Calibration:
+    """A run's calibration; a damaged file is a TlxError naming it."""
+    import math
+
+    from tlx.calibration import Calibration
+
+    tensors, metadata = read_tensors(path)
+    try:
+        numbers = {k: float(metadata[k]) for k in ("temperature", "threshold", "accept")}
+        train, scores = tensors["train"].numpy(), tensors["scores"].numpy()
+    except (KeyError, ValueError) as exc:
+        raise TlxError(f"{path}: not a calibration tlx wrote ({describe(exc)}); {RESTORE}") from None
+    if not all(map(math.isfinite, (numbers["temperature"], numbers["accept"]))) or train.ndim != 2:
+        raise TlxError(f"{path}: not a calibration tlx wrote; {RESTORE}")
+    return Calibration(scores=scores, train=train, **numbers)
 
 
 def write_tensors(path: Path, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
@@ -394,6 +432,9 @@ class TrainedRun:
     frozen: FrozenBackbone
     head: nn.Module
     classes: list[str]
+    #: the temperature, "unknown" threshold and conformal scores (:mod:`tlx.calibration`); None in
+    #: runs written before tlx calibrated
+    calibration: Calibration | None = None
 
     @property
     def info(self) -> BackboneInfo:
@@ -429,8 +470,9 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
                 f"{folder}: not a finished tlx run folder ({name} is missing); pass the --out of tlx run"
             )
     provenance = read_provenance(folder / PROVENANCE_FILE)
-    tuned = folder / TUNED_BACKBONE_FILE
-    check_digests(folder, provenance, (RECIPE_FILE, HEAD_FILE, *((tuned.name,) if tuned.exists() else ())))
+    tuned, calibrated = folder / TUNED_BACKBONE_FILE, folder / CALIBRATION_FILE
+    optional = [p.name for p in (tuned, calibrated) if p.exists()]
+    check_digests(folder, provenance, (RECIPE_FILE, HEAD_FILE, *optional))
     recipe = load_recipe(folder / RECIPE_FILE, overrides)
     if (recipe.strategy == "finetune") != tuned.is_file():
         raise TlxError(
@@ -457,7 +499,15 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
     head = parts.head.factory(frozen.info.feature_dim, len(classes), parts.head_options)
     load_state(head, state, folder / HEAD_FILE, f"{recipe.head.type} head of {folder / RECIPE_FILE}")
     head.eval()
-    return TrainedRun(folder, recipe, parts, frozen, head, classes)
+    if calibrated.is_file():
+        calibration = read_calibration(calibrated)
+    else:
+        calibration = None
+        notices.warn(
+            f"{folder}: no {CALIBRATION_FILE} (a run of an older tlx, or too few images to fit it): "
+            "probabilities are not calibrated and no image is called unknown"
+        )
+    return TrainedRun(folder, recipe, parts, frozen, head, classes, calibration)
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

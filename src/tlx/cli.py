@@ -257,6 +257,16 @@ def _mib(n: int) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder of Parquet files (path, label, probability, top_k, skipped); needs --engine.",
 )
+@click.option(
+    "--no-reject",
+    is_flag=True,
+    help="Never answer 'unknown' (an image far from every training image gets its best class too).",
+)
+@click.option(
+    "--coverage",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Add each image's prediction set: the classes that hold its true class this often (e.g. 0.9).",
+)
 @CACHE_DIR
 def predict_(
     run_dir: Path,
@@ -265,6 +275,8 @@ def predict_(
     as_json: bool,
     engine: str | None,
     output: Path | None,
+    no_reject: bool,
+    coverage: float | None,
     cache_dir: Path | None,
 ) -> None:
     """Classify images (files or folders) with the classifier trained in RUN_DIR."""
@@ -277,18 +289,22 @@ def predict_(
     if engine is not None and output is not None:
         results, skipped = None, predict_to(run, paths, top_k=top_k, engine=engine, output=output)
     else:
-        results, skipped = predict(run, paths, top_k=top_k)
+        results, skipped = predict(run, paths, top_k=top_k, reject=not no_reject, coverage=coverage)
     for path, reason in skipped:
         click.echo(f"tlx: warning: skipped {path}: {reason}", err=True)
     if results is None:
         click.echo(f"wrote the predictions to {output}")
         return
     if as_json:
-        keep = ("path", "label", "probability", "top_k") if top_k > 1 else ("path", "label", "probability")
-        click.echo(json.dumps([{k: r[k] for k in keep} for r in results], indent=2))
+        drop = () if top_k > 1 else ("top_k",)
+        click.echo(json.dumps([{k: v for k, v in r.items() if k not in drop} for r in results], indent=2))
         return
     for r in results:
-        click.echo(f"{r['path']}\t" + "\t".join(f"{t['label']} {t['probability']:.2%}" for t in r["top_k"]))
+        ranked = "\t".join(f"{t['label']} {t['probability']:.2%}" for t in r["top_k"])
+        if r.get("known") is False:
+            ranked = f"unknown (looks like none of: {', '.join(run.classes)}) [{ranked}]"
+        members = f"\tset {{{', '.join(r['prediction_set'])}}}" if "prediction_set" in r else ""
+        click.echo(f"{r['path']}\t{ranked}{members}")
 
 
 @cli.command("eval")

@@ -6,6 +6,7 @@ One code path for both (:func:`probabilities`), so that they give the same numbe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,41 @@ def image_files(sources: Sequence[Source]) -> list[Source]:
     return files
 
 
+@dataclass
+class Answers:
+    """What a run answers for the images that could be decoded: calibrated class probabilities (n,
+    classes), and their features (for the "unknown" score)."""
+
+    kept: list[Source]
+    probabilities: torch.Tensor
+    features: torch.Tensor
+
+    def ood_scores(self, run: TrainedRun) -> list[float] | None:
+        """Each image's "unknown" score (:mod:`tlx.calibration`); None for a run without calibration."""
+        if run.calibration is None:
+            return None
+        return run.calibration.ood_scores(self.features.numpy()).tolist()
+
+
+def answers(run: TrainedRun, sources: Sequence[Source]) -> tuple[Answers, list[tuple[Source, str]]]:
+    """The answers for the images of ``sources`` that could be decoded, and the skipped."""
+    kept, result, skipped, x = _probabilities(run, sources)
+    return Answers(kept, result, x), skipped
+
+
 def probabilities(
     run: TrainedRun, sources: Sequence[Source]
 ) -> tuple[list[Source], torch.Tensor, list[tuple[Source, str]]]:
-    """The images that could be decoded, their class probabilities (n, classes), and the skipped.
+    """The images that could be decoded, their class probabilities (n, classes), and the skipped."""
+    kept, result, skipped, _ = _probabilities(run, sources)
+    return kept, result, skipped
+
+
+def _probabilities(
+    run: TrainedRun, sources: Sequence[Source]
+) -> tuple[list[Source], torch.Tensor, list[tuple[Source, str]], torch.Tensor]:
+    """The images that could be decoded, their class probabilities (n, classes), the skipped, and the
+    features of the decoded.
 
     Features come as in a run (:meth:`TrainedRun.extract`: the cache, else the recipe's runtime and
     ``device``); in-memory images are never cached. A NaN probability is an error, never a printed
@@ -58,13 +90,15 @@ def probabilities(
             k += 1
         else:
             kept.append(source)
-    return kept, classify(run, kept, features.x), features.skipped
+    return kept, classify(run, kept, features.x), features.skipped, features.x
 
 
 def classify(run: TrainedRun, kept: Sequence[Source], x: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (n, classes) of the features ``x`` of the images ``kept``; NaN is an error."""
+    """Class probabilities (n, classes) of the features ``x`` of the images ``kept``, calibrated by the
+    run's temperature where it has one; NaN is an error."""
+    temperature = run.calibration.temperature if run.calibration is not None else 1.0
     with torch.inference_mode():
-        result = torch.softmax(run.head(x), dim=1)
+        result = torch.softmax(run.head(x) / temperature, dim=1)
     finite = result.isfinite().all(dim=1)
     if not finite.all():
         first = kept[int(finite.logical_not().nonzero()[0])]
@@ -88,11 +122,36 @@ def ranked(
 
 
 def predict(
-    run: TrainedRun, paths: Sequence[Source], *, top_k: int
+    run: TrainedRun,
+    paths: Sequence[Source],
+    *,
+    top_k: int,
+    reject: bool = True,
+    coverage: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[Source, str]]]:
-    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped."""
-    kept, result, skipped = probabilities(run, paths)
-    return ranked(kept, result, run.classes, top_k), skipped
+    """One result per decodable image (``path``, ``label``, ``probability``, ``top_k``), and the skipped.
+
+    With the run's calibration: ``known`` and ``ood_score`` (unless not ``reject``), and with
+    ``coverage`` the ``prediction_set`` (:meth:`tlx.calibration.Calibration.sets`).
+    """
+    found, skipped = answers(run, paths)
+    results = ranked(found.kept, found.probabilities, run.classes, top_k)
+    calibration = run.calibration
+    if calibration is None:
+        if coverage is not None:
+            raise TlxError(
+                f"--coverage: {run.folder} has no calibration to make prediction sets from; train it again"
+            )
+        return results, skipped
+    if reject:
+        for result, score in zip(results, found.ood_scores(run) or []):
+            result["known"] = bool(score <= calibration.threshold)
+            result["ood_score"] = score
+    if coverage is not None:
+        sets = calibration.sets(found.probabilities.numpy(), coverage)
+        for result, members in zip(results, sets):
+            result["prediction_set"] = [run.classes[c] for c in members]
+    return results, skipped
 
 
 def predict_to(

@@ -147,6 +147,13 @@ class FinetuneConfig(_Strict):
     augment: bool = True
 
 
+class CalibrationConfig(_Strict):
+    """How a run's answers are calibrated (:mod:`tlx.calibration`)."""
+
+    #: the share of held-out training images the "unknown" threshold accepts as known
+    accept: float = Field(0.95, gt=0, lt=1)
+
+
 class EngineConfig(_Open):
     """Where the backbone runs over the images: a registered engine ``kind`` and that engine's options."""
 
@@ -191,6 +198,7 @@ class Recipe(_Strict):
     train: TrainConfig = TrainConfig()
     #: validated only when given, so that it can be refused with strategy: features
     finetune: FinetuneConfig = FinetuneConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     extract: ExtractConfig = ExtractConfig()
     #: experiment trackers that follow the run (``tlx list`` shows the kinds)
     track: list[TrackConfig] = []

@@ -18,15 +18,18 @@ from tlx.tracking import tracked
 from tlx.version import __version__
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from tlx.artifacts import Predictions
+    from tlx.calibration import Calibration
     from tlx.data import Splits
     from tlx.extraction.frozen import FrozenBackbone
     from tlx.extraction.store import BackboneInfo
     from tlx.registry import Backbone
     from tlx.scores import Scores
-    from tlx.train import Fit
+    from tlx.tensors import Features
+    from tlx.train import Fit, HeldOut
 
 
 @dataclass
@@ -53,6 +56,10 @@ class Outcome:
     selection: dict[str, Any] | None = None
     #: what ran the frozen backbone (:mod:`tlx.extraction.runtimes`); None when no feature was computed
     runtime: str | None = None
+    #: the fitted calibration and what it measured on the test split (``metrics.json``); None when
+    #: it could not be fitted (a warning says why)
+    calibration: Calibration | None = None
+    calibrated: dict[str, Any] | None = None
 
 
 def run(
@@ -130,6 +137,7 @@ def _run(
             chosen=outcome.fit.chosen,
             painter=painter,
             tuned_backbone=outcome.tuned,
+            calibration=outcome.calibration,
         )
     except OSError as exc:
         raise TlxError(
@@ -170,7 +178,7 @@ def train_on_features(
     from tlx.artifacts import Predictions
     from tlx.scores import Scores
     from tlx.tensors import threads_set
-    from tlx.train import fit_head, selection_score, with_choices
+    from tlx.train import fit_head, held_out, selection_score, with_choices
 
     info = frozen.info
     assert frozen.store is not None  # a recipe's backbone is not a run folder's fine-tuned one
@@ -190,11 +198,10 @@ def train_on_features(
         groups=groups,
     )
     train_s = time.perf_counter() - t0
-    selection = None
-    if select:
-        fixed = with_choices(parts.head_options, fit.chosen)  # the head's choices, kept in every fold
-        n_classes = len(splits.classes)
-        selection = selection_score(
+    fixed = with_choices(parts.head_options, fit.chosen)  # the head's choices, kept in every fold
+    n_classes = len(splits.classes)
+    try:
+        held = held_out(
             head,
             lambda: parts.head.factory(info.feature_dim, n_classes, fixed),
             train,
@@ -203,9 +210,19 @@ def train_on_features(
             seed=recipe.seed,
             groups=groups,
         )
+    except TlxError as exc:
+        if select:
+            raise
+        console.warning(f"calibration: not fitted ({exc}); answers are not calibrated, nor 'unknown'")
+        held = None
+    selection = selection_score(held) if select and held is not None else None
     skipped = {path for path, _ in test.skipped}
     with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere
         logits = head.eval()(test.x)
+    calibration, calibrated = None, None
+    if held is not None:
+        calibration, calibrated = calibrate(held, train.x, test, logits, recipe.calibration.accept)
+        logits = logits / calibration.temperature  # the argmax is unchanged; predictions.csv calibrated
     predictions = Predictions.of([p for p, _ in splits.test.samples if p not in skipped], test.y, logits)
     return Outcome(
         head,
@@ -221,7 +238,44 @@ def train_on_features(
         train_s=train_s,
         selection=selection,
         runtime=frozen.runtime,
+        calibration=calibration,
+        calibrated=calibrated,
     )
+
+
+def calibrate(
+    held: HeldOut, train_x: torch.Tensor, test: Features, logits: torch.Tensor, accept: float
+) -> tuple[Calibration, dict[str, Any]]:
+    """The calibration fitted on ``held``, and what it measures on the test split: the temperature,
+    expected calibration error and NLL before and after, the "unknown" threshold and the share of test
+    images it accepts, the reliability bins, the seconds it took."""
+    from tlx import calibration as cal
+
+    started = time.perf_counter()
+    fitted = cal.Calibration.fit(held.logits.numpy(), held.y.numpy(), train_x.numpy(), accept)
+    raw, y = logits.numpy(), test.y.numpy()
+    before, after = cal.softmax(raw), fitted.probabilities(raw)
+    known = fitted.ood_scores(test.x.numpy()) <= fitted.threshold
+    measured = {
+        "calibration": {
+            "temperature": round(fitted.temperature, 6),
+            "ece": cal.ece(after, y),
+            "ece_uncalibrated": cal.ece(before, y),
+            "nll": cal.nll(raw, y, fitted.temperature),
+            "nll_uncalibrated": cal.nll(raw, y),
+            "held_out": held.how,
+            "reliability": cal.reliability(after, y),
+            "reliability_uncalibrated": cal.reliability(before, y),
+        },
+        "ood": {
+            "method": f"mean cosine distance to the {cal.NEIGHBOURS} nearest training features",
+            "threshold": fitted.threshold,
+            "accept": accept,
+            "accepted_test_fraction": float(known.mean()) if len(known) else None,
+        },
+    }
+    measured["calibration"]["seconds"] = round(time.perf_counter() - started, 3)
+    return fitted, measured
 
 
 def finetune_end_to_end(
@@ -316,4 +370,5 @@ def metrics_of(
         },
         "tlx_version": __version__,
         **selection,
+        **(outcome.calibrated or {}),
     }

@@ -26,6 +26,7 @@ PROVENANCE_FILE = "provenance.json"
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
 TUNED_BACKBONE_FILE = "backbone.safetensors"
+CALIBRATION_FILE = "calibration.safetensors"
 
 #: what fixes a run file that is not as its run wrote it
 RESTORE = "restore the file the run wrote, or train a new run"

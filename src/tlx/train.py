@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -122,7 +122,7 @@ def fit_head(
 SELECTION_FOLDS = 5
 
 
-def selection_score(
+def held_out(
     trained: nn.Module,
     make_head: Callable[[], nn.Module],
     train: Features,
@@ -132,15 +132,15 @@ def selection_score(
     seed: int,
     folds: int = SELECTION_FOLDS,
     groups: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """How well the head, trained as the recipe says, classifies training images it did not see.
+) -> HeldOut:
+    """Logits of training images from a head that did not train on them: the selection score and the
+    calibration (:mod:`tlx.calibration`) come from these, never from the test split.
 
-    With ``train.val_fraction`` it is ``trained``'s accuracy on that hold-out (the split
-    :func:`fit_head` held out); otherwise the mean and standard deviation (population) of the
-    accuracy over stratified folds, a new head (``make_head``) fitted on the rest each time (the heads
-    of all folds in one :func:`train_heads`). ``groups`` (one per training image): each group in one
-    fold, or on one side of the hold-out, so near copies of an image do not train the head scoring
-    it. The test split plays no part: a sweep chooses its winner by this score.
+    With ``train.val_fraction`` they are ``trained``'s on that hold-out (the split :func:`fit_head`
+    held out); otherwise every training image's from stratified folds, a new head (``make_head``)
+    fitted on the rest each time (:func:`out_of_fold`). ``groups`` (one per training image): each group
+    in one fold, or on one side of the hold-out, so near copies of an image do not train the head
+    scoring it.
 
     ``make_head`` may fix what ``trained`` chose on the whole training split (:func:`with_choices`):
     choosing again inside every fold (nested cross-validation) multiplies a closed-form head's
@@ -149,38 +149,50 @@ def selection_score(
     started = time.perf_counter()
     if config.val_fraction:
         _, val = hold_out(train, config.val_fraction, seed, groups)
-        scores, how = (
-            [accuracy(trained, val)],
-            f"validation split (train.val_fraction {config.val_fraction:g})",
-        )
+        with threads_set(1), torch.inference_mode():
+            logits = trained.eval()(val.x)
+        how = f"validation split (train.val_fraction {config.val_fraction:g})"
+        held = HeldOut(logits, val.y, torch.zeros_like(val.y), 1, how)
     else:
         held = out_of_fold(
             make_head, train, config, n_classes=n_classes, seed=seed, folds=folds, groups=groups
         )
-        scores = held.accuracies(train.y)
-        how = f"{held.k}-fold cross-validation on the training split"
-        if groups is not None:
-            how += ", each group (dataset.group) in one fold"
+    return replace(held, seconds=round(time.perf_counter() - started, 3))
+
+
+def selection_score(held: HeldOut) -> dict[str, Any]:
+    """How well the head, trained as the recipe says, classifies training images it did not see: the
+    mean and standard deviation (population) of the accuracy of each fold of ``held``. The test split
+    plays no part: a sweep chooses its winner by this score."""
+    scores = held.accuracies()
     return {
         "mean": statistics.fmean(scores),
         "std": statistics.pstdev(scores),
         "scores": scores,
-        "selected_by": how,
-        "seconds": round(time.perf_counter() - started, 3),
+        "selected_by": held.how,
+        "seconds": held.seconds,
     }
 
 
 @dataclass(frozen=True)
-class OutOfFold:
-    """Class probabilities of every training image from the head of the fold that did not train on it."""
+class HeldOut:
+    """Logits of training images from heads that did not train on them, and their labels."""
 
-    probabilities: torch.Tensor  # (n, classes) float32
+    logits: torch.Tensor  # (n, classes) float32
+    y: torch.Tensor  # (n,)
     fold: torch.Tensor  # (n,) the fold each image was held out in
     k: int
+    #: how they were held out, in words
+    how: str
+    seconds: float = 0.0
 
-    def accuracies(self, y: torch.Tensor) -> list[float]:
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(dim=1)
+
+    def accuracies(self) -> list[float]:
         """The accuracy of each fold's head on its held-out images."""
-        right = self.probabilities.argmax(dim=1) == y
+        right = self.logits.argmax(dim=1) == self.y
         return [right[self.fold == i].float().mean().item() for i in range(self.k)]
 
 
@@ -193,7 +205,7 @@ def out_of_fold(
     seed: int,
     folds: int = SELECTION_FOLDS,
     groups: Sequence[str] | None = None,
-) -> OutOfFold:
+) -> HeldOut:
     """Train a new head (``make_head``) on all but one of ``folds`` stratified folds of ``train``, for
     each fold, and keep its probabilities for the held-out images: the held-out predictions that
     selection scores and the audit's label quality come from (the heads of all folds in one
@@ -226,11 +238,14 @@ def out_of_fold(
         fits = [rest for rest, _ in parts]
         weights = [class_weights(fit.y, n_classes, config.class_weight) for fit in fits]
         train_heads(heads, fits, config, seed=seed, weights=weights)
-    probabilities = torch.empty(len(train.y), n_classes)
+    logits = torch.empty(len(train.y), n_classes)
     with threads_set(1), torch.inference_mode():  # as it trained: the same numbers on any number of threads
         for fold, head in enumerate(heads):
-            probabilities[ids == fold] = head.eval()(subset(train, ids == fold).x).softmax(dim=1)
-    return OutOfFold(probabilities, ids, k)
+            logits[ids == fold] = head.eval()(subset(train, ids == fold).x)
+    how = f"{k}-fold cross-validation on the training split"
+    if groups is not None:
+        how += ", each group (dataset.group) in one fold"
+    return HeldOut(logits, train.y, ids, k, how)
 
 
 def with_choices(options: Any, chosen: dict[str, Any]) -> Any:
