@@ -221,7 +221,11 @@ def serve_predict(run: Path, files: list[Path]) -> list[dict[str, Any]]:
         "method": "POST",
         "path": "/predict",
         "query_string": b"top_k=2",
-        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
     }
 
     async def receive() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
@@ -70,8 +71,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_dir: Path) -> Iterator[Server]:
-    """One server for the module, with a 1 MB upload limit."""
-    server, _ = start(run_dir, "--max-upload-mb", "1")
+    """One server for the module, with a 1 MB upload limit, that also answers the host name tlx.test."""
+    server, _ = start(run_dir, "--max-upload-mb", "1", "--allow-host", "tlx.test")
     yield server
     stop(server)
 
@@ -89,15 +90,21 @@ def multipart(files: Iterable[tuple[str, bytes]], field: str = "file") -> tuple[
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def call(url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, Any]:
-    """``(status, JSON)`` of a GET (no body) or POST."""
+def call(
+    url: str, body: bytes | None = None, content_type: str | None = None, host: str | None = None
+) -> tuple[int, Any]:
+    """``(status, JSON)`` of a GET (no body) or POST, or ``(status, bytes)`` of an answer not JSON;
+    ``host``: the ``Host`` header, if not the URL's."""
     headers = {"Content-Type": content_type} if content_type else {}
+    if host:
+        headers["Host"] = host
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        text = exc.read()
+        return exc.code, json.loads(text) if exc.headers.get_content_type() == "application/json" else text
 
 
 def post_files(server: Server, *paths: Path) -> tuple[int, Any]:
@@ -170,15 +177,24 @@ def upload_too_much(server: Server, chunked: bool) -> tuple[int, Any]:
         connection.close()
 
 
+def dds_of_unknown_pixel_format() -> bytes:
+    """A DDS file whose pixel format flags Pillow does not know: it raises NotImplementedError."""
+    out = BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "DDS")
+    data = bytearray(out.getvalue())
+    data[80:84] = (0x2000).to_bytes(4, "little")  # the pixel format's flags
+    return bytes(data)
+
+
 def test_bad_requests_are_clear_json_errors_and_the_server_lives_on(server: Server, tmp_path: Path) -> None:
     predict = server.url + "predict"
     status, answer = call(predict, *multipart([("notes.txt", b"not an image at all")]))
     assert status == 415
-    assert "notes.txt" in answer["error"] and "not an image" in answer["error"]
+    assert answer["error"] == "notes.txt: not an image PIL can read (no format it knows)"
 
-    status, answer = call(predict, *multipart([("bomb.png", bomb())]))
+    status, answer = call(predict, *multipart([("odd.dds", dds_of_unknown_pixel_format())]))
     assert status == 415
-    assert "decompression bomb" in answer["error"]
+    assert answer["error"].startswith("odd.dds: not an image PIL can read (NotImplementedError: ")
 
     out = BytesIO()
     Image.new("F", (8, 8), 5.0).save(out, "TIFF")  # decodes, but float grey outside 0..1 has no colours
@@ -192,6 +208,7 @@ def test_bad_requests_are_clear_json_errors_and_the_server_lives_on(server: Serv
     assert call(predict, *multipart([("", b"")]))[0] == 400  # the browser's form with no file chosen
     assert call(predict, *multipart([("bee.jpg", BEE.read_bytes())], field="image"))[0] == 400
     assert call(predict, b"", "image/jpeg")[0] == 400
+    assert call(predict, b"--x--\r\n", "multipart/form-data")[0] == 400  # no boundary
 
     status, answer = upload_too_much(server, chunked=False)
     assert status == 413
@@ -201,11 +218,73 @@ def test_bad_requests_are_clear_json_errors_and_the_server_lives_on(server: Serv
     assert post_files(server, BEE)[0] == 200
 
 
+def png(width: int, height: int) -> bytes:
+    """A black 1-bit PNG: a few kilobytes however many pixels it has."""
+    out = BytesIO()
+    Image.new("1", (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_uploads_over_the_pixel_and_file_limits_are_413_naming_the_file(server: Server) -> None:
+    from tlx.serve import MAX_FILES
+
+    predict = server.url + "predict"
+    status, answer = call(predict, *multipart([("bee.jpg", BEE.read_bytes()), ("wide.png", png(9000, 9000))]))
+    assert status == 413
+    assert answer["error"] == (
+        "wide.png: 9000×9000 pixels, over the limit of 40 megapixels per image; send a smaller image"
+    )
+    status, answer = call(predict, *multipart([("bomb.png", bomb())]))  # over Pillow's own limit too
+    assert (status, answer["error"]) == (413, "bomb.png: over the limit of 40 megapixels per image; "
+                                              "send a smaller image")  # fmt: skip
+
+    three = [(f"{n}.png", png(6000, 6000)) for n in (1, 2, 3)]  # 36 megapixels each, 108 together
+    status, answer = call(predict, *multipart(three))
+    assert status == 413
+    assert answer["error"].startswith("3.png: the images up to this one make 108 megapixels, over the "
+                                      "limit of 100 per request")  # fmt: skip
+
+    status, answer = call(predict, *multipart([(f"{n}.png", png(1, 1)) for n in range(MAX_FILES + 1)]))
+    assert status == 413
+    assert f"over the limit of {MAX_FILES} files per request" in answer["error"]
+
+    assert post_files(server, BEE)[0] == 200
+
+
+def test_a_form_is_a_form_whatever_the_case_of_its_media_type(server: Server) -> None:
+    body, content_type = multipart([(BEE.name, BEE.read_bytes()), (ANT.name, ANT.read_bytes())])
+    mixed_case = content_type.replace("multipart/form-data", "Multipart/Form-Data")
+    status, answer = call(server.url + "predict", body, mixed_case)
+    assert status == 200, answer
+    assert [p["file"] for p in answer["predictions"]] == [BEE.name, ANT.name]
+
+
+@pytest.mark.parametrize("top_k", ["²", "٣", "9" * 5000, "-1", " 1", "1e3", ""])
+def test_top_k_other_than_ascii_digits_is_a_400_of_one_line(server: Server, top_k: str) -> None:
+    query = urllib.parse.urlencode({"top_k": top_k})
+    status, answer = call(server.url + "predict?" + query, BEE.read_bytes(), "image/jpeg")
+    assert status == 400
+    assert answer["error"].startswith("top_k=") and "whole number of labels" in answer["error"]
+    assert len(answer["error"]) < 400 and "\n" not in answer["error"]
+
+
+def test_requests_for_other_host_names_are_refused_on_loopback(server: Server) -> None:
+    port = server.url.split(":")[2].rstrip("/")
+    health = server.url + "health"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST", f"tlx.test:{port}"):
+        assert call(health, host=host)[0] == 200, host
+    for host in (f"rebound.example:{port}", "localhost.example", "127.0.0.2", "tlx.test.example"):
+        assert call(health, host=host) == (400, b"Invalid host header"), host
+        assert call(server.url + "predict", BEE.read_bytes(), "image/jpeg", host=host)[0] == 400
+
+
 def test_health_answers_while_a_slow_predict_runs(run_dir: Path) -> None:
+    from tlx.serve import MAX_FILES
+
     server, _ = start(run_dir, "--max-upload-mb", "100")
     try:
         slow: dict[str, Any] = {}
-        images = [BEE] * 300  # long enough to poll /health many times on a fast host too
+        images = [BEE] * MAX_FILES  # long enough to poll /health many times on a fast host too
         worker = threading.Thread(target=lambda: slow.update(answer=post_files(server, *images)))
         started = time.monotonic()
         worker.start()
@@ -239,6 +318,32 @@ def test_a_port_in_use_is_one_line_and_exit_code_2(run_dir: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-1", "0", "1001", "lots"])
+def test_max_upload_mb_out_of_range_is_one_line_naming_the_option(run_dir: Path, value: str) -> None:
+    result = run_tlx("serve", run_dir, "--port", "0", "--max-upload-mb", value)
+    assert result.returncode == 2
+    assert (
+        result.stderr == f"tlx: error: --max-upload-mb {value}: expected megabytes above 0 and at most 1000\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["a b", "tlx.test:8000", "http://tlx.test", "a*.test", ""])
+def test_an_allow_host_that_is_no_host_name_is_one_line(run_dir: Path, name: str) -> None:
+    result = run_tlx("serve", run_dir, "--port", "0", "--allow-host", name)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"tlx: error: --allow-host {name!r}: expected a host name")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_without_python_multipart_serve_says_what_to_install(tmp_path: Path) -> None:
+    hide = "import sys; sys.modules['python_multipart'] = sys.modules['multipart'] = None; "
+    launch = "from tlx.cli import main; sys.argv = ['tlx', 'serve', sys.argv[1], '--port', '0']; main()"
+    command = [sys.executable, "-c", hide + launch, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr == "tlx: error: tlx serve needs python-multipart: pip install 'tlx[serve]'\n"
+
+
 def test_the_load_benchmark_reports_each_level(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     bench = [sys.executable, REPO / "bench" / "serve_load.py", run_dir, "--requests", "6", "--json", out]
@@ -257,20 +362,24 @@ class StandIn:
     classes: ClassVar[list[str]] = ["ants", "bees"]
 
 
-def asgi_get(app: Any, path: str) -> tuple[int, Any]:
-    """``(status, JSON)`` of a GET sent straight to an ASGI app, without a socket."""
+def asgi_get(app: Any, path: str, host: str = "localhost", method: str = "GET") -> tuple[int, Any]:
+    """``(status, body)`` of a request sent straight to an ASGI app, without a socket: JSON, or bytes.
+    A POST's client goes away before sending any of its body."""
     sent: list[dict] = []
 
     async def receive() -> dict:
+        if method == "POST":
+            return {"type": "http.disconnect"}
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": []}
+    headers = [(b"host", host.encode())]
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": headers}
     anyio.run(app, scope, receive, send)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body)
+    return sent[0]["status"], json.loads(body) if sent[0]["status"] == 200 else body
 
 
 @pytest.mark.parametrize(
@@ -284,3 +393,37 @@ def test_health_tells_the_page_when_other_machines_can_reach_the_server(host: st
     status, health = asgi_get(app, "/health")
     assert status == 200
     assert (health["host"], health["loopback"]) == (host, loopback)
+
+
+@pytest.mark.parametrize(
+    ("host", "allow", "answered", "refused"),
+    [
+        ("0.0.0.0", [], ["mybox.lan", "192.168.1.5:8000", "anything.example"], []),
+        ("::", [], ["mybox.lan", "[fe80::1]"], []),
+        ("0.0.0.0", ["mybox.lan", "*.corp.example"], ["mybox.lan", "a.corp.example:80", "localhost"],
+         ["other.lan", "192.168.1.5"]),
+        ("192.168.1.5", [], ["192.168.1.5:8000", "localhost"], ["mybox.lan", "rebound.example"]),
+        ("::1", ["FE80::1"], ["[::1]:8000", "[fe80::1]", "127.0.0.1"], ["rebound.example"]),
+        ("127.0.0.1", ["*"], ["rebound.example"], []),
+    ],
+)  # fmt: skip
+def test_the_host_names_answered_on_each_address(
+    host: str, allow: list[str], answered: list[str], refused: list[str]
+) -> None:
+    from tlx.serve import create_app, trusted_hosts
+
+    allowed = trusted_hosts(host, allow)
+    app = create_app(StandIn(), max_upload_bytes=10**6, host=host, allowed_hosts=allowed)  # type: ignore[arg-type]
+    for name in answered:
+        assert asgi_get(app, "/health", host=name)[0] == 200, name
+    for name in refused:
+        assert asgi_get(app, "/health", host=name) == (400, b"Invalid host header"), name
+
+
+def test_a_client_that_goes_away_mid_upload_is_a_400_not_a_crash() -> None:
+    from tlx.serve import create_app
+
+    app = create_app(StandIn(), max_upload_bytes=10**6)  # type: ignore[arg-type]
+    status, answer = asgi_get(app, "/predict", method="POST")
+    assert status == 400
+    assert json.loads(answer) == {"error": "the client went away before sending the whole body"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -356,32 +357,58 @@ def export_(run_dir: Path, fmt: str, output: Path | None, force: bool) -> None:
     click.echo(f"wrote {output} (input 'image' N×3×H×W normalized, output 'logits') and {meta}")
 
 
+#: the largest ``tlx serve --max-upload-mb``: a request body is held in memory
+MAX_UPLOAD_MB = 1000.0
+#: the packages ``tlx serve`` imports, by module: what to install (``tlx[serve]`` holds them all)
+SERVE_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+
+
+def _upload_mb(ctx: click.Context, param: click.Parameter, text: str) -> float:
+    """``--max-upload-mb``: megabytes above 0, at most :data:`MAX_UPLOAD_MB` (not inf, not NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_UPLOAD_MB:  # NaN fails too
+        raise TlxError(f"--max-upload-mb {text}: expected megabytes above 0 and at most {MAX_UPLOAD_MB:g}")
+    return value
+
+
 @cli.command("serve")
 @RUN_DIR
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free.")
 @click.option(
     "--max-upload-mb",
-    default=20.0,
+    default="20",
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    metavar="MB",
+    callback=_upload_mb,
     help="Largest request body accepted (413 above).",
 )
-def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float) -> None:
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests addressed to this host name (repeatable; *.domain, or * for any).",
+)
+def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float, allow_hosts: tuple[str, ...]) -> None:
     """Answer POST /predict with the classifier of RUN_DIR, with a web page at / (Ctrl-C to stop)."""
     try:
         from tlx.serve import is_loopback, serve
     except ImportError as exc:
-        if exc.name not in ("starlette", "uvicorn"):
+        package = (exc.name or "").partition(".")[0]
+        if package not in SERVE_PACKAGES:
             raise
-        raise TlxError(f"tlx serve needs {exc.name}: pip install 'tlx[serve]'") from None
+        raise TlxError(f"tlx serve needs {SERVE_PACKAGES[package]}: pip install 'tlx[serve]'") from None
 
     def ready(url: str) -> None:
         click.echo(f"serving {run_dir} at {url} (Ctrl-C to stop)")
         if not is_loopback(host):
             click.echo(f"tlx: warning: listening on {host}: other machines can reach this server", err=True)
 
-    serve(run_dir, host, port, max_upload_mb, ready)
+    serve(run_dir, host, port, max_upload_mb, allow_hosts, ready)
 
 
 #: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`

@@ -3,14 +3,18 @@
 No model code here: images go to the Python API's :class:`tlx.api.Classifier`, so ``POST /predict``
 gives the numbers of ``tlx predict``. The model runs in a worker thread, one call at a time (feature
 extraction sets torch's global thread count), so the event loop keeps answering ``/health`` and the page.
+Uploads are decoded in that call too, so one request's decoded images are in memory at a time, and
+they are bounded: :data:`MAX_FILES`, :data:`MAX_IMAGE_PIXELS`, :data:`MAX_REQUEST_PIXELS`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from io import BytesIO
 from pathlib import Path
@@ -19,22 +23,34 @@ from typing import Any
 import numpy as np
 import uvicorn
 from PIL import Image, UnidentifiedImageError
+from python_multipart.multipart import parse_options_header  # the parser Starlette's forms use
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from tlx.api import Classifier
 from tlx.data import opened
-from tlx.errors import TlxError, describe
+from tlx.errors import TlxError, describe, shorten
 
 #: the multipart form field that carries the images (repeatable)
 FIELD = "file"
 #: labels per image in ``top_k`` unless the request asks for another number (``?top_k=N``)
 TOP_K = 5
+#: the most files (form parts) one request may carry
+MAX_FILES = 256
+#: the most pixels one image may decode to: 40 megapixels; the model sees a few hundred pixels a side
+MAX_IMAGE_PIXELS = 40_000_000
+#: the most pixels the images of one request may decode to together (about 400 MB as RGB)
+MAX_REQUEST_PIXELS = 100_000_000
+#: the ``Host`` names a server on a loopback address answers besides its ``--host`` and ``--allow-host``:
+#: a page from elsewhere that a browser sends here under its own name (DNS rebinding) is refused
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 class BadRequest(Exception):
@@ -55,8 +71,52 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(classifier: Classifier, *, max_upload_bytes: int, host: str = "127.0.0.1") -> Starlette:
-    """The web app: ``GET /`` (the page), ``GET /health``, ``POST /predict``."""
+def trusted_hosts(host: str, allow: Iterable[str] = ()) -> list[str]:
+    """The ``Host`` names the server answers when it listens on ``host``: :data:`LOOPBACK_HOSTS`,
+    ``host`` itself and the ``allow`` names (``--allow-host``); any name (``*``) on a wildcard address
+    (``0.0.0.0``, ``::``) unless ``allow`` names some, as such a server has no one name to check."""
+    names = [_host_pattern(name) for name in allow]
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard and not names:
+        return ["*"]
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, _bracketed(host.lower()), *names]))
+
+
+def _host_pattern(name: str) -> str:
+    """An ``--allow-host`` value as Starlette's ``TrustedHostMiddleware`` matches it: a host name or
+    address without port (IPv6 in brackets, as a ``Host`` header has it), ``*.domain`` or ``*``."""
+    text = _bracketed(name.strip().lower())
+    if text == "*" or re.fullmatch(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]", text):
+        return text
+    raise TlxError(
+        f"--allow-host {shorten(name)!r}: expected a host name or address without port "
+        "(myhost.lan, 192.168.1.5, ::1, *.example.com, or * for any)"
+    )
+
+
+def _bracketed(host: str) -> str:
+    """``host`` as a ``Host`` header names it: an IPv6 address in brackets, compressed."""
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return host
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def create_app(
+    classifier: Classifier,
+    *,
+    max_upload_bytes: int,
+    host: str = "127.0.0.1",
+    allowed_hosts: Sequence[str] | None = None,
+) -> Starlette:
+    """The web app: ``GET /`` (the page), ``GET /health``, ``POST /predict``; a request whose ``Host``
+    is not among ``allowed_hosts`` (default: :func:`trusted_hosts` of ``host``) gets 400."""
+    if allowed_hosts is None:
+        allowed_hosts = trusted_hosts(host)
     lock = threading.Lock()
     page = (resources.files("tlx") / "web" / "index.html").read_text(encoding="utf-8")
     health = {
@@ -69,8 +129,9 @@ def create_app(classifier: Classifier, *, max_upload_bytes: int, host: str = "12
     }
 
     def probabilities(uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        images = [_decode(name, data) for name, data in uploads]  # in this worker thread too
-        with lock:
+        sizes = _sizes(uploads)  # from the headers: a request over the limits is refused undecoded
+        with lock:  # one request's decoded images in memory at a time
+            images = [_decode(name, data, size) for (name, data), size in zip(uploads, sizes)]
             return classifier.predict_proba(images)
 
     async def index(request: Request) -> Response:
@@ -107,6 +168,7 @@ def create_app(classifier: Classifier, *, max_upload_bytes: int, host: str = "12
             Route("/health", get_health, methods=["GET"]),
             Route("/predict", predict, methods=["POST"]),
         ],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)],
         exception_handlers={BadRequest: refuse, Exception: fail},
     )
 
@@ -114,8 +176,8 @@ def create_app(classifier: Classifier, *, max_upload_bytes: int, host: str = "12
 def _top_k(request: Request, classes: int) -> int:
     """``?top_k=N`` (default :data:`TOP_K`), at most the number of classes."""
     text = request.query_params.get("top_k", str(TOP_K))
-    if not text.isdigit() or int(text) < 1:
-        raise BadRequest(400, f"top_k={text!r}: expected a whole number of labels, 1 or more")
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < 1:  # ASCII digits: int() takes '²' and '٣' too
+        raise BadRequest(400, f"top_k={shorten(text)!r}: expected a whole number of labels from 1 to 999999")
     return min(int(text), classes)
 
 
@@ -127,29 +189,38 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # an answer no one reads, but no traceback in the server's log
+        raise BadRequest(400, "the client went away before sending the whole body") from None
     return b"".join(chunks)
 
 
 async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
     """The uploaded files, named: the ``file`` fields of a multipart form, or a raw body."""
     body = await _body(request, limit)
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    media_type, options = parse_options_header(request.headers.get("content-type"))  # lower case
+    if media_type not in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
         if not body:
             raise BadRequest(400, f"no image: send a multipart form with a '{FIELD}' field, or a raw image")
         return [("body", body)]
+    boundary = options.get(b"boundary")
+    parts = body.count(b"--" + boundary) - 1 if boundary else 0  # each part opens with it, the end too
+    if parts > MAX_FILES:
+        raise BadRequest(413, f"a form of {parts} parts: over the limit of {MAX_FILES} files per request; "
+                              "send fewer at a time")  # fmt: skip
 
     async def receive() -> dict[str, Any]:  # the form parser reads the body already read and capped
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        async with Request(request.scope, receive).form() as form:
-            files = [f for f in form.getlist(FIELD) if isinstance(f, UploadFile)]
+        form = Request(request.scope, receive).form(max_files=MAX_FILES, max_fields=MAX_FILES)
+        async with form as fields:
+            files = [f for f in fields.getlist(FIELD) if isinstance(f, UploadFile)]
             uploads = [(f.filename or FIELD, await f.read()) for f in files]
     except HTTPException as exc:  # a malformed form, as starlette reports it
         raise BadRequest(400, f"malformed form: {exc.detail}") from None
@@ -159,16 +230,52 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
     return uploads
 
 
-def _decode(name: str, data: bytes) -> Image.Image:
-    """``data`` decoded in memory; not an image, or over Pillow's decompression-bomb limit, is a 415."""
-    try:
-        with opened(BytesIO(data)) as image:
-            image.load()
-    except Image.DecompressionBombError as exc:
-        raise BadRequest(415, f"{name}: refused as a decompression bomb ({describe(exc)})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadRequest(415, f"{name}: not an image Pillow can decode ({describe(exc)})") from None
+#: why an image over :data:`MAX_IMAGE_PIXELS` is refused, and what to do
+_OVER_IMAGE = f"over the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels per image; send a smaller image"
+
+
+def _sizes(uploads: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
+    """Each upload's width and height as its header gives them (nothing decoded); 413 for an image over
+    :data:`MAX_IMAGE_PIXELS`, or the one that takes the request over :data:`MAX_REQUEST_PIXELS`."""
+    sizes, total = [], 0
+    for name, data in uploads:
+        with _reading(name), opened(BytesIO(data)) as image:
+            width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise BadRequest(413, f"{shorten(name)}: {width}×{height} pixels, {_OVER_IMAGE}")
+        total += width * height
+        if total > MAX_REQUEST_PIXELS:
+            raise BadRequest(
+                413,
+                f"{shorten(name)}: the images up to this one make {total / 1e6:.0f} megapixels, over the "
+                f"limit of {MAX_REQUEST_PIXELS / 1e6:g} per request; send fewer at a time",
+            )
+        sizes.append((width, height))
+    return sizes
+
+
+def _decode(name: str, data: bytes, size: tuple[int, int]) -> Image.Image:
+    """``data`` decoded in memory; refused unless it decodes to ``size``, the size its header gave."""
+    with _reading(name), opened(BytesIO(data)) as image:
+        image.load()
+    if image.size != size:
+        raise BadRequest(415, f"{shorten(name)}: decodes to {image.width}×{image.height} pixels, not the "
+                              f"{size[0]}×{size[1]} of its header")  # fmt: skip
     return image
+
+
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Pillow's failures on the upload ``name`` as refusals: over its decompression-bomb limit (above
+    :data:`MAX_IMAGE_PIXELS`) 413, anything else 415."""
+    try:
+        yield
+    except Image.DecompressionBombError:
+        raise BadRequest(413, f"{shorten(name)}: {_OVER_IMAGE}") from None
+    except UnidentifiedImageError:  # its message names the file object: <_io.BytesIO object at 0x…>
+        raise BadRequest(415, f"{shorten(name)}: not an image PIL can read (no format it knows)") from None
+    except Exception as exc:  # PIL raises many types for damaged or foreign files
+        raise BadRequest(415, f"{shorten(name)}: not an image PIL can read ({describe(exc)})") from None
 
 
 def _mb(n: int) -> str:
@@ -201,14 +308,25 @@ def url(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
-def serve(run_dir: Path, host: str, port: int, max_upload_mb: float, ready: Callable[[str], None]) -> None:
-    """Load the run, listen on ``host:port`` and answer until interrupted; ``ready(url)`` once listening."""
+def serve(
+    run_dir: Path,
+    host: str,
+    port: int,
+    max_upload_mb: float,
+    allow_hosts: Iterable[str],
+    ready: Callable[[str], None],
+) -> None:
+    """Load the run, listen on ``host:port`` and answer until interrupted; ``ready(url)`` once listening.
+    ``allow_hosts``: ``Host`` names answered besides those of :func:`trusted_hosts`."""
     from tlx.api import load
 
-    sock = bind(host, port)  # first: a port in use is reported before the model loads
+    allowed = trusted_hosts(host, allow_hosts)
+    sock = bind(host, port)  # before the model loads: a port in use is reported at once
     with sock:
         classifier = load(run_dir)
-        app = create_app(classifier, max_upload_bytes=int(max_upload_mb * 1e6), host=host)
+        app = create_app(
+            classifier, max_upload_bytes=int(max_upload_mb * 1e6), host=host, allowed_hosts=allowed
+        )
 
         class Server(uvicorn.Server):
             async def startup(self, sockets: list[socket.socket] | None = None) -> None:
