@@ -74,6 +74,7 @@ def main() -> None:
             data["dataset"] = {"kind": "imagefolder", "root": str(root.resolve())}
             tlx.fit(data, out=folder, cache_dir=cache)
         runs[name] = load_run(folder, cache_dir=cache)
+    end_to_end(runs, datasets, args.work)
     for name, run in runs.items():
         other = next(n for n in datasets if n != name)
         train = run.extract(run.parts.dataset.factory(run.parts.dataset_options).train)
@@ -97,7 +98,8 @@ def main() -> None:
         }
         scores["msp"] = (msp["train"], msp["own"], msp["alien"])
         print(
-            f"{name} run ({len(x)} training images): own val {len(own)} known, {other} val {len(alien)} unknown"
+            f"{name} run ({len(x)} training images): "
+            f"own val {len(own)} known, {other} val {len(alien)} unknown"
         )
         for method, (t, o, a) in scores.items():
             auroc = roc_auc_score(np.r_[np.zeros(len(o)), np.ones(len(a))], np.r_[o, a])
@@ -106,6 +108,36 @@ def main() -> None:
                 threshold = np.quantile(t, target)
                 shares.append(f"{target:.0%}: {(o <= threshold).mean():.3f}/{(a > threshold).mean():.3f}")
             print(f"  {method:12s} AUROC {auroc:.4f}; own known/{other} unknown at " + ", ".join(shares))
+
+
+def end_to_end(runs: dict, datasets: dict, work: Path) -> None:
+    """What tlx itself answers (``tlx.load(run)``): calibration from metrics.json, the share of own test
+    images known and of the other's unknown, and prediction sets at coverage 0.9 on the own test split."""
+    import json
+
+    for name, run in runs.items():
+        other = next(n for n in datasets if n != name)
+        metrics = json.loads((run.folder / "metrics.json").read_text())
+        c, o = metrics["calibration"], metrics["ood"]
+        print(
+            f"{name} run: T {c['temperature']:.3f}, ECE {c['ece_uncalibrated']:.4f} -> {c['ece']:.4f}, NLL "
+            f"{c['nll_uncalibrated']:.4f} -> {c['nll']:.4f}, accuracy {metrics['test_accuracy']:.4f}, "
+            f"threshold {o['threshold']:.4f}, fitting {c['seconds']} s"
+        )
+        classifier = tlx.load(run.folder, cache_dir=work / "cache")
+        own_files = sorted(p for p in (datasets[name] / "val").rglob("*") if p.is_file())
+        alien_files = sorted(p for p in (datasets[other] / "val").rglob("*") if p.is_file())
+        own, _ = classifier.top_k(own_files, 1, coverage=0.9)
+        alien, _ = classifier.top_k(alien_files, 1)
+        truth = [Path(r["path"]).parent.name for r in own]
+        covered = sum(t in r["prediction_set"] for t, r in zip(truth, own)) / len(own)
+        size = sum(len(r["prediction_set"]) for r in own) / len(own)
+        known = sum(r["known"] for r in own) / len(own)
+        unknown = sum(not r["known"] for r in alien) / len(alien)
+        print(
+            f"  own val known {known:.4f}, {other} val unknown {unknown:.4f}; coverage 0.9: "
+            f"empirical {covered:.4f}, mean set size {size:.3f}"
+        )
 
 
 if __name__ == "__main__":
