@@ -108,7 +108,8 @@ def stacking(data: Path, cache: Path, epochs: int) -> dict:
     for label, stack in (("stacked", True), ("one_by_one", False)):
         train.stackable = stackable if stack else lambda *args: False
         make = lambda: parts.head.factory(features.x.shape[1], classes, parts.head_options)  # noqa: E731
-        score = train.selection_score(None, make, features, recipe.train, n_classes=classes, seed=0)
+        held = train.held_out(make(), make, features, recipe.train, n_classes=classes, seed=0)
+        score = train.selection_score(held)
         figures[f"{label}_s"] = score["seconds"]
         figures[f"{label}_mean"] = score["mean"]
     train.stackable = stackable

@@ -141,15 +141,16 @@ def test_fit_refuses_a_folder_that_holds_a_run(tmp_path: Path, tiny_dataset: Pat
 def test_load_predicts_as_tlx_predict_from_another_process(lite0_run: tlx.Run) -> None:
     folder = lite0_run.folder
     image = next((HYMENOPTERA / "val" / "bees").iterdir())
-    code = f"import tlx; c = tlx.load({str(folder)!r}); print(c.predict([{str(image)!r}]))"
+    code = f"import json, tlx; c = tlx.load({str(folder)!r}); print(json.dumps(c.predict([{str(image)!r}])))"
     api = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert api.returncode == 0, api.stderr
     cli = run_tlx("predict", folder, image, "--json")
     assert cli.returncode == 0, cli.stderr
     (expected,) = json.loads(cli.stdout)
-    assert api.stdout.startswith(f"[Prediction(label={expected['label']!r}, probability=")
-    probability = float(api.stdout.split("probability=")[1].split(")")[0])
+    ((label, probability, known, ood_score),) = json.loads(api.stdout)
+    assert (label, known) == (expected["label"], expected["known"])
     assert abs(probability - expected["probability"]) < 1e-6
+    assert abs(ood_score - expected["ood_score"]) < 1e-6
 
 
 def test_predict_proba_of_a_folder_matches_tlx_predict(lite0_run: tlx.Run, invoke) -> None:

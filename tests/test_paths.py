@@ -190,15 +190,17 @@ def spied(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, np.ndarray]]:
 
 
 def probabilities(run: Path, expected: dict[str, np.ndarray]) -> Callable[[list[str]], np.ndarray]:
-    """The run's head on the reference features of ``paths``: what every caller must answer."""
+    """The run's head on the reference features of ``paths``, at its calibrated temperature: what every
+    caller must answer."""
     from tlx.artifacts import load_run
 
-    head = load_run(run).head
+    trained = load_run(run)
+    assert trained.calibration is not None
 
     def of(paths: list[str]) -> np.ndarray:
         x = torch.from_numpy(np.stack([expected[str(Path(p).resolve())] for p in paths]))
         with torch.inference_mode():
-            return torch.softmax(head(x), dim=1).numpy()
+            return trained.calibration.probabilities(trained.head(x).numpy())
 
     return of
 

@@ -53,10 +53,14 @@ class Run:
 
 
 class Prediction(NamedTuple):
-    """The most probable class of one image, and its probability."""
+    """The most probable class of one image, and its calibrated probability; whether the image looks
+    like one of the classes at all (``known``, from ``ood_score`` and the run's threshold; None for a
+    run without calibration, or with ``reject=False``)."""
 
     label: str
     probability: float
+    known: bool | None = None
+    ood_score: float | None = None
 
 
 class Classifier:
@@ -80,27 +84,38 @@ class Classifier:
         """The class names, in the order of :meth:`predict_proba`'s columns."""
         return list(self._run.classes)
 
-    def predict(self, images: Images) -> list[Prediction]:
-        """``(label, probability)`` of the most probable class, per image."""
-        top = self._probabilities(images).topk(1, dim=1)  # as tlx predict chooses its label
-        return [
-            Prediction(self._run.classes[i], p)
-            for p, i in zip(top.values[:, 0].tolist(), top.indices[:, 0].tolist())
-        ]
+    def predict(self, images: Images, *, reject: bool = True) -> list[Prediction]:
+        """``(label, probability, known, ood_score)`` of the most probable class, per image; an image
+        that cannot be decoded is a TlxError. ``reject=False``: no "unknown" (``known`` is None)."""
+        results, skipped = self._answers(images, 1, reject, None)
+        if skipped:
+            name, reason = skipped[0]
+            raise TlxError(f"{name}: cannot decode the image ({reason}); pass only images")
+        return [Prediction(r["label"], r["probability"], r.get("known"), r.get("ood_score")) for r in results]
 
     def predict_proba(self, images: Images) -> np.ndarray:
         """Class probabilities, one row per image (n, classes), float32."""
         return self._probabilities(images).numpy()
 
-    def top_k(self, images: Images, k: int = 5) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    def top_k(
+        self, images: Images, k: int = 5, *, reject: bool = True, coverage: float | None = None
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """The ``k`` most probable classes of each image that decodes, as ``tlx predict --json`` lists
-        them (``path``, ``label``, ``probability``, ``top_k``), and ``(path, reason)`` of each that
-        does not: a batch job goes on past a bad file."""
+        them (``path`` (None for an image in memory), ``label``, ``probability``, ``top_k``, and with
+        the run's calibration ``known``, ``ood_score``, and for a ``coverage`` the ``prediction_set``),
+        and ``(path, reason)`` of each that does not: a batch job goes on past a bad file."""
+        return self._answers(images, k, reject, coverage)
+
+    def _answers(
+        self, images: Images, k: int, reject: bool, coverage: float | None
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         from tlx import notices
         from tlx.predict import predict
 
+        if coverage is not None and not 0 < coverage < 1:
+            raise TlxError(f"coverage: {coverage} is not a share between 0 and 1; try 0.9")
         with notices.collected([]):
-            results, skipped = predict(self._run, _sources(images), top_k=k)
+            results, skipped = predict(self._run, _sources(images), top_k=k, reject=reject, coverage=coverage)
         return results, [(_name(source), reason) for source, reason in skipped]
 
     def _probabilities(self, images: Images) -> Any:

@@ -440,6 +440,14 @@ class TrainedRun:
     def info(self) -> BackboneInfo:
         return self.frozen.info
 
+    def calibrated(self, key: str) -> Calibration:
+        """The run's calibration, for what option ``key`` asks; a run without one is a TlxError."""
+        if self.calibration is None:
+            raise TlxError(
+                f"{key}: {self.folder} has no calibration to make prediction sets from; train it again"
+            )
+        return self.calibration
+
     def model(self) -> nn.Module:
         """Backbone and head as one module: normalized images (N, 3, H, W) → logits (N, classes)."""
         from torch import nn

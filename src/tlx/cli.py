@@ -320,24 +320,39 @@ def predict_(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print accuracy, per-class scores and confusion as JSON."
 )
+@click.option(
+    "--coverage",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Also measure the prediction sets for this coverage (e.g. 0.9): how often they hold the truth.",
+)
 @CACHE_DIR
-def eval_(run_dir: Path, overrides: tuple[str, ...], as_json: bool, cache_dir: Path | None) -> None:
+def eval_(
+    run_dir: Path, overrides: tuple[str, ...], as_json: bool, coverage: float | None, cache_dir: Path | None
+) -> None:
     """Score the classifier of RUN_DIR on a test split, e.g. --set dataset.root=OTHER (same classes)."""
     from tlx import report
     from tlx.artifacts import load_run
-    from tlx.evaluate import check_overrides, evaluate
+    from tlx.evaluate import check_overrides, coverage_of, evaluate
 
     check_overrides(overrides)
-    scores, test = evaluate(load_run(run_dir, overrides, cache_dir))
+    run = load_run(run_dir, overrides, cache_dir)
+    scores, test = evaluate(run)
+    sets = {"sets": coverage_of(run, test, coverage)} if coverage is not None else {}
     skipped = [{"path": str(p), "reason": r} for p, r in test.skipped]
     if as_json:
         data = {"accuracy": scores.accuracy, "n_test": len(test.y), "per_class": scores.per_class()}
-        click.echo(json.dumps({**data, "confusion": scores.confusion, "skipped": skipped}, indent=2))
+        click.echo(json.dumps({**data, "confusion": scores.confusion, "skipped": skipped, **sets}, indent=2))
         return
     for item in skipped:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
     report.print_scores(scores)
     click.echo(f"accuracy {scores.accuracy:.2%} on {len(test.y)} images")
+    if sets:
+        found = sets["sets"]
+        click.echo(
+            f"prediction sets for coverage {coverage:g}: they hold the true class of "
+            f"{found['empirical']:.2%} of the images, {found['mean_set_size']:.2f} classes on average"
+        )
 
 
 @cli.command("export")

@@ -50,6 +50,23 @@ def evaluate(run: TrainedRun) -> tuple[Scores, Features]:
     return Scores.of(run.classes, test.y, predict(run.head, test)), test
 
 
+def coverage_of(run: TrainedRun, test: Features, coverage: float) -> dict[str, float]:
+    """The prediction sets' ``coverage`` on ``test``: the share of images whose set holds their true
+    class, and the mean set size (:meth:`tlx.calibration.Calibration.sets`)."""
+    import torch
+
+    if run.calibration is None:
+        raise TlxError(
+            f"--coverage: {run.folder} has no calibration to make prediction sets from; train it again"
+        )
+    with torch.inference_mode():
+        probabilities = run.calibration.probabilities(run.head(test.x).numpy())
+    sets = run.calibration.sets(probabilities, coverage)
+    covered = sum(int(y) in members for y, members in zip(test.y.tolist(), sets))
+    n = max(len(sets), 1)
+    return {"coverage": coverage, "empirical": covered / n, "mean_set_size": sum(map(len, sets)) / n}
+
+
 def training_images(folder: Path) -> Split | None:
     """The training split of run ``folder``, as its recipe lists it now; None where its dataset is gone.
 

@@ -117,7 +117,7 @@ def ranked(
     results = []
     for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
         labels = [{"label": classes[i], "probability": p} for i, p in zip(indices, values)]
-        results.append({"path": str(path), **labels[0], "top_k": labels})
+        results.append({"path": str(path) if isinstance(path, Path) else None, **labels[0], "top_k": labels})
     return results
 
 
@@ -136,21 +136,15 @@ def predict(
     """
     found, skipped = answers(run, paths)
     results = ranked(found.kept, found.probabilities, run.classes, top_k)
+    if coverage is not None:
+        sets = run.calibrated("--coverage").sets(found.probabilities.numpy(), coverage)
+        for result, members in zip(results, sets):
+            result["prediction_set"] = [run.classes[c] for c in members]
     calibration = run.calibration
-    if calibration is None:
-        if coverage is not None:
-            raise TlxError(
-                f"--coverage: {run.folder} has no calibration to make prediction sets from; train it again"
-            )
-        return results, skipped
-    if reject:
+    if reject and calibration is not None:
         for result, score in zip(results, found.ood_scores(run) or []):
             result["known"] = bool(score <= calibration.threshold)
             result["ood_score"] = score
-    if coverage is not None:
-        sets = calibration.sets(found.probabilities.numpy(), coverage)
-        for result, members in zip(results, sets):
-            result["prediction_set"] = [run.classes[c] for c in members]
     return results, skipped
 
 

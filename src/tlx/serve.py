@@ -20,7 +20,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import uvicorn
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import parse_options_header  # the parser Starlette's forms use
@@ -128,11 +127,17 @@ def create_app(
         "max_upload_bytes": max_upload_bytes,
     }
 
-    def probabilities(uploads: list[tuple[str, bytes]]) -> np.ndarray:
+    def answers(uploads: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
         sizes = _sizes(uploads)  # from the headers: a request over the limits is refused undecoded
         with lock:  # one request's decoded images in memory at a time
             images = [_decode(name, data, size) for (name, data), size in zip(uploads, sizes)]
-            return classifier.predict_proba(images)
+            results, skipped = classifier.top_k(images, top_k)
+        if skipped:
+            raise BadRequest(415, f"an image could not be classified ({skipped[0][1]})")
+        return [
+            {"file": name, **{k: v for k, v in result.items() if k != "path"}}
+            for (name, _), result in zip(uploads, results)
+        ]
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
@@ -144,15 +149,9 @@ def create_app(
         top_k = _top_k(request, len(classifier.classes))
         uploads = await _uploads(request, max_upload_bytes)
         try:
-            rows = await run_in_threadpool(probabilities, uploads)
+            predictions = await run_in_threadpool(answers, uploads, top_k)
         except TlxError as exc:
             raise BadRequest(422, str(exc)) from None
-        classes = classifier.classes
-        predictions = []
-        for (name, _), row in zip(uploads, rows.tolist()):
-            order = sorted(range(len(classes)), key=lambda i: -row[i])[:top_k]
-            ranked = [{"label": classes[i], "probability": row[i]} for i in order]
-            predictions.append({"file": name, **ranked[0], "top_k": ranked})
         return JSONResponse({"predictions": predictions})
 
     async def refuse(request: Request, exc: Exception) -> Response:
