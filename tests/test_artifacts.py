@@ -321,7 +321,7 @@ def test_provenance_records_the_digest_of_each_file_a_run_loads(trained: Path) -
     files = json.loads((trained / "provenance.json").read_text())["files"]
     assert files == {
         name: hashlib.sha256((trained / name).read_bytes()).hexdigest()
-        for name in ("recipe.yaml", "head.safetensors")
+        for name in ("recipe.yaml", "head.safetensors", "calibration.safetensors")
     }
 
 

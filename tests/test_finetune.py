@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import tlx
 from tlx import plugins
 from tlx.errors import TlxError
 from tlx.finetune import training_transform
@@ -90,11 +91,36 @@ def test_the_feature_strategy_leaves_the_backbone_untouched_and_writes_the_same_
     path = write_recipe(
         tmp_path / "f.yaml", f"dataset: {{root: {tiny_dataset}}}\nbackbone: {{name: tinynet}}\n"
     )
-    features = run(load_recipe(path, ("train.epochs=2", "extract.workers=0")), "f.yaml", tmp_path / "f")
+    held = "train.val_fraction=0.34"  # fine-tuning calibrates on its validation split
+    features = run(load_recipe(path, ("train.epochs=2", "extract.workers=0", held)), "f.yaml", tmp_path / "f")
     assert changed(before, tiny_net) == set()
-    tuned = finetune_run(tmp_path, tiny_dataset, "t")
+    tuned = finetune_run(tmp_path, tiny_dataset, "t", held)
     assert set(tuned) == set(features)
     assert set(tuned["history"][0]) == set(features["history"][0])
+    assert tuned["calibration"]["held_out"] == "validation split (train.val_fraction 0.34)"
+
+
+def test_finetuning_calibrates_on_its_validation_split_or_says_it_cannot(
+    tmp_path: Path, tiny_dataset: Path, capsys
+) -> None:
+    """The run's "unknown" on its test split (penultimate features of the tuned backbone) is what
+    predicting those images from the reloaded run answers."""
+
+    def fresh(name, pretrained, weights):  # the "pretrained" network, as the plugin builds it each time
+        torch.manual_seed(0)
+        return Backbone(TinyNet(), 6, CONFIG, "test")
+
+    plugins.load().backbones.registrar("test-plugin")("freshnet", fresh)
+    held = finetune_run(tmp_path, tiny_dataset, "held", "backbone.name=freshnet", "train.val_fraction=0.34")
+    assert (tmp_path / "held" / "calibration.safetensors").is_file()
+    results, _ = tlx.load(tmp_path / "held").top_k([str(tiny_dataset / "val")], 2)
+    known = sum(r["known"] for r in results) / len(results)
+    assert known == pytest.approx(held["ood"]["accepted_test_fraction"])
+    capsys.readouterr()
+    metrics = finetune_run(tmp_path, tiny_dataset, "plain", "backbone.name=freshnet")
+    err = capsys.readouterr().err
+    assert "calibration: not fitted" in err and "set train.val_fraction" in err
+    assert "calibration" not in metrics and not (tmp_path / "plain" / "calibration.safetensors").exists()
 
 
 def test_partial_finetuning_freezes_the_rest_in_eval_mode(

@@ -219,10 +219,10 @@ def test_predict_prints_label_and_probability(trained: Path, tiny_dataset: Path,
     result = invoke("predict", trained, tiny_dataset / "val", "--json", "--top-k", "2")
     items = json.loads(result.stdout)
     assert len(items) == 6 and [i["label"] for i in items] == ["class0"] * 3 + ["class1"] * 3
-    assert all(set(i) == {"path", "label", "probability", "top_k"} for i in items)
+    assert all(set(i) == {"path", "label", "probability", "top_k", "known", "ood_score"} for i in items)
     assert all(sum(t["probability"] for t in i["top_k"]) == pytest.approx(1) for i in items)
     assert set(json.loads(invoke("predict", trained, image, "--json").stdout)[0]) == {
-        "path", "label", "probability"
+        "path", "label", "probability", "known", "ood_score"
     }  # fmt: skip
 
 

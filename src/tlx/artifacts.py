@@ -11,7 +11,8 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 - ``backbone.safetensors`` the trained backbone, for ``strategy: finetune`` only
 - ``per_class.csv``    precision, recall, F1 and support of each class on the test split
 - ``predictions.csv``  each test image: path, true and predicted label, the probability of each class
-- ``curves.png``, ``confusion.png``, ``errors.png`` (the most confident mistakes on the test split)
+- ``curves.png``, ``confusion.png``, ``errors.png`` (the most confident mistakes on the test split),
+  ``reliability.png`` (calibration on the test split, where the run is calibrated)
 
 Every file is written atomically (:func:`tlx.files.write_atomic`): a reader never sees half of one. While
 a run lives it holds a lock on ``.tlx-run.lock`` in its folder, so a second run cannot write into the
@@ -339,7 +340,8 @@ def write_run(
     write_rows(out / "history.csv", metrics["history"])
     write_rows(out / "per_class.csv", scores.per_class())
     write_predictions(out / PREDICTIONS_FILE, predictions, scores.classes)
-    painter.draw(out, metrics["history"], chosen, scores, predictions.mistakes(scores.classes))
+    mistakes = predictions.mistakes(scores.classes)
+    painter.draw(out, metrics["history"], chosen, scores, mistakes, metrics.get("calibration"))
     write_json(out / METRICS_FILE, metrics)
 
 

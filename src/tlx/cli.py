@@ -256,7 +256,7 @@ def _mib(n: int) -> str:
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of Parquet files (path, label, probability, top_k, skipped); needs --engine.",
+    help="With --engine: a folder of Parquet files (path, label, probability, top_k, known, skipped, …).",
 )
 @click.option(
     "--no-reject",
@@ -286,6 +286,8 @@ def predict_(
 
     if (engine is None) != (output is None) or (output is not None and as_json):
         raise TlxError("--engine and --output go together, without --json: the engine writes Parquet files")
+    if engine is not None and (no_reject or coverage is not None):
+        raise TlxError("--no-reject, --coverage: not with --engine (its Parquet files hold known, ood_score)")
     run = load_run(run_dir, cache_dir=cache_dir)
     if engine is not None and output is not None:
         results, skipped = None, predict_to(run, paths, top_k=top_k, engine=engine, output=output)

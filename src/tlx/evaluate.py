@@ -55,13 +55,10 @@ def coverage_of(run: TrainedRun, test: Features, coverage: float) -> dict[str, f
     class, and the mean set size (:meth:`tlx.calibration.Calibration.sets`)."""
     import torch
 
-    if run.calibration is None:
-        raise TlxError(
-            f"--coverage: {run.folder} has no calibration to make prediction sets from; train it again"
-        )
+    calibration = run.calibrated("--coverage")
     with torch.inference_mode():
-        probabilities = run.calibration.probabilities(run.head(test.x).numpy())
-    sets = run.calibration.sets(probabilities, coverage)
+        probabilities = calibration.probabilities(run.head(test.x).numpy())
+    sets = calibration.sets(probabilities, coverage)
     covered = sum(int(y) in members for y, members in zip(test.y.tolist(), sets))
     n = max(len(sets), 1)
     return {"coverage": coverage, "empirical": covered / n, "mean_set_size": sum(map(len, sets)) / n}

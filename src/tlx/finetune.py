@@ -34,13 +34,18 @@ from tlx.train import BestEpoch, ClosedFormHead, Epoch, Fit, check_finite, class
 @dataclass
 class Finetuned:
     """The outcome of fine-tuning: the epochs and choices, the kept epoch's test images (paths, true
-    classes, logits), the images that could not be decoded."""
+    classes, logits), the images that could not be decoded; with a validation split, what calibrates
+    the run (:mod:`tlx.calibration`): the kept model's logits of the validation images and labels, and
+    its penultimate features of the images it trained on and of the test images."""
 
     fit: Fit
     test_paths: list[Path]
     test_y: torch.Tensor
     test_logits: torch.Tensor
     skipped: list[tuple[Path, str]]
+    held: tuple[torch.Tensor, torch.Tensor] | None = None
+    train_features: torch.Tensor | None = None
+    test_features: torch.Tensor | None = None
 
 
 def unfreeze(module: nn.Module, names: str | list[str]) -> list[str]:
@@ -155,10 +160,10 @@ def finetune(
             loss_fn, optimizer, device, recipe.extract.on_bad_image,
         )  # fmt: skip
         check_finite(epoch, train_loss, model.parameters(), rates)
-        test_paths, test_y, test_logits = _evaluate(model, test_loader, splits.test, skipped, device)
+        test_paths, test_y, test_logits, _ = _evaluate(model, test_loader, splits.test, skipped, device)
         val_scores: tuple[float | None, float | None] = (None, None)
         if val_loader is not None:
-            _, val_y, val_logits = _evaluate(model, val_loader, val_split, skipped, device)
+            _, val_y, val_logits, _ = _evaluate(model, val_loader, val_split, skipped, device)
             val_loss = loss_fn(val_logits.to(device), val_y.to(device)).item()
             val_scores = (val_loss, (val_logits.argmax(dim=1) == val_y).double().mean().item())
         enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
@@ -175,10 +180,24 @@ def finetune(
         state, test_paths, test_y, test_logits = best.kept
         model.load_state_dict(state)
         chosen = {"epochs": best.epoch}
-    model.eval().cpu()
     n_val = len(val_split) if val_split else 0
     fit = Fit([h.as_dict() for h in history], n_train, n_val, chosen)
-    return Finetuned(fit, test_paths, test_y, test_logits, sorted(skipped.items()))
+    if val_loader is None:
+        model.eval().cpu()
+        return Finetuned(fit, test_paths, test_y, test_logits, sorted(skipped.items()))
+    # the kept model once more, without augmentation: what its calibration is fitted on
+    plain = eval_transform(backbone.data_config)
+    fit_loader = _loader(fit_split, plain, recipe, eval_size, device, shuffle=False)
+    _, _, _, train_features = _evaluate(model, fit_loader, fit_split, skipped, device, features=True)
+    _, val_y, val_logits, _ = _evaluate(model, val_loader, val_split, skipped, device)
+    test_paths, test_y, test_logits, test_features = _evaluate(
+        model, test_loader, splits.test, skipped, device, features=True
+    )
+    model.eval().cpu()
+    return Finetuned(
+        fit, test_paths, test_y, test_logits, sorted(skipped.items()),
+        (val_logits, val_y), train_features, test_features,
+    )  # fmt: skip
 
 
 def _train_epoch(
@@ -236,13 +255,21 @@ def _loader(
 
 
 def _evaluate(
-    model: nn.Module, loader: DataLoader, split: Split, skipped: dict[Path, str], device: str
-) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
-    """Paths, true classes and logits of the images of ``split`` that could be decoded (on the CPU)."""
+    model: nn.Sequential,
+    loader: DataLoader,
+    split: Split,
+    skipped: dict[Path, str],
+    device: str,
+    *,
+    features: bool = False,
+) -> tuple[list[Path], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Paths, true classes and logits of the images of ``split`` that could be decoded (on the CPU),
+    and with ``features`` the backbone's (``model[0]``) pooled features of them."""
     model.eval()
     paths: list[Path] = []
     truth: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
     with torch.inference_mode():
         for images, indices, failures in loader:
             skipped |= {split.samples[i][0]: reason for i, reason in failures}
@@ -250,10 +277,13 @@ def _evaluate(
                 continue
             paths += [split.samples[i][0] for i in indices]
             truth.append(torch.tensor([split.samples[i][1] for i in indices]))
-            logits.append(model(to_backbone(images, device)).float().cpu())
+            x = model[0](to_backbone(images, device))
+            logits.append(model[1](x).float().cpu())
+            if features:
+                pooled.append(x.float().cpu())
     if not truth:
         raise TlxError(f"dataset: no image of split {split.name!r} could be decoded")
-    return paths, torch.cat(truth), torch.cat(logits)
+    return paths, torch.cat(truth), torch.cat(logits), torch.cat(pooled) if features else None
 
 
 def yield_to_backbone(_: int) -> None:

@@ -58,9 +58,10 @@ class Painter:
         chosen: dict,
         scores: Scores,
         mistakes: list[dict[str, Any]],
+        calibration: dict[str, Any] | None = None,
     ) -> None:
-        """Write ``curves.png``, ``confusion.png`` and ``errors.png`` into ``out``; an OSError there is
-        raised here.
+        """Write ``curves.png``, ``confusion.png`` and ``errors.png`` into ``out``, and with the run's
+        ``calibration`` (``metrics.json``'s) ``reliability.png``; an OSError there is raised here.
 
         ``mistakes``: the misclassified test images to show (``path``, ``true``, ``predicted`` label and
         its ``probability``), in the order shown.
@@ -77,6 +78,7 @@ class Painter:
             "mistakes": mistakes,
             "mistakes_title": f"{wrong} of {total} test images misclassified"
             + (f"; the {len(mistakes)} most confident mistakes" if 0 < len(mistakes) < wrong else ""),
+            "calibration": calibration,
         }
         self._send(job, out)
 
@@ -151,6 +153,8 @@ def _draw(job: dict[str, Any]) -> None:
     training_curves(job["history"], job["chosen"], out / "curves.png")
     confusion_matrix(job["classes"], job["confusion"], out / "confusion.png", job["title"])
     error_gallery(job["mistakes"], out / "errors.png", job["mistakes_title"])
+    if job.get("calibration"):
+        reliability_diagram(job["calibration"], out / "reliability.png")
 
 
 def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -> None:
@@ -193,6 +197,35 @@ def training_curves(history: list[dict[str, float]], chosen: dict, path: Path) -
         ax.set_title(f"model selection ({chosen.get('selected_by', '')})")
         ax.grid(alpha=0.3)
         ax.legend()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
+def reliability_diagram(calibration: dict[str, Any], path: Path) -> None:
+    """Accuracy against confidence on the test split, per bin, before and after the temperature: a
+    calibrated classifier's points lie on the diagonal; the marker's area follows the bin's images."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1, label="calibrated")
+    for key, colour, name in (
+        ("reliability_uncalibrated", "#d08770", f"softmax, ECE {calibration['ece_uncalibrated']:.3f}"),
+        ("reliability", "#2b6cb0", f"T = {calibration['temperature']:.3g}, ECE {calibration['ece']:.3f}"),
+    ):
+        bins = calibration[key]
+        total = max(sum(b["n"] for b in bins), 1)
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, linewidth=1)
+        ax.scatter(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            s=[20 + 400 * b["n"] / total for b in bins],
+            color=colour,
+            alpha=0.8,
+            label=name,
+        )
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (largest class probability)")
+    ax.set(ylabel="accuracy", title="reliability on the test split")
+    ax.legend(loc="upper left")
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 

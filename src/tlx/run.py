@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from tlx.extraction.store import BackboneInfo
     from tlx.registry import Backbone
     from tlx.scores import Scores
-    from tlx.tensors import Features
-    from tlx.train import Fit, HeldOut
+    from tlx.train import Fit
 
 
 @dataclass
@@ -60,6 +59,8 @@ class Outcome:
     #: it could not be fitted (a warning says why)
     calibration: Calibration | None = None
     calibrated: dict[str, Any] | None = None
+    #: seconds to hold training images out (when no selection needed them) and fit the calibration
+    calibrate_s: float = 0.0
 
 
 def run(
@@ -219,9 +220,13 @@ def train_on_features(
     skipped = {path for path, _ in test.skipped}
     with torch.inference_mode(), threads_set(1):  # one thread, as the head trained: the same bits anywhere
         logits = head.eval()(test.x)
-    calibration, calibrated = None, None
+    calibration, calibrated, calibrate_s = None, None, 0.0
     if held is not None:
-        calibration, calibrated = calibrate(held, train.x, test, logits, recipe.calibration.accept)
+        t0 = time.perf_counter()
+        calibration, calibrated = calibrate(
+            (held.logits, held.y), held.how, train.x, (test.x, test.y, logits), recipe.calibration.accept
+        )
+        calibrate_s = time.perf_counter() - t0 + (0.0 if select else held.seconds)
         logits = logits / calibration.temperature  # the argmax is unchanged; predictions.csv calibrated
     predictions = Predictions.of([p for p, _ in splits.test.samples if p not in skipped], test.y, logits)
     return Outcome(
@@ -240,22 +245,28 @@ def train_on_features(
         runtime=frozen.runtime,
         calibration=calibration,
         calibrated=calibrated,
+        calibrate_s=calibrate_s,
     )
 
 
 def calibrate(
-    held: HeldOut, train_x: torch.Tensor, test: Features, logits: torch.Tensor, accept: float
+    held: tuple[torch.Tensor, torch.Tensor],
+    how: str,
+    train_x: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    accept: float,
 ) -> tuple[Calibration, dict[str, Any]]:
-    """The calibration fitted on ``held``, and what it measures on the test split: the temperature,
-    expected calibration error and NLL before and after, the "unknown" threshold and the share of test
-    images it accepts, the reliability bins, the seconds it took."""
+    """The calibration fitted on ``held`` (logits of held-out training images and their labels, held
+    out as ``how`` says) and the features ``train_x`` of the training images; and what it measures on
+    the ``test`` split (its features, labels and logits): the temperature, expected calibration error
+    and NLL before and after, the "unknown" threshold and the share of test images it accepts, the
+    reliability bins."""
     from tlx import calibration as cal
 
-    started = time.perf_counter()
-    fitted = cal.Calibration.fit(held.logits.numpy(), held.y.numpy(), train_x.numpy(), accept)
-    raw, y = logits.numpy(), test.y.numpy()
+    fitted = cal.Calibration.fit(held[0].numpy(), held[1].numpy(), train_x.numpy(), accept)
+    test_x, y, raw = (t.numpy() for t in test)
     before, after = cal.softmax(raw), fitted.probabilities(raw)
-    known = fitted.ood_scores(test.x.numpy()) <= fitted.threshold
+    known = fitted.ood_scores(test_x) <= fitted.threshold
     measured = {
         "calibration": {
             "temperature": round(fitted.temperature, 6),
@@ -263,7 +274,7 @@ def calibrate(
             "ece_uncalibrated": cal.ece(before, y),
             "nll": cal.nll(raw, y, fitted.temperature),
             "nll_uncalibrated": cal.nll(raw, y),
-            "held_out": held.how,
+            "held_out": how,
             "reliability": cal.reliability(after, y),
             "reliability_uncalibrated": cal.reliability(before, y),
         },
@@ -274,7 +285,6 @@ def calibrate(
             "accepted_test_fraction": float(known.mean()) if len(known) else None,
         },
     }
-    measured["calibration"]["seconds"] = round(time.perf_counter() - started, 3)
     return fitted, measured
 
 
@@ -293,6 +303,7 @@ def finetune_end_to_end(
     from tlx.artifacts import Predictions
     from tlx.finetune import finetune
     from tlx.scores import Scores
+    from tlx.train import validation_split
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -300,7 +311,20 @@ def finetune_end_to_end(
     tuned = finetune(
         backbone, head, splits, recipe, device=device, on_start=console.finetune, on_epoch=console.epoch
     )
-    predictions = Predictions.of(tuned.test_paths, tuned.test_y, tuned.test_logits)
+    calibration, calibrated, calibrate_s, logits = None, None, 0.0, tuned.test_logits
+    if tuned.held is not None and tuned.train_features is not None and tuned.test_features is not None:
+        started = time.perf_counter()
+        test = (tuned.test_features, tuned.test_y, tuned.test_logits)
+        how, accept = validation_split(recipe.train.val_fraction), recipe.calibration.accept
+        calibration, calibrated = calibrate(tuned.held, how, tuned.train_features, test, accept)
+        calibrate_s = time.perf_counter() - started
+        logits = logits / calibration.temperature  # the argmax is unchanged; predictions.csv calibrated
+    else:
+        console.warning(
+            "calibration: not fitted (fine-tuning calibrates on a validation split: set train.val_fraction, "
+            "e.g. 0.2); answers are not calibrated, nor 'unknown'"
+        )
+    predictions = Predictions.of(tuned.test_paths, tuned.test_y, logits)
     return Outcome(
         head,
         tuned.fit,
@@ -312,8 +336,11 @@ def finetune_end_to_end(
         cached=0,
         computed=0,
         extract_s=0.0,
-        train_s=time.perf_counter() - t0,
+        train_s=time.perf_counter() - t0 - calibrate_s,
         tuned=backbone.module,
+        calibration=calibration,
+        calibrated=calibrated,
+        calibrate_s=calibrate_s,
     )
 
 
@@ -366,6 +393,7 @@ def metrics_of(
         "seconds": {
             "extract": round(outcome.extract_s, 3),
             "train": round(outcome.train_s, 3),
+            "calibrate": round(outcome.calibrate_s, 3),
             "total": round(seconds, 3),
         },
         "tlx_version": __version__,

@@ -151,13 +151,18 @@ def held_out(
         _, val = hold_out(train, config.val_fraction, seed, groups)
         with threads_set(1), torch.inference_mode():
             logits = trained.eval()(val.x)
-        how = f"validation split (train.val_fraction {config.val_fraction:g})"
+        how = validation_split(config.val_fraction)
         held = HeldOut(logits, val.y, torch.zeros_like(val.y), 1, how)
     else:
         held = out_of_fold(
             make_head, train, config, n_classes=n_classes, seed=seed, folds=folds, groups=groups
         )
     return replace(held, seconds=round(time.perf_counter() - started, 3))
+
+
+def validation_split(fraction: float) -> str:
+    """How images held out by ``train.val_fraction`` were held out, in words."""
+    return f"validation split (train.val_fraction {fraction:g})"
 
 
 def selection_score(held: HeldOut) -> dict[str, Any]:

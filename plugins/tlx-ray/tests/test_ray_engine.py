@@ -278,6 +278,8 @@ def test_predict_on_ray_writes_the_parquet_that_predict_json_prints(tmp_path: Pa
             t["label"] for t in want["top_k"]
         ]
         assert row["probability"] == pytest.approx(want["probability"], abs=1e-6)
+        assert row["known"] == want["known"]
+        assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-6)
     # the actors ran the run's runtime (auto: ONNX Runtime), as tlx predict does: their export is probed
     sha256 = json.loads((tmp_path / "run" / "metrics.json").read_text())["backbone"]["sha256"]
     records = [json.loads(r.read_text()) for r in (NODE_CACHE / "onnx").glob("*.json")]

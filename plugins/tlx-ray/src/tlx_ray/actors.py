@@ -75,7 +75,8 @@ class Extractor(_Worker):
 
 class Predictor(_Worker):
     """Predictions of a batch of ``(position, path)`` rows with a run folder every node can read:
-    ``path``, ``label``, ``probability``, ``top_k`` and ``skipped`` (the reason, for an image skipped).
+    ``path``, ``label``, ``probability``, ``top_k``, ``known`` and ``ood_score`` (null for a run without
+    calibration) and ``skipped`` (the reason, for an image skipped).
     The backbone runs in the run's ``extract.runtime`` on this actor's device and threads."""
 
     def __init__(self, run: str, spec: BackboneSpec, top_k: int) -> None:
@@ -108,6 +109,8 @@ def _schema() -> Any:
             ("label", pa.string()),
             ("probability", pa.float64()),
             ("top_k", ranked),
+            ("known", pa.bool_()),
+            ("ood_score", pa.float64()),
             ("skipped", pa.string()),
         ]
     )
