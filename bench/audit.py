@@ -37,7 +37,7 @@ import tlx
 from tlx.files import sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
 VARIANTS = ("q50", "scaled", "cropped")
 
 

@@ -26,7 +26,10 @@ from pathlib import Path
 from trees import trees as source_trees
 
 REPO = Path(__file__).resolve().parents[1]
-LITE0, BEST = REPO / "recipes" / "hymenoptera-lite0.yaml", REPO / "recipes" / "hymenoptera-best.yaml"
+LITE0, BEST = (
+    REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml",
+    REPO / "src" / "tlx" / "recipes" / "hymenoptera-best.yaml",
+)
 
 
 def timed(src: Path, *args: object) -> float:

@@ -3,7 +3,7 @@ accuracy, on training images that come in groups of near copies.
 
 Every catsdogs image becomes four overlapping corner crops (70% of each side) named
 ``<stem>__c<i>.jpg``, a group of four; the test split is the crops of the validation images, so that
-test and selection score images of one kind. The Lite0 recipe (``recipes/hymenoptera-lite0.yaml``),
+test and selection score images of one kind. The Lite0 recipe (bundled ``hymenoptera-lite0``),
 with its linear head and with ``mlp``, runs twice with its selection score (5-fold cross-validation on
 the training features, what ``tlx sweep`` ranks by): without groups a crop's three siblings train the
 head that scores it; with ``dataset.group`` they sit in its fold.
@@ -26,7 +26,7 @@ from tlx.recipe import load_recipe
 from tlx.run import run
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
 #: the group id of a crop: its file name before ``__c<i>``
 GROUP = r"^(.+)__c\d\.jpg$"
 SIDE = 0.7

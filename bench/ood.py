@@ -33,7 +33,7 @@ from tlx.artifacts import load_run
 from tlx.data import Split
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 from trees import trees as source_trees
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
 
 
 def build(shared: Path, root: Path, images: int) -> Path:

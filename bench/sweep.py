@@ -28,7 +28,7 @@ from pathlib import Path
 from trees import trees as source_trees
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 GRID = ["--grid", "backbone.name=" + ",".join(BACKBONES), "--grid", "head.type=linear,logreg,mlp"]
 

@@ -7,7 +7,7 @@ be traced too) and prints, as JSON on stderr: the tlx modules whose functions ra
 is a callback (a hook, the console, the atomic writer's write function), never an import: the import
 contracts forbid those. Extraction workers are other processes and are not traced.
 
-    PYTHONPATH=src python bench/trace_run.py run recipes/hymenoptera-lite0.yaml --set dataset.root=DIR
+    PYTHONPATH=src python bench/trace_run.py run hymenoptera-lite0 --set dataset.root=DIR
 """
 
 from __future__ import annotations

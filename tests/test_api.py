@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 import tlx
-from tlx.recipe import load_recipe
+from tlx.recipe import BUNDLED, load_recipe
 
-from .conftest import HYMENOPTERA, REPO, run_tlx, write_recipe
+from .conftest import HYMENOPTERA, run_tlx, write_recipe
 
-LITE0 = REPO / "recipes" / "hymenoptera-lite0.yaml"
+LITE0 = BUNDLED / "hymenoptera-lite0.yaml"
 
 
 def small_hymenoptera(root: Path, per_class: tuple[int, int] = (6, 3)) -> Path:

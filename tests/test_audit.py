@@ -15,12 +15,12 @@ from PIL import Image
 
 import tlx
 from tlx import findings
-from tlx.recipe import load_recipe
+from tlx.recipe import BUNDLED, load_recipe
 
 from .conftest import REPO, assert_user_error
 
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
-LITE0 = REPO / "recipes" / "hymenoptera-lite0.yaml"
+LITE0 = BUNDLED / "hymenoptera-lite0.yaml"
 
 
 def photos(split: str, name: str) -> list[Path]:

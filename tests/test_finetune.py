@@ -269,7 +269,7 @@ def test_shipped_finetune_recipe_runs_on_its_backbone(tmp_path: Path) -> None:
     """The recipe's unfreeze names exist in EfficientNet-Lite0; one epoch on a small generated dataset."""
     root = make_imagefolder(tmp_path / "small", classes=2, per_class=(4, 2))
     result = run_tlx(
-        "run", "recipes/hymenoptera-finetune.yaml", "--set", f"dataset.root={root}",
+        "run", "hymenoptera-finetune", "--set", f"dataset.root={root}",
         "--set", "train.epochs=2", "--set", "train.warmup_epochs=1", "--out", tmp_path / "out",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

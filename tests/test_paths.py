@@ -34,7 +34,7 @@ from tlx.data import Split, load_image, scan_imagefolder
 from tlx.extraction import pipeline, runtimes
 from tlx.extraction.backbone import create_backbone
 from tlx.extraction.frozen import FrozenBackbone
-from tlx.recipe import BackboneConfig, make_recipe
+from tlx.recipe import BUNDLED, BackboneConfig, make_recipe
 
 from .conftest import HYMENOPTERA
 from .test_serve import multipart
@@ -276,7 +276,7 @@ def test_every_caller(
         "train.epochs=2",
         "device=cpu",
     ]
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "hymenoptera-lite0.yaml"
+    recipe = BUNDLED / "hymenoptera-lite0.yaml"
     run = tlx.fit(recipe, overrides, out=tmp_path / "run").folder
     assert_reference(spied[-1], expected, "tlx run")
     head_of = probabilities(run, expected)

@@ -124,7 +124,7 @@ def test_run_still_works_beside_a_broken_plugin(
 ) -> None:
     env = fake_plugin("tlx-broken5", BROKEN_IMPORT)
     result = run_tlx(
-        "run", "recipes/hymenoptera.yaml",
+        "run", "hymenoptera",
         "--set", f"dataset.root={tiny_dataset}", "--set", f"backbone.weights={resnet18_file}",
         "--set", "train.epochs=2", "--out", tmp_path / "out",
         env=env,

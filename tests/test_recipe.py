@@ -1,15 +1,18 @@
-"""Recipe loading: YAML problems, schema validation messages and --set overrides."""
+"""Recipe loading: YAML problems, schema validation messages, --set overrides, bundled recipes by name."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
+import tlx
 from tlx.errors import TlxError
-from tlx.recipe import apply_overrides, load_recipe
+from tlx.recipe import BUNDLED, apply_overrides, find_recipe, load_recipe
 
-from .conftest import REPO, write_recipe
+from .conftest import assert_user_error, run_tlx, write_recipe
 
 VALID = """
 dataset: {root: data}
@@ -17,7 +20,7 @@ backbone: {name: resnet18}
 """
 
 
-def error_of(path: Path, *overrides: str) -> str:
+def error_of(path: str | Path, *overrides: str) -> str:
     with pytest.raises(TlxError) as info:
         load_recipe(path, overrides)
     message = str(info.value)
@@ -33,8 +36,89 @@ def test_defaults_follow_the_reference(tmp_path: Path) -> None:
 
 
 def test_shipped_recipes_validate() -> None:
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
+    paths = sorted(BUNDLED.glob("*.yaml"))
+    assert len(paths) == 4
+    for path in paths:
         assert load_recipe(path).backbone.name
+
+
+# --- a recipe argument is a file or a bundled recipe's name --------------------------------------
+
+
+def test_a_bundled_recipe_is_found_by_name_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("hymenoptera-lite0").backbone.name == "efficientnet_lite0"
+    assert load_recipe("hymenoptera-best.yaml").backbone.name == "efficientnet_lite2"
+    assert find_recipe("hymenoptera") == BUNDLED / "hymenoptera.yaml"
+
+
+def test_a_file_that_exists_wins_over_a_bundled_name(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_recipe(tmp_path / "hymenoptera-lite0", VALID)
+    write_recipe(tmp_path / "hymenoptera-best.yaml", VALID)
+    assert load_recipe("hymenoptera-lite0").backbone.name == "resnet18"
+    assert load_recipe("hymenoptera-best.yaml").backbone.name == "resnet18"
+
+
+def test_an_unknown_name_lists_the_bundled_recipes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert error_of("hymenoptera-lit0") == (
+        "hymenoptera-lit0: no such recipe file, and no bundled recipe of that name (bundled: hymenoptera, "
+        "hymenoptera-best, hymenoptera-finetune, hymenoptera-lite0); did you mean hymenoptera-lite0?"
+    )
+    assert "did you mean" not in error_of("flowers")
+
+
+def test_a_missing_path_with_a_folder_is_a_missing_file_not_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "hymenoptera-lite0.yaml"
+    assert error_of(path) == f"{path}: recipe file not found"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (
+            ["run", "hymenoptera-lite0", "--set", "train.epochs=0"],
+            "train.epochs: Input should be greater than 0",
+        ),
+        (["audit", "hymenoptera-lite0", "--set", "train.epochs=0"], "train.epochs: Input should be greater"),
+        (["sweep", "hymenoptera-lite0"], "hymenoptera-lite0: nothing to sweep"),
+        (["run", "hymenoptera-lit0"], "did you mean hymenoptera-lite0?"),
+        (["audit", "hymenoptera-lit0"], "did you mean hymenoptera-lite0?"),
+        (["sweep", "hymenoptera-lit0"], "did you mean hymenoptera-lite0?"),
+    ],
+)
+def test_every_command_takes_a_bundled_name(
+    args: list[str], words: str, tmp_path: Path, monkeypatch, invoke
+) -> None:
+    """Each command reads the bundled recipe (its own check then fails, before any work) or names it."""
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(invoke(*args), words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_python_api_takes_a_bundled_name(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TlxError, match=r"train\.epochs: Input should be greater than 0"):
+        tlx.fit("hymenoptera-lite0", {"train.epochs": 0})
+    for call in (tlx.fit, tlx.audit, tlx.sweep):
+        with pytest.raises(TlxError, match="did you mean hymenoptera-lite0"):
+            call("hymenoptera-lit0")
+
+
+def test_tlx_recipes_lists_name_description_and_path(tmp_path: Path) -> None:
+    listed = run_tlx("recipes", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    names = ["hymenoptera", "hymenoptera-best", "hymenoptera-finetune", "hymenoptera-lite0"]
+    assert [row["name"] for row in rows] == names
+    text = run_tlx("recipes", cwd=tmp_path).stdout
+    for row in rows:
+        path = Path(row["path"])
+        assert path == BUNDLED / f"{row['name']}.yaml"
+        assert path.read_text(encoding="utf-8").startswith(f"# {row['description']}\n")
+        assert re.search(rf"^{row['name']} +{re.escape(row['description'])}$", text, re.M)
+    assert f"(in {BUNDLED};" in text
 
 
 def test_misspelled_key_names_path_and_closest_key(tmp_path: Path) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tlx.recipe import bundled_recipes
+
 from .conftest import HYMENOPTERA, REPO, run_tlx
 
-#: a row of the README's results table: the recipe file, then its test accuracy for seed 0
-ROW = re.compile(r"^\| `recipes/(?P<recipe>[\w.-]+\.yaml)` \|[^|]*\|[^|]*\| (?P<accuracy>\d+\.\d\d)% ")
+#: a row of the README's results table: the bundled recipe's name, then its test accuracy for seed 0
+ROW = re.compile(r"^\| `(?P<recipe>[\w.-]+)` \|[^|]*\|[^|]*\| (?P<accuracy>\d+\.\d\d)% ")
 
 
 def stated() -> dict[str, str]:
@@ -28,12 +30,12 @@ def stated() -> dict[str, str]:
 
 
 def accuracy_of(recipe: str, tmp_path: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
-    """``tlx run recipes/RECIPE`` on ants/bees with the cache folder ``cache``: the test accuracy as
+    """``tlx run RECIPE`` (a bundled name) on ants/bees with the cache folder ``cache``: the test accuracy as
     the README writes it, and the metrics."""
     out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
     sets = [arg for item in ("dataset.root=" + str(HYMENOPTERA), *overrides) for arg in ("--set", item)]
     env = {"TLX_CACHE_DIR": str(cache)}
-    result = run_tlx("run", REPO / "recipes" / recipe, *sets, "--out", out, env=env)
+    result = run_tlx("run", recipe, *sets, "--out", out, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning" not in result.stderr, result.stderr  # no fallback, no probe that failed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -41,7 +43,7 @@ def accuracy_of(recipe: str, tmp_path: Path, cache: Path, *overrides: str) -> tu
 
 
 def test_the_readme_states_a_figure_for_every_offline_recipe() -> None:
-    offline = {p.name for p in (REPO / "recipes").glob("*.yaml")} - {"hymenoptera.yaml"}
+    offline = {r.name for r in bundled_recipes()} - {"hymenoptera"}
     assert set(stated()) == offline
 
 
@@ -61,7 +63,7 @@ def test_the_best_recipe_gives_its_figure_in_every_runtime_cold_and_warm(
     runtime: str, tmp_path: Path
 ) -> None:
     """Runtime auto is the cold run above; here torch and ONNX Runtime by name, each cold then warm."""
-    recipe = "hymenoptera-best.yaml"
+    recipe = "hymenoptera-best"
     cache = tmp_path / "cache"
     cold, metrics = accuracy_of(recipe, tmp_path, cache, f"extract.runtime={runtime}")
     assert metrics["features"]["runtime"] == runtime
@@ -72,9 +74,9 @@ def test_the_best_recipe_gives_its_figure_in_every_runtime_cold_and_warm(
 
 @pytest.mark.slow
 def test_lite0_with_flip_gives_one_accuracy_in_torch_and_auto(tmp_path: Path) -> None:
-    auto, metrics = accuracy_of("hymenoptera-lite0.yaml", tmp_path, tmp_path / "a", "extract.flip=true")
+    auto, metrics = accuracy_of("hymenoptera-lite0", tmp_path, tmp_path / "a", "extract.flip=true")
     assert metrics["features"]["runtime"] == "onnxruntime"
     in_torch, _ = accuracy_of(
-        "hymenoptera-lite0.yaml", tmp_path, tmp_path / "b", "extract.flip=true", "extract.runtime=torch"
+        "hymenoptera-lite0", tmp_path, tmp_path / "b", "extract.flip=true", "extract.runtime=torch"
     )
     assert auto == in_torch

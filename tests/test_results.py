@@ -18,12 +18,12 @@ from tlx.default_plugins.heads import LogRegOptions
 from tlx.extraction.flip import FlipAveraged
 from tlx.folds import hold_out
 from tlx.logreg import LogisticRegression
-from tlx.recipe import load_recipe
+from tlx.recipe import BUNDLED, load_recipe
 from tlx.run import run
 from tlx.tensors import Features
 from tlx.train import class_weights
 
-from .conftest import REPO, make_imagefolder, recipe_for, run_tlx
+from .conftest import make_imagefolder, recipe_for, run_tlx
 
 RUN_FILES = {
     "recipe.yaml", "provenance.json", "metrics.json", "history.csv", "head.safetensors",
@@ -291,7 +291,7 @@ def test_onnx_export_of_a_real_backbone_matches_pytorch(tmp_path: Path, hymenopt
             for path in sorted((hymenoptera / split / name).glob("*.jpg"))[:count]:
                 shutil.copy(path, data / split / name / path.name)
     out = tmp_path / "run"
-    recipe = REPO / "recipes/hymenoptera-lite0.yaml"
+    recipe = BUNDLED / "hymenoptera-lite0.yaml"
     result = run_tlx("run", recipe, "--set", f"dataset.root={data}", "--set", "extract.flip=true",
                      "--set", "head.type=logreg", "--set", "head.l2=[1.0]", "--out", out)  # fmt: skip
     assert result.returncode == 0, result.stderr

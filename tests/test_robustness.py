@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tlx import plugins
+from tlx.recipe import BUNDLED
 from tlx.registry import Backbone
 
 from .conftest import CONFIG, REPO, TLX, assert_user_error, make_imagefolder, write_recipe
@@ -87,7 +88,7 @@ def test_bad_recipe_documents(case: str, tmp_path: Path, invoke) -> None:
 )
 def test_bad_values_and_names(override: str, words: list[str], tiny_dataset: Path, invoke) -> None:
     result = invoke(
-        "run", REPO / "recipes/hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}", "--set", override
+        "run", BUNDLED / "hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}", "--set", override
     )
     assert_user_error(result, *words)
 
@@ -201,7 +202,7 @@ def test_bad_image_policy_error_names_the_file(run_counting, messy_dataset: Path
 def weights_run(invoke, root: Path, weights: Path):
     return invoke(
         "run",
-        REPO / "recipes/hymenoptera.yaml",
+        BUNDLED / "hymenoptera.yaml",
         "--set",
         f"dataset.root={root}",
         "--set",
@@ -295,7 +296,7 @@ def test_unwritable_output_folder_is_found_before_work(
 @pytest.mark.parametrize("delay", [0.0, 2.0])
 def test_ctrl_c_during_extraction_exits_130(delay: float, hymenoptera: Path, tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group (the extraction workers too), as a terminal sends it."""
-    command = [*TLX, "run", "recipes/hymenoptera-lite0.yaml", "--set", f"dataset.root={hymenoptera}"]
+    command = [*TLX, "run", "hymenoptera-lite0", "--set", f"dataset.root={hymenoptera}"]
     command += ["--set", "extract.workers=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TLX_CACHE_DIR": str(tmp_path / "cache")}
     first = subprocess.run([*command, "--out", tmp_path / "first"], cwd=REPO, capture_output=True, env=env)

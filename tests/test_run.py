@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tlx.recipe import BUNDLED
 from tlx.run import run
 
-from .conftest import REPO, make_imagefolder, recipe_for, run_tlx
+from .conftest import make_imagefolder, recipe_for, run_tlx
 
 EPOCH_LINE = re.compile(r"^ {0,2}\d{1,3}   test accuracy: \d{1,3}\.\d\d%$", re.M)
 
@@ -72,9 +73,7 @@ def test_missing_split_names_the_key_and_the_folders(
 
 def test_reference_lite0_recipe_on_ants_and_bees(tmp_path: Path, hymenoptera: Path) -> None:
     out = tmp_path / "out"
-    result = run_tlx(
-        "run", "recipes/hymenoptera-lite0.yaml", "--set", f"dataset.root={hymenoptera}", "--out", out
-    )
+    result = run_tlx("run", "hymenoptera-lite0", "--set", f"dataset.root={hymenoptera}", "--out", out)
     assert result.returncode == 0, result.stderr
     assert re.search(r"train\s+245\s+124\s+121", result.stdout)
     assert re.search(r"val\s+153\s+70\s+83", result.stdout)
@@ -92,9 +91,7 @@ def test_reference_lite0_recipe_on_ants_and_bees(tmp_path: Path, hymenoptera: Pa
 
 def test_same_recipe_on_a_five_class_dataset(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "five", classes=5, per_class=(4, 2))
-    result = run_tlx(
-        "run", "recipes/hymenoptera-lite0.yaml", "--set", f"dataset.root={root}", "--out", tmp_path / "out"
-    )
+    result = run_tlx("run", "hymenoptera-lite0", "--set", f"dataset.root={root}", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["classes"] == [f"class{k}" for k in range(5)]
@@ -123,7 +120,7 @@ def test_missing_root_is_downloaded_from_url(tmp_path: Path, zip_server: str, co
 
 def test_download_failure_says_to_set_root(tmp_path: Path, resnet18_file: Path) -> None:
     result = run_tlx(
-        "run", REPO / "recipes/hymenoptera.yaml", "--set", f"dataset.root={tmp_path / 'absent'}",
+        "run", BUNDLED / "hymenoptera.yaml", "--set", f"dataset.root={tmp_path / 'absent'}",
         "--set", "dataset.url=http://127.0.0.1:9/data.zip", "--set", f"backbone.weights={resnet18_file}",
         "--out", tmp_path / "out",
     )  # fmt: skip

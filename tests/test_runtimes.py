@@ -19,10 +19,9 @@ from PIL import Image
 import tlx
 from tlx.errors import TlxError
 from tlx.extraction import runtimes
+from tlx.recipe import BUNDLED
 
-from .conftest import REPO
-
-RECIPE = REPO / "recipes" / "hymenoptera-lite0.yaml"
+RECIPE = BUNDLED / "hymenoptera-lite0.yaml"
 CPU, CUDA = "cpu", "cuda"
 
 
@@ -76,7 +75,7 @@ def test_auto_is_onnxruntime_on_a_cpu_when_installed(monkeypatch: pytest.MonkeyP
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)
     )
     assert runtimes.choose("auto", CPU) == "torch"
-    with pytest.raises(TlxError, match="onnxruntime is not installed; pip install onnxruntime"):
+    with pytest.raises(TlxError, match=r"onnxruntime is not installed; pip install 'tlx-vision\[onnx\]'"):
         runtimes.choose("onnxruntime", CPU)
 
 

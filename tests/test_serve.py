@@ -341,7 +341,7 @@ def test_without_python_multipart_serve_says_what_to_install(tmp_path: Path) -> 
     command = [sys.executable, "-c", hide + launch, str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
-    assert result.stderr == "tlx: error: tlx serve needs python-multipart: pip install 'tlx[serve]'\n"
+    assert result.stderr == "tlx: error: tlx serve needs python-multipart: pip install 'tlx-vision[serve]'\n"
 
 
 def test_the_load_benchmark_reports_each_level(run_dir: Path, tmp_path: Path) -> None:

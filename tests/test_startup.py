@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tlx.plots import Painter
+from tlx.recipe import BUNDLED
 from tlx.scores import Scores
 
-from .conftest import REPO, run_tlx
+from .conftest import run_tlx
 
 HEAVY = ("timm", "torchvision", "matplotlib", "torch._dynamo")
 
@@ -45,7 +46,7 @@ def hub_cache(root: Path) -> Path:
 def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
     weights: str, tiny_dataset: Path, resnet18_file: Path, tmp_path: Path
 ) -> None:
-    args = ["run", REPO / "recipes" / "hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
+    args = ["run", BUNDLED / "hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
             "--set", "extract.workers=0", "--set", "train.epochs=2"]  # fmt: skip
     env = {"TLX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
     if weights == "file":

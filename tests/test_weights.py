@@ -97,7 +97,7 @@ def test_offline_reference_recipe_stops_with_one_line(
 ) -> None:
     env = {**env, "HF_HUB_CACHE": str(tmp_path / "hub"), "TORCH_HOME": str(tmp_path / "torch")}
     root = f"dataset.root={hymenoptera}"
-    result = run_tlx("run", "recipes/hymenoptera.yaml", "--set", root, "--out", tmp_path / "out", env=env)
+    result = run_tlx("run", "hymenoptera", "--set", root, "--out", tmp_path / "out", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -110,7 +110,7 @@ def test_reference_recipe_runs_with_a_local_weights_file(
 ) -> None:
     out = tmp_path / "out"
     result = run_tlx(
-        "run", "recipes/hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
+        "run", "hymenoptera", "--set", f"dataset.root={tiny_dataset}",
         "--set", f"backbone.weights={resnet18_file}", "--set", "train.epochs=3", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -122,7 +122,7 @@ def test_reference_recipe_runs_with_a_local_weights_file(
 
 def test_random_weights_only_when_asked_and_said(tmp_path: Path, tiny_dataset: Path) -> None:
     result = run_tlx(
-        "run", "recipes/hymenoptera.yaml", "--set", f"dataset.root={tiny_dataset}",
+        "run", "hymenoptera", "--set", f"dataset.root={tiny_dataset}",
         "--set", "backbone.pretrained=false", "--set", "train.epochs=1", "--out", tmp_path / "out",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

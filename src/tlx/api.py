@@ -148,8 +148,9 @@ def fit(
 ) -> Run:
     """Train ``recipe`` and write its run folder, as ``tlx run RECIPE --set ... --out OUT`` does.
 
-    ``recipe`` is a recipe file, a dict of the same keys (validated alike; relative paths are taken
-    from the current folder) or a :class:`tlx.Recipe`. ``overrides`` are ``KEY=VALUE`` strings as
+    ``recipe`` is a recipe file or a bundled recipe's name (``"hymenoptera-lite0"``, ``tlx recipes``),
+    a dict of the same keys (validated alike; relative paths are taken from the current folder) or a
+    :class:`tlx.Recipe`. ``overrides`` are ``KEY=VALUE`` strings as
     ``--set`` takes them, or a dict ``{KEY: VALUE}``. ``out`` is the run folder (default: a new folder
     under ``runs/``), locked while the run lives. ``quiet`` prints nothing, progress bars included;
     the warnings are kept in :attr:`Run.warnings`. A problem with the input is a :class:`tlx.TlxError`.

@@ -1,5 +1,5 @@
 """The ``tlx`` command line: ``run``, ``sweep``, ``compare``, ``predict``, ``eval``, ``export``, ``serve``,
-``list``.
+``recipes``, ``list``.
 
 Parsing and printing only; the work is elsewhere.
 """
@@ -94,7 +94,10 @@ RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
 )
 @CACHE_DIR
 def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, cache_dir: Path | None) -> None:
-    """Run RECIPE: extract features once (or read them from the cache), train the head, write metrics.json."""
+    """Run RECIPE: extract features once (or read them from the cache), train the head, write metrics.json.
+
+    RECIPE is a YAML file or the name of a bundled recipe (`tlx recipes` lists them).
+    """
     from tlx.api import fit
 
     fit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False)
@@ -119,7 +122,10 @@ def audit_(
     cache_dir: Path | None,
     near_threshold: float | None,
 ) -> None:
-    """Find label issues, duplicates, train/test leakage and outliers in RECIPE's data."""
+    """Find label issues, duplicates, train/test leakage and outliers in RECIPE's data.
+
+    RECIPE is a YAML file or the name of a bundled recipe (`tlx recipes` lists them).
+    """
     from tlx.api import audit
 
     audit(recipe, overrides, out=out, cache_dir=cache_dir, quiet=False, near_threshold=near_threshold)
@@ -162,7 +168,10 @@ def sweep_(
     max_combinations: int,
     jobs: int | None,
 ) -> None:
-    """Run RECIPE once per combination of the grid; rank them on the training split (leaderboard.md)."""
+    """Run RECIPE once per combination of the grid; rank them on the training split (leaderboard.md).
+
+    RECIPE is a YAML file or the name of a bundled recipe (`tlx recipes` lists them).
+    """
     from tlx.recipe import parse_grid
     from tlx.sweeps import sweep
 
@@ -376,7 +385,7 @@ def export_(run_dir: Path, fmt: str, output: Path | None, force: bool) -> None:
 
 #: the largest ``tlx serve --max-upload-mb``: a request body is held in memory
 MAX_UPLOAD_MB = 1000.0
-#: the packages ``tlx serve`` imports, by module: what to install (``tlx[serve]`` holds them all)
+#: the packages ``tlx serve`` imports, by module: what to install (``tlx-vision[serve]`` holds them all)
 SERVE_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 
 
@@ -418,7 +427,8 @@ def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float, allow_host
         package = (exc.name or "").partition(".")[0]
         if package not in SERVE_PACKAGES:
             raise
-        raise TlxError(f"tlx serve needs {SERVE_PACKAGES[package]}: pip install 'tlx[serve]'") from None
+        needed = SERVE_PACKAGES[package]
+        raise TlxError(f"tlx serve needs {needed}: pip install 'tlx-vision[serve]'") from None
 
     def ready(url: str) -> None:
         click.echo(f"serving {run_dir} at {url} (Ctrl-C to stop)")
@@ -426,6 +436,23 @@ def serve_(run_dir: Path, host: str, port: int, max_upload_mb: float, allow_host
             click.echo(f"tlx: warning: listening on {host}: other machines can reach this server", err=True)
 
     serve(run_dir, host, port, max_upload_mb, allow_hosts, ready)
+
+
+@cli.command("recipes")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, description, path}.")
+def recipes_(as_json: bool) -> None:
+    """List the recipes bundled with tlx: `tlx run NAME` runs one, `tlx run FILE` a recipe of yours."""
+    from tlx.recipe import bundled_recipes
+
+    found = bundled_recipes()
+    if as_json:
+        rows = [{"name": r.name, "description": r.description, "path": str(r.path)} for r in found]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in found:
+        click.echo(f"{r.name:<24} {r.description}")
+    if found:
+        click.echo(f"(in {found[0].path.parent}; copy one to change it)")
 
 
 #: what ``tlx list`` shows, in the order of :meth:`tlx.plugins.Plugins.registries`

@@ -1,7 +1,9 @@
 """Recipes: YAML files validated with pydantic, with ``--set KEY=VALUE`` overrides.
 
-Relative paths in a recipe (``dataset.root``, ``backbone.weights``) are taken from the current
-working directory and ``~`` is the home folder, as with paths given on the command line.
+A recipe argument is a file, or the name of a recipe bundled with tlx (:data:`BUNDLED`,
+``tlx recipes``): a file that exists wins. Relative paths in a recipe (``dataset.root``,
+``backbone.weights``) are taken from the current working directory, a bundled recipe's too, and ``~`` is
+the home folder, as with paths given on the command line.
 
 The loader is bounded (:data:`MAX_BYTES`, :data:`MAX_VALUES`, :data:`MAX_DEPTH`) so that a small
 document cannot expand into a huge one: a recipe is a few hundred bytes.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -241,9 +244,53 @@ class Recipe(_Strict):
         return value
 
 
-def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; every problem is a one-line :class:`TlxError`."""
-    data = read_yaml(path)
+#: the folder of the recipes that ship inside the package, ``NAME.yaml`` each
+BUNDLED = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class BundledRecipe:
+    """A recipe shipped with tlx: ``tlx run NAME`` runs it."""
+
+    name: str
+    #: the recipe's first comment line
+    description: str
+    path: Path
+
+
+def bundled_recipes() -> list[BundledRecipe]:
+    """The bundled recipes, by name."""
+    found = []
+    for path in sorted(BUNDLED.glob("*.yaml"), key=lambda p: p.stem):
+        first = path.read_text(encoding="utf-8").partition("\n")[0]
+        description = first.removeprefix("#").strip() if first.startswith("#") else ""
+        found.append(BundledRecipe(path.stem, description, path))
+    return found
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The file of the recipe argument ``recipe``: an existing file, else the bundled recipe of that
+    name (``.yaml`` optional). A name that is neither is a :class:`TlxError` listing the bundled names;
+    a missing path with a folder in it is returned as it is, for :func:`read_yaml` to report."""
+    path = Path(recipe)
+    if path.is_file() or len(path.parts) != 1:
+        return path
+    bundled = {r.name: r.path for r in bundled_recipes()}
+    name = path.name.removesuffix(".yaml")
+    if name in bundled:
+        return bundled[name]
+    close = difflib.get_close_matches(name, bundled, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise TlxError(
+        f"{shorten(str(recipe))}: no such recipe file, and no bundled recipe of that name "
+        f"(bundled: {', '.join(bundled)}){hint}"
+    )
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate the recipe ``path`` (a file or a bundled name, :func:`find_recipe`);
+    every problem is a one-line :class:`TlxError`."""
+    data = read_yaml(find_recipe(path))
     if SWEEP in data:
         raise TlxError(
             f"{path}: {SWEEP}: this recipe is a sweep; run it with `tlx sweep {path}`, "
@@ -269,14 +316,14 @@ SWEEP = "sweep"
 
 
 def load_sweep(
-    path: Path, overrides: tuple[str, ...] = (), grid: dict[str, list[Any]] | None = None
+    path: str | Path, overrides: tuple[str, ...] = (), grid: dict[str, list[Any]] | None = None
 ) -> tuple[dict[str, Any], set[str], dict[str, list[Any]]]:
     """A sweep recipe: its data without the sweep section, ``--set`` applied; the keys set; the grid.
 
     ``grid`` (from ``--grid`` or the Python API) adds to the recipe's ``sweep`` section and wins over
     it key by key. Every key must name a recipe key and every list must hold a value.
     """
-    data = read_yaml(path)
+    data = read_yaml(find_recipe(path))
     section = data.pop(SWEEP, None) or {}
     if not isinstance(section, dict):
         raise TlxError(

@@ -103,7 +103,8 @@ def sweep(
     jobs: int | None = None,
     quiet: bool = True,
 ) -> Sweep:
-    """Run every combination of ``grid`` (and the recipe's ``sweep`` section) and rank them.
+    """Run every combination of ``grid`` (and the recipe's ``sweep`` section) and rank them; ``recipe`` is
+    a file or a bundled recipe's name, as :func:`tlx.fit` takes it.
 
     ``grid`` maps recipe keys to the values to try (``{"head.type": ["linear", "logreg"]}``);
     ``overrides`` are ``KEY=VALUE`` strings as with ``--set``; ``out`` is the sweep folder (default

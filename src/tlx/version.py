@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 
+#: tlx's distribution name on PyPI (``tlx`` there is an unrelated package); the import and command are ``tlx``
+DISTRIBUTION = "tlx-vision"
+
 try:
-    __version__ = version("tlx")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 

@@ -61,7 +61,7 @@ def tensorboard_tracker(options: Any, run_dir: Path) -> TensorBoardTracker:
     if importlib.util.find_spec("tensorboard") is None:
         raise TlxError(
             "tracker 'tensorboard' needs the tensorboard package, which is not installed; "
-            "install it: pip install 'tlx[tensorboard]' (or pip install tensorboard)"
+            "install it: pip install 'tlx-vision[tensorboard]' (or pip install tensorboard)"
         )
     return TensorBoardTracker(run_dir)
 

@@ -69,7 +69,7 @@ def choose(setting: str, device: str) -> str:
     if setting == "onnxruntime":
         if not installed:
             raise TlxError(
-                "extract.runtime: onnxruntime is not installed; pip install onnxruntime, "
+                "extract.runtime: onnxruntime is not installed; pip install 'tlx-vision[onnx]', "
                 "or set extract.runtime=auto"
             )
         if device != "cpu":

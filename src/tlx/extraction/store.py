@@ -40,7 +40,7 @@ from tlx import notices
 from tlx.data import DECODING
 from tlx.errors import TlxError, describe
 from tlx.files import write_atomic, write_json
-from tlx.version import versions
+from tlx.version import __version__, versions
 
 if TYPE_CHECKING:
     import numpy
@@ -134,7 +134,7 @@ def _backbone_record(root: Path, entry: Entry, config: BackboneConfig, plugin_ve
         "plugin": [entry.plugin, plugin_version],
         "backbone": config.model_dump(mode="json"),
         "files": stats,
-        "versions": versions(("tlx", *PIXEL_PACKAGES)),
+        "versions": {"tlx": __version__, **versions(PIXEL_PACKAGES)},
     }
     return root / "backbones" / f"{digest(key)[:32]}.json"
 
