@@ -15,7 +15,7 @@ import tlx
 from tlx.calibration import Calibration, conformal_quantile, ece, fit_temperature, softmax
 from tlx.run import run
 
-from .conftest import HYMENOPTERA, REPO, assert_user_error, recipe_for
+from .conftest import HYMENOPTERA, assert_user_error, recipe_for
 from .test_paths import serve_predict
 
 CATSDOGS = HYMENOPTERA.parent / "catsdogs"
@@ -152,7 +152,7 @@ def test_a_damaged_calibration_is_a_one_line_error(calibrated: Path, tiny_datase
 @pytest.mark.slow
 def test_an_ants_bees_classifier_calls_cats_and_dogs_unknown(tmp_path: Path, invoke) -> None:
     """The lite0 recipe on real photos: its own test images known, photos of cats and dogs unknown."""
-    recipe = REPO / "recipes" / "hymenoptera-lite0.yaml"
+    recipe = "hymenoptera-lite0"  # bundled
     out = tmp_path / "run"
     overrides = [f"dataset.root={HYMENOPTERA}"]
     tlx.fit(recipe, overrides, out=out, cache_dir=tmp_path / "cache", quiet=True)
