@@ -39,7 +39,7 @@ import click
 import yaml
 
 from tlx import notices
-from tlx.components import Components, resolve
+from tlx.components import Components, resolve, with_head_defaults
 from tlx.errors import TlxError, describe, shorten
 from tlx.extraction.pipeline import can_fork
 from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, read_yaml, recipe_from
@@ -249,6 +249,7 @@ def _combination(
                 "does not do; sweep with strategy: features, then fine-tune the winner with tlx run"
             )
         parts = resolve(recipe, str(path), engine=True)
+        recipe = with_head_defaults(recipe, parts)  # each head type trains with its own defaults
     except TlxError as exc:
         raise TlxError(f"sweep combination {label}: {exc}") from None
     return Combination(values, recipe, parts, name)
@@ -644,6 +645,12 @@ class Progress(Console):
         skipped = sum(len(f.skipped) for f in features)
         if skipped:
             self.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
+
+    def training(self, recipe: Recipe, options: Any, closed_form: bool, from_head: Any) -> None:
+        pass
+
+    def fitted(self, head: str, rows: int, seconds: float) -> None:
+        pass
 
     def epoch(self, record: Any) -> None:
         pass
