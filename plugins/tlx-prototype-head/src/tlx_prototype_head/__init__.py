@@ -27,8 +27,8 @@ class CosineOptions(BaseModel):
     learn_scale: bool = False
 
 
-#: the cosine head's train defaults: its logits are bounded by ``scale``, so it needs a larger step
-#: than a linear layer (bench/RESULTS.md: ants vs bees at lr 0.001 and 0.1)
+#: the cosine head's train defaults, where a recipe sets none: its logits are bounded by ``scale``, so
+#: it needs a larger step than a linear layer (bench/RESULTS.md, issue 27: lr 0.001 against 0.1)
 TRAIN_DEFAULTS = {"lr": 0.1}
 
 
