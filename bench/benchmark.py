@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
-BACKBONE = "efficientnet_lite0"
+BACKBONE = "tf_efficientnet_lite0.pypi"
 #: the backbones measured, and whether with their pretrained weights (else random ones: as fast)
 BACKBONES = {BACKBONE: True, "resnet18": False}
 #: the runtimes whose floors are measured (``extract.runtime`` values)

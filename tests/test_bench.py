@@ -35,7 +35,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert all(v > 0 for v in figures["ratios"].values())
     assert figures["predict"]["median_s"] > 0 and figures["eval"]["median_s"] > 0
     layouts = {"threads", "processes"} if cpu_cores() > 1 else {"threads"}
-    assert set(figures["backbones"]) == {"efficientnet_lite0", "resnet18"}
+    assert set(figures["backbones"]) == {"tf_efficientnet_lite0.pypi", "resnet18"}
     for backbone in figures["backbones"].values():
         # 8 training images: batches of 4 and 8, in one process and in a process per core, per runtime
         floors = backbone["floor"]["runtimes"]

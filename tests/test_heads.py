@@ -49,3 +49,19 @@ def test_mlp_activations(name: str, kind: type[nn.Module]) -> None:
 def test_mlp_options_are_validated(values: dict, message: str) -> None:
     with pytest.raises(TlxError, match=message):
         build("mlp", **values)
+
+
+def test_an_option_of_another_head_says_which_heads_take_it() -> None:
+    from tlx.components import resolve
+    from tlx.recipe import make_recipe
+
+    data = {"dataset": {"root": "."}, "backbone": {"name": "resnet18"}, "head": {"type": "linear"}}
+    recipe = make_recipe(data, ("head.hidden=[64]",), source="r.yaml")
+    with pytest.raises(TlxError) as raised:
+        resolve(recipe, "r.yaml")
+    assert str(raised.value) == (
+        "--set head.hidden: unknown key head.hidden; head 'linear' takes no hidden, mlp does"
+    )
+    recipe = make_recipe({**data, "head": {"type": "linear", "bogus": 1}}, source="r.yaml")
+    with pytest.raises(TlxError, match=r"^r.yaml: unknown key head.bogus$"):  # no head takes it: no hint
+        resolve(recipe, "r.yaml")

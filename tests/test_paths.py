@@ -43,8 +43,8 @@ from .test_serve import multipart
 TOLERANCE = 1e-4
 #: the backbones of the shipped recipes, flip averaging off and on
 BACKBONES = [
-    pytest.param(name, flip, id=f"{name.removeprefix('efficientnet_')}{'-flip' if flip else ''}")
-    for name in ("efficientnet_lite0", "efficientnet_lite2")
+    pytest.param(name, flip, id=f"{name[len('tf_efficientnet_') : -len('.pypi')]}{'-flip' if flip else ''}")
+    for name in ("tf_efficientnet_lite0.pypi", "tf_efficientnet_lite2.pypi")
     for flip in (False, True)
 ]
 
@@ -303,7 +303,7 @@ def test_every_caller(
     assert_reference(spied[-1], expected, "tlx eval")
     truth = [Path(p).parent.name for p in images]
     right = [("ants", "bees")[k] == t for k, t in zip(head_of(images).argmax(1), truth)]
-    assert (evaluated["n_test"], evaluated["accuracy"]) == (4, sum(right) / 4)
+    assert (evaluated["n_test"], evaluated["test_accuracy"]) == (4, sum(right) / 4)
 
     fresh_features()
     served = serve_predict(run, [Path(p) for p in images])

@@ -32,6 +32,26 @@ def register_heads(register):
     register("linear", lambda d, c, o: nn.Linear(d, c), description="a second linear head")
 """
 
+SHADOWING_BACKBONE = """
+import tlx
+
+@tlx.hookimpl
+def register_backbones(register):
+    register("resnet18", lambda name, *, pretrained, weights: None, description="not timm's resnet18")
+    register("resnet18.tv_in1k", lambda name, *, pretrained, weights: None, description="nor its tag")
+    register("resnet18.mine", lambda name, *, pretrained, weights: None, description="a tag of its own")
+"""
+
+HEAD_TRAIN_DEFAULTS = """
+import tlx
+from torch import nn
+
+@tlx.hookimpl
+def register_heads(register):
+    register("eager", lambda d, c, o: nn.Linear(d, c), train={"lr": 0.5, "epochs": 3})
+    register("odd", lambda d, c, o: nn.Linear(d, c), train={"learning_rate": 0.5})
+"""
+
 
 @pytest.fixture
 def on_path(monkeypatch: pytest.MonkeyPatch, fake_plugin):
@@ -86,6 +106,27 @@ def test_two_plugins_with_one_name_is_an_error_naming_both(on_path) -> None:
     assert "head 'linear' is already registered by plugin 'tlx.heads'" in info("tlx-dupe").error
     with pytest.raises(Exception, match=r"registered by two plugins, 'tlx.heads' and 'tlx-dupe'"):
         plugins.load().heads.get("linear", "head.type")
+
+
+def test_a_backbone_name_timm_has_is_an_error_of_its_plugin_and_timm_s_model_stays(
+    on_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    on_path("tlx-shadow", SHADOWING_BACKBONE)
+    error = info("tlx-shadow").error
+    assert "backbone 'resnet18' is also a model of plugin 'tlx.timm' and is not registered" in error
+    assert "backbone 'resnet18.tv_in1k' is also a model" in error  # a pretrained tag of timm's, too
+    assert "plugin 'tlx-shadow'" in capsys.readouterr().err  # reported by name, as other broken plugins
+    backbones = plugins.load().backbones
+    assert backbones.get("resnet18", "backbone.name").plugin == "tlx.timm"
+    assert backbones.get("resnet18.tv_in1k", "backbone.name").plugin == "tlx.timm"
+    assert backbones.get("resnet18.mine", "backbone.name").plugin == "tlx-shadow"  # its own tag is fine
+    assert plugins.load().heads.get("linear", "head.type").plugin == "tlx.heads"  # the rest works
+
+
+def test_a_head_declares_train_defaults_and_a_bad_one_fails_its_registration(on_path) -> None:
+    on_path("tlx-eager", HEAD_TRAIN_DEFAULTS)
+    assert plugins.load().heads.get("eager", "head.type").train == {"lr": 0.5, "epochs": 3}
+    assert "train={'learning_rate': ...} is not a train key" in info("tlx-eager").error
 
 
 def test_autoload_can_be_disabled(on_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,8 +47,8 @@ def test_shipped_recipes_validate() -> None:
 
 def test_a_bundled_recipe_is_found_by_name_from_any_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert load_recipe("hymenoptera-lite0").backbone.name == "efficientnet_lite0"
-    assert load_recipe("hymenoptera-best.yaml").backbone.name == "efficientnet_lite2"
+    assert load_recipe("hymenoptera-lite0").backbone.name == "tf_efficientnet_lite0.pypi"
+    assert load_recipe("hymenoptera-best.yaml").backbone.name == "tf_efficientnet_lite2.pypi"
     assert find_recipe("hymenoptera") == BUNDLED / "hymenoptera.yaml"
 
 

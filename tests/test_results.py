@@ -56,7 +56,7 @@ def test_run_folder_holds_every_artifact(
 
     history = read_csv(out / "history.csv")
     assert [int(h["epoch"]) for h in history] == [1, 2, 3]
-    assert set(history[0]) == {"epoch", "train_loss", "test_accuracy"}
+    assert set(history[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy"}
 
     with safe_open(str(out / "head.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["classes"]) == ["class0", "class1"]
@@ -249,10 +249,12 @@ def test_predict_refuses_changed_backbone_weights(trained: Path, tiny_dataset: P
 def test_eval_rescores_a_run_and_checks_the_classes(trained: Path, tmp_path: Path, invoke) -> None:
     metrics = json.loads((trained / "metrics.json").read_text())
     same = json.loads(invoke("eval", trained, "--json").stdout)
-    assert same["accuracy"] == metrics["test_accuracy"] and same["confusion"] == metrics["confusion"]
+    # the keys of metrics.json: one name for the split the accuracy is measured on
+    assert same["test_accuracy"] == metrics["test_accuracy"] and same["confusion"] == metrics["confusion"]
+    assert same["n_test"] == metrics["n_test"] and "accuracy" not in same
     other = make_imagefolder(tmp_path / "other", classes=2, per_class=(2, 4))
     result = invoke("eval", trained, "--set", f"dataset.root={other}")
-    assert result.exit_code == 0 and "accuracy 100.00% on 8 images" in result.output
+    assert result.exit_code == 0 and "test accuracy 100.00% on 8 images" in result.output
     three = make_imagefolder(tmp_path / "three", classes=3, per_class=(2, 2))
     result = invoke("eval", trained, "--set", f"dataset.root={three}")
     assert result.exit_code == 2 and "has classes class0, class1, class2" in result.stderr

@@ -16,7 +16,9 @@ from tlx.run import run
 
 from .conftest import make_imagefolder, recipe_for, run_tlx
 
-EPOCH_LINE = re.compile(r"^ {0,2}\d{1,3}   test accuracy: \d{1,3}\.\d\d%$", re.M)
+#: a row of the epoch table: epoch, train_loss, test_loss, test_accuracy, time (mm:ss)
+EPOCH_LINE = re.compile(r"^ +\d{1,3} +\d+\.\d{4} +\d+\.\d{4} +\d{1,3}\.\d\d%  \d\d:\d\d$", re.M)
+HEADER = "   epoch  train_loss  test_loss  test_accuracy   time"
 
 
 def test_every_image_goes_through_the_backbone_once(
@@ -79,11 +81,20 @@ def test_reference_lite0_recipe_on_ants_and_bees(tmp_path: Path, hymenoptera: Pa
     assert re.search(r"val\s+153\s+70\s+83", result.stdout)
     assert "images    train 245×3×224×224  val 153×3×224×224" in result.stdout
     assert "features  train 245×1280  val 153×1280" in result.stdout
+    assert (
+        "head      linear\ntrain     epochs=20 lr=0.001 momentum=0.9 batch_size=4 optimizer=sgd"
+        in result.stdout
+    )
+    assert result.stdout.count(HEADER) == 1  # the table's header, once, right before the first row
+    assert f"{HEADER}\n       1  " in result.stdout
     assert len(EPOCH_LINE.findall(result.stdout)) == 20
+    assert re.search(
+        r"^total time \d\d:\d\d \(features \d+\.\d s, training \d+\.\d s\)$", result.stdout, re.M
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["ants", "bees"]
     assert (metrics["n_train"], metrics["n_test"], metrics["feature_dim"]) == (245, 153, 1280)
-    assert metrics["backbone"]["name"] == "efficientnet_lite0"
+    assert metrics["backbone"]["name"] == "tf_efficientnet_lite0.pypi"
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 21))
     assert metrics["test_accuracy"] >= 0.93
     assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]

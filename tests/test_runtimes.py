@@ -266,15 +266,15 @@ def test_a_parallel_sweep_readies_its_next_backbone_while_extracting_the_first(
         return create(entry, config)
 
     monkeypatch.setattr(backbone, "create_backbone", logged)
-    grid = {"backbone.name": ["efficientnet_lite0", "efficientnet_lite1"]}
+    grid = {"backbone.name": ["tf_efficientnet_lite0.pypi", "tf_efficientnet_lite1.pypi"]}
     overrides = [f"dataset.root={few_ants_and_bees}", "device=cpu"]
     cache = tmp_path / "cache"
     swept = tlx.sweep(RECIPE, grid, overrides, out=tmp_path / "sw", cache_dir=cache, jobs=2)
 
     builds = [line.split() for line in log.read_text().splitlines()]
-    assert sorted(name for _, name in builds) == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert sorted(name for _, name in builds) == ["tf_efficientnet_lite0.pypi", "tf_efficientnet_lite1.pypi"]
     pid = {name: int(process) for process, name in builds}
-    assert pid["efficientnet_lite0"] == os.getpid() != pid["efficientnet_lite1"]
+    assert pid["tf_efficientnet_lite0.pypi"] == os.getpid() != pid["tf_efficientnet_lite1.pypi"]
     records = [json.loads(path.read_text()) for path in (cache / "onnx").glob("*.json")]
     assert len(records) == 2 and all("sha256" in record for record in records)  # exported, probed
     for row in swept.rows:
@@ -295,8 +295,8 @@ def test_the_torch_reference_and_fallback_of_a_fresh_flip_export_are_eval_torch(
     from tlx.extraction.store import BackboneInfo
     from tlx.recipe import BackboneConfig
 
-    entry = tlx.plugins.load().backbones.get("efficientnet_lite0", "backbone.name")
-    config = BackboneConfig(name="efficientnet_lite0")
+    entry = tlx.plugins.load().backbones.get("tf_efficientnet_lite0.pypi", "backbone.name")
+    config = BackboneConfig(name="tf_efficientnet_lite0.pypi")
     eager = create_backbone(entry, config)
     eager.module = FlipAveraged(eager.module)
     transform = eval_transform(eager.data_config)

@@ -69,8 +69,10 @@ def test_a_warm_run_imports_no_model_library_no_plotting_and_no_compiler(
 
 def test_registering_the_installed_plugins_imports_no_torch() -> None:
     """Plugins import torch when they build a model, not when registered: a run whose backbone is
-    known starts extracting before torch is loaded."""
+    known starts extracting before torch is loaded. The check that no plugin name is a timm model's
+    reads timm's names from a record the first process with a fresh cache folder writes."""
     code = "import sys; from tlx import plugins; print(len(plugins.load().plugins), 'torch' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     count, torch_loaded = out.split()
     assert int(count) >= 4 and torch_loaded == "False"

@@ -51,6 +51,14 @@ class Run:
         """The run's classifier (see :func:`load`), with the run's cache folder."""
         return load(self.folder, cache_dir=self.cache_dir)
 
+    def __repr__(self) -> str:
+        """One line: the folder, backbone, head and test accuracy (the metrics are on :attr:`metrics`)."""
+        backbone, head = self.metrics["backbone"]["name"], self.metrics["head"]
+        accuracy = self.metrics["test_accuracy"]
+        return (
+            f"Run({str(self.folder)!r}, backbone={backbone!r}, head={head!r}, test_accuracy={accuracy:.4f})"
+        )
+
 
 class Prediction(NamedTuple):
     """The most probable class of one image, and its calibrated probability; whether the image looks
@@ -153,7 +161,8 @@ def fit(
     :class:`tlx.Recipe`. ``overrides`` are ``KEY=VALUE`` strings as
     ``--set`` takes them, or a dict ``{KEY: VALUE}``. ``out`` is the run folder (default: a new folder
     under ``runs/``), locked while the run lives. ``quiet`` prints nothing, progress bars included;
-    the warnings are kept in :attr:`Run.warnings`. A problem with the input is a :class:`tlx.TlxError`.
+    the warnings are kept in :attr:`Run.warnings`. ``quiet=False`` prints as ``tlx run`` does, its
+    progress bars tqdm's notebook widgets in Jupyter. A problem with the input is a :class:`tlx.TlxError`.
     """
     from tlx import notices
     from tlx.plots import Painter

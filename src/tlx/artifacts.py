@@ -490,6 +490,7 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
             f"{'missing' if recipe.strategy == 'finetune' else 'in the folder'}; restore the run's files "
             "as the run wrote them"
         )
+    recipe = renamed_backbone(recipe, provenance.backbone.plugin, folder)
     expected = provenance.backbone.sha256
     state, classes = read_head(folder / HEAD_FILE, recipe.head.type)
     parts = resolve(recipe, str(folder / RECIPE_FILE))
@@ -518,6 +519,22 @@ def load_run(folder: Path, overrides: tuple[str, ...] = (), cache_dir: Path | No
             "probabilities are not calibrated and no image is called unknown"
         )
     return TrainedRun(folder, recipe, parts, frozen, head, classes, calibration)
+
+
+def renamed_backbone(recipe: Recipe, plugin: str | None, folder: Path) -> Recipe:
+    """``recipe`` of run ``folder`` with its backbone under the name ``plugin`` (the one the run used)
+    registers it by now, where the plugin renamed it (``register(..., formerly=...)``), with a note;
+    the weights' SHA-256 still has to match."""
+    from tlx import plugins
+
+    old = recipe.backbone.name
+    entry = plugins.load().backbones.formerly(old)
+    if entry is None or entry.plugin != plugin:
+        return recipe
+    notices.warn(
+        f"{folder}: backbone {old} of plugin {plugin} is named {entry.name} now; loaded by that name"
+    )
+    return recipe.model_copy(update={"backbone": recipe.backbone.model_copy(update={"name": entry.name})})
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

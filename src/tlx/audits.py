@@ -106,12 +106,13 @@ def _audit(
     import torch
 
     from tlx import findings
-    from tlx.components import resolve
+    from tlx.components import resolve, with_head_defaults
     from tlx.extraction import store
     from tlx.extraction.frozen import FrozenBackbone
     from tlx.train import SELECTION_FOLDS, out_of_fold
 
     parts = resolve(recipe, source)
+    recipe = with_head_defaults(recipe, parts)
     splits = parts.dataset.factory(parts.dataset_options)
     _check(splits)
     console.data(splits, recipe.dataset.kind)

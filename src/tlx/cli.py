@@ -329,7 +329,7 @@ def predict_(
     help="Override a dataset.*, extract.* or device key of the run's recipe, e.g. dataset.root=OTHER.",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="Print accuracy, per-class scores and confusion as JSON."
+    "--json", "as_json", is_flag=True, help="Print test_accuracy, per-class scores and confusion as JSON."
 )
 @click.option(
     "--coverage",
@@ -350,14 +350,14 @@ def eval_(
     scores, test = evaluate(run)
     sets = {"sets": coverage_of(run, test, coverage)} if coverage is not None else {}
     skipped = [{"path": str(p), "reason": r} for p, r in test.skipped]
-    if as_json:
-        data = {"accuracy": scores.accuracy, "n_test": len(test.y), "per_class": scores.per_class()}
+    if as_json:  # the keys of metrics.json
+        data = {"test_accuracy": scores.accuracy, "n_test": len(test.y), "per_class": scores.per_class()}
         click.echo(json.dumps({**data, "confusion": scores.confusion, "skipped": skipped, **sets}, indent=2))
         return
     for item in skipped:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
     report.print_scores(scores)
-    click.echo(f"accuracy {scores.accuracy:.2%} on {len(test.y)} images")
+    click.echo(f"test accuracy {scores.accuracy:.2%} on {len(test.y)} images")
     if sets:
         found = sets["sets"]
         click.echo(

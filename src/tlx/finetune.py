@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,7 @@ def finetune(
     history: list[Epoch] = []
     best = BestEpoch(config.patience) if config.patience and val_loader is not None else None
     for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
         set_modes(backbone.module, trained, head)
         train_loss, n_train = _train_epoch(
             model, notices.bar(train_loader, desc=f"epoch {epoch}", leave=False), fit_split, skipped,
@@ -168,7 +170,9 @@ def finetune(
             val_scores = (val_loss, (val_logits.argmax(dim=1) == val_y).double().mean().item())
         enforce_bad_image_policy(skipped.items(), recipe.extract.on_bad_image)
         test_accuracy = (test_y == test_logits.argmax(dim=1)).double().mean().item()
-        record = Epoch(epoch, train_loss, test_accuracy, *val_scores)
+        test_loss = loss_fn(test_logits.to(device), test_y.to(device)).item()
+        seconds = time.perf_counter() - started
+        record = Epoch(epoch, train_loss, test_accuracy, *val_scores, test_loss=test_loss, seconds=seconds)
         history.append(record)
         on_epoch(record)
         kept = (test_paths, test_y, test_logits)

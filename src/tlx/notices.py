@@ -20,8 +20,8 @@ _sink: ContextVar[list[str] | None] = ContextVar("tlx_notices", default=None)
 
 
 def bar(iterable: Iterable[Any] | None = None, **options: Any) -> tqdm:
-    """A tqdm progress bar, not drawn for a quiet caller."""
-    from tqdm import tqdm
+    """A tqdm progress bar (a notebook widget in Jupyter, :mod:`tqdm.auto`), not drawn for a quiet caller."""
+    from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=_sink.get() is not None, **options)
 

@@ -101,8 +101,10 @@ def load() -> Plugins:
                 impl.function(**{name: offered[name] for name in impl.argnames})
             except Exception as exc:
                 infos[impl.plugin_name].error = f"{hook.name} failed: {describe(exc)}"
+    plugins.backbones.drop_shadowing()
     for info in infos.values():
         conflicts = [msg for r in plugins.registries() for msg in r.conflict_errors(info.name)]
+        conflicts += plugins.backbones.shadowing_errors(info.name)
         if conflicts and not info.error:
             info.error = "; ".join(conflicts)
     broken = [info.name for info in infos.values() if info.error]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -565,11 +565,13 @@ def validate(
     source: str,
     prefix: str = "",
     set_keys: Collection[str] = frozenset(),
+    elsewhere: Callable[[str], str] | None = None,
 ) -> Any:
     """Validate ``data`` with ``model``; the first error becomes a one-line :class:`TlxError`.
 
     ``prefix`` is the key path of ``data`` inside the recipe (``head`` for head options); an error
     at, under or above a key in ``set_keys`` names that ``--set`` rather than ``source``.
+    ``elsewhere(key)``: for an unknown key with no close match, a hint naming what does take it.
     """
     try:
         return model.model_validate(data)
@@ -586,11 +588,10 @@ def validate(
             if prefix and len(loc) == 1:  # a component's options sit beside its section's own keys
                 known += _fields_at(Recipe, prefix.split("."))
             close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
-            hint = (
-                f"; did you mean {shorten('.'.join(([prefix] if prefix else []) + loc[:-1] + close))}?"
-                if close
-                else ""
-            )
+            if close:
+                hint = f"; did you mean {shorten('.'.join(([prefix] if prefix else []) + loc[:-1] + close))}?"
+            else:
+                hint = elsewhere(loc[-1]) if elsewhere is not None and len(loc) == 1 else ""
             raise TlxError(f"{where}: unknown key {key}{hint}{more}") from None
         if first["type"] == "missing":
             raise TlxError(f"{where}: missing required key {key}{more}") from None

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import glob
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tlx.errors import TlxError
+from tlx.recipe import TrainConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,9 +71,9 @@ class Tracker(Protocol):
     """One experiment tracker following one run; tlx calls ``start``, ``epoch`` per epoch, then ``finish``
     (or ``fail`` when the run stops with an error).
 
-    Metric names are ``train/loss``, ``test/accuracy``, ``val/loss``, ``val/accuracy``; ``params`` is the
-    resolved recipe flattened to dotted keys. An exception from any method is warned about once and the
-    tracker is dropped: the run goes on.
+    Metric names are ``train/loss``, ``test/loss``, ``test/accuracy``, ``val/loss``, ``val/accuracy``;
+    ``params`` is the resolved recipe flattened to dotted keys. An exception from any method is warned
+    about once and the tracker is dropped: the run goes on.
     """
 
     def start(self, params: dict[str, Any], tags: dict[str, str]) -> None: ...
@@ -92,8 +94,8 @@ class TrackerFactory(Protocol):
 
 #: the ``register`` keywords that apply to each kind of component
 KEYWORDS = {
-    "backbone": {"description", "matches", "catalog", "search", "weight_files", "offline"},
-    "head": {"description", "options"},
+    "backbone": {"description", "matches", "catalog", "search", "weight_files", "offline", "formerly"},
+    "head": {"description", "options", "train"},
     "dataset": {"description", "options"},
     "tracker": {"description", "options"},
     "engine": {"description", "options"},
@@ -109,7 +111,9 @@ class Entry:
     pretrained)`` finds a family's names for ``tlx list backbones`` (default: ``catalog`` filtered),
     pretrained tags (``resnet18.tv_in1k``) when asked. ``offline(name)`` says whether a name's
     pretrained weights are on this machine now, where ``weight_files`` cannot answer it cheaply.
-    ``options`` is a pydantic model validating the component's recipe keys.
+    ``formerly`` (backbones) is the entry's previous name, by which older run folders still load.
+    ``options`` is a pydantic model validating the component's recipe keys. ``train`` (heads only) are
+    the head's own defaults for ``train`` keys (``{"lr": 0.1}``), taken where the recipe sets none.
     ``weight_files(name, *, pretrained, weights)`` (backbones only) lists the files that decide the
     weights the factory would load, or returns None when they are not known (random initialisation):
     with it, a run whose features are all cached need not build the backbone.
@@ -125,6 +129,9 @@ class Entry:
     search: Search | None = None
     weight_files: WeightFiles | None = None
     offline: Callable[[str], bool] | None = None
+    train: Mapping[str, Any] | None = None
+    #: the name a plugin registered this backbone under before (run folders may record it)
+    formerly: str | None = None
 
     def names(self, pattern: str, *, pretrained: bool) -> list[str]:
         """This entry's backbone names matching ``pattern`` (fnmatch wildcards)."""
@@ -151,6 +158,23 @@ class Entry:
         return bool(files) and all(Path(f).is_file() for f in files)
 
 
+def check_train_defaults(name: str, train: Mapping[str, Any]) -> None:
+    """A head's ``train`` defaults must be valid ``train`` keys and values, or registering it fails."""
+    unknown = sorted(set(train) - set(TrainConfig.model_fields))
+    if unknown:
+        raise TypeError(
+            f"register({name!r}): train={{{unknown[0]!r}: ...}} is not a train key; "
+            f"they are {', '.join(TrainConfig.model_fields)}"
+        )
+    try:
+        TrainConfig.model_validate(train)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise TypeError(
+            f"register({name!r}): train: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Found:
     """A backbone name found by :meth:`Registry.search`; ``offline`` only when pretrained tags were asked."""
@@ -174,6 +198,8 @@ class Registry:
     conflicts: dict[str, list[str]] = field(default_factory=dict)
     #: names of plugins that failed to load, for hints when a name is unknown
     broken_plugins: list[str] = field(default_factory=list)
+    #: names a plugin registered that a family has too, and were dropped: name -> (plugin, family's plugin)
+    shadowing: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def registrar(self, plugin: str) -> Callable[..., None]:
         """The ``register`` callable handed to one plugin's hook."""
@@ -185,6 +211,8 @@ class Registry:
                     f"register({name!r}): {', '.join(stray)} does not apply to a {self.kind}; "
                     f"a {self.kind} takes {', '.join(sorted(KEYWORDS[self.kind]))}"
                 )
+            if "train" in keywords:
+                check_train_defaults(name, keywords["train"])
             entry = Entry(name, factory, plugin, **keywords)
             if name in self.entries:
                 self.conflicts.setdefault(name, [self.entries[name].plugin]).append(plugin)
@@ -200,6 +228,34 @@ class Registry:
             for name, plugins in self.conflicts.items()
             if plugin in plugins[1:]
         ]
+
+    def drop_shadowing(self) -> None:
+        """Drop every named entry whose name a family also has (a timm architecture, or one with its
+        pretrained tag): one name must not mean two models, depending on which plugins are installed."""
+        families = [e for e in self.entries.values() if e.matches is not None]
+        for name, entry in list(self.entries.items()):
+            if entry.matches is not None:
+                continue
+            exact = glob.escape(name)
+            for family in families:
+                # tagged names hold a dot; a name without one can only be an architecture
+                if name in family.names(exact, pretrained="." in name):
+                    del self.entries[name]
+                    self.shadowing[name] = (entry.plugin, family.plugin)
+                    break
+
+    def shadowing_errors(self, plugin: str) -> list[str]:
+        """Messages for the names of ``plugin`` that :meth:`drop_shadowing` dropped."""
+        return [
+            f"{self.kind} {name!r} is also a model of plugin {family!r} and is not registered; register "
+            "it under another name (timm's architecture with a tag of its own, e.g. ARCH.mytag)"
+            for name, (owner, family) in self.shadowing.items()
+            if owner == plugin
+        ]
+
+    def formerly(self, name: str) -> Entry | None:
+        """The entry that was registered as ``name`` before (``register(..., formerly=name)``)."""
+        return next((e for e in self.entries.values() if e.formerly == name), None)
 
     def get(self, name: str, key: str) -> Entry:
         """The entry for ``name``; ``key`` is the recipe key that named it, for the error."""

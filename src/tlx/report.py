@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from torch import nn
@@ -24,11 +25,20 @@ if TYPE_CHECKING:
     from tlx.train import Epoch
 
 
+#: the epoch table's columns (fastai's, with the split named as in metrics.json), the validation split's
+#: only where ``train.val_fraction`` holds one out
+COLUMNS = ("epoch", "train_loss", "test_loss", "test_accuracy")
+VAL_COLUMNS = ("val_loss", "val_accuracy")
+
+
 class Console:
     """The terminal's view of a run: ``run()`` and the training loops call these, in this order.
 
     Every line goes through :meth:`echo`, every warning through :meth:`warning`.
     """
+
+    #: whether the epoch table's header is out (printed before the first epoch)
+    _header = False
 
     def echo(self, text: str) -> None:
         click.echo(text)
@@ -73,8 +83,34 @@ class Console:
             for path, reason in f.skipped:
                 self.echo(f"  skipped {path}: {reason}")
 
+    def training(self, recipe: Recipe, options: Any, closed_form: bool, from_head: Collection[str]) -> None:
+        """The head and its options, then the train settings it trains with; ``from_head`` are the keys
+        that take the head's own defaults (the recipe leaves them unset). A closed-form head fits in one
+        call: the optimizer's keys do not apply to it and are not shown."""
+        shown = options.model_dump(mode="json") if isinstance(options, BaseModel) else {}
+        self.echo(f"head      {recipe.head.type}" + "".join(f" {k}={v}" for k, v in shown.items()))
+        train = recipe.train.model_dump(mode="json")
+        keys = CLOSED_FORM_KEYS if closed_form else [k for k in train if _applies(k, train)]
+        how = "closed form, no epochs: " if closed_form else ""
+        values = [
+            f"{k}={train[k]}" + (f" ({recipe.head.type}'s default)" if k in from_head else "") for k in keys
+        ]
+        self.echo(f"train     {how}{' '.join(values)}")
+
     def epoch(self, record: Epoch) -> None:
-        self.echo(f"{record.epoch:3d}   test accuracy: {record.test_accuracy:.2%}")
+        """One row of the epoch table; its header before the first."""
+        values = record.as_dict()
+        columns = COLUMNS + (VAL_COLUMNS if "val_loss" in values else ())
+        widths = [max(len(c), 8) for c in columns]
+        if not self._header:
+            self._header = True
+            self.echo("  ".join(c.rjust(w) for c, w in zip(columns, widths)) + "   time")
+        cells = [str(record.epoch), *(_cell(c, values.get(c)) for c in columns[1:])]
+        self.echo("  ".join(v.rjust(w) for v, w in zip(cells, widths)) + f"  {clock(record.seconds)}")
+
+    def fitted(self, head: str, rows: int, seconds: float) -> None:
+        """A closed-form head's fit, in place of the epoch table: how many candidates it tried, how long."""
+        self.echo(f"fitted    {head} in {clock(seconds)}: {rows} candidates tried on the training split")
 
     def finetune(self, backbone: Backbone, head: nn.Module, recipe: Recipe) -> None:
         """What fine-tuning trains, at which learning rates, with which augmentation."""
@@ -105,6 +141,11 @@ class Console:
         self.echo(
             f"run folder {out}: metrics.json, predictions.csv, errors.png, curves.png, confusion.png, ..."
         )
+        seconds = metrics["seconds"]
+        self.echo(
+            f"total time {clock(seconds['total'])} (features {seconds['extract']:.1f} s, "
+            f"training {seconds['train']:.1f} s)"
+        )
 
     def warning(self, text: str) -> None:
         click.echo(f"warning: {text}", err=True)
@@ -127,6 +168,30 @@ class QuietConsole(Console):
 
     def warning(self, text: str) -> None:
         self.warnings.append(text)
+
+
+#: the train keys a closed-form head uses: the rest configure the optimizer of trained heads
+CLOSED_FORM_KEYS = ("val_fraction", "class_weight")
+
+
+def _applies(key: str, train: dict[str, Any]) -> bool:
+    """Whether train ``key`` changes anything given the others (unset options and unused ones do not)."""
+    if key in ("step_size", "gamma"):
+        return train["schedule"] == "step"
+    return key not in ("patience", "class_weight") or train[key] is not None
+
+
+def _cell(column: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if column.endswith("accuracy") else f"{value:.4f}"
+
+
+def clock(seconds: float) -> str:
+    """``mm:ss`` as fastai shows an epoch's time (``h:mm:ss`` past an hour)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def describe_balance(splits: Splits) -> str:

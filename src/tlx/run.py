@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlx.components import Components, resolve
+from tlx.components import Components, resolve, with_head_defaults
 from tlx.data import check_out_dir, check_overlap
 from tlx.errors import TlxError
 from tlx.plots import Painter
@@ -87,6 +87,7 @@ def run(
             return run(recipe, source, out, cache_dir, own, console, select, tags)
     started = time.perf_counter()
     parts = resolve(recipe, source, engine=True)
+    recipe = with_head_defaults(recipe, parts)
     with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
         return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
 
@@ -179,7 +180,7 @@ def train_on_features(
     from tlx.artifacts import Predictions
     from tlx.scores import Scores
     from tlx.tensors import threads_set
-    from tlx.train import fit_head, held_out, selection_score, with_choices
+    from tlx.train import ClosedFormHead, fit_head, held_out, selection_score, with_choices
 
     info = frozen.info
     assert frozen.store is not None  # a recipe's backbone is not a run folder's fine-tuned one
@@ -187,6 +188,8 @@ def train_on_features(
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
+    closed_form = isinstance(head, ClosedFormHead)
+    console.training(recipe, parts.head_options, closed_form, parts.head_train)
     groups = splits.train.decoded_groups(train.skipped)  # one per row of the training features
     fit = fit_head(
         head,
@@ -199,6 +202,8 @@ def train_on_features(
         groups=groups,
     )
     train_s = time.perf_counter() - t0
+    if closed_form:
+        console.fitted(recipe.head.type, len(fit.history), train_s)
     fixed = with_choices(parts.head_options, fit.chosen)  # the head's choices, kept in every fold
     n_classes = len(splits.classes)
     try:
@@ -308,6 +313,7 @@ def finetune_end_to_end(
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     head = parts.head.factory(info.feature_dim, len(splits.classes), parts.head_options)
+    console.training(recipe, parts.head_options, False, parts.head_train)
     tuned = finetune(
         backbone, head, splits, recipe, device=device, on_start=console.finetune, on_epoch=console.epoch
     )

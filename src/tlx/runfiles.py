@@ -88,6 +88,8 @@ class Metrics(_RunFile):
 
 class BackboneRecord(_RunFile):
     sha256: Sha256
+    #: the plugin that provided it; None in runs written before tlx recorded it
+    plugin: StrictStr | None = None
 
 
 class Provenance(_RunFile):

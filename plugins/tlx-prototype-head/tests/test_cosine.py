@@ -12,8 +12,10 @@ from tlx_prototype_head.head import CosineHead
 
 from tlx import plugins, validate_options
 from tlx.cli import cli
+from tlx.components import resolve, with_head_defaults
 from tlx.errors import TlxError
-from tlx.recipe import TrainConfig
+from tlx.recipe import Recipe, TrainConfig, make_recipe
+from tlx.report import QuietConsole
 from tlx.tensors import Features
 from tlx.train import train_head
 
@@ -88,3 +90,41 @@ def test_options_are_validated_with_their_key() -> None:
         validate_options(entry, {"scales": 3}, "head", "r.yaml")
     with pytest.raises(TlxError, match=r"head.scale: Input should be a finite number"):
         validate_options(entry, {"scale": float("inf")}, "head", "r.yaml")  # every logit would be nan
+
+
+def _resolved(overrides: tuple[str, ...], train: dict | None = None) -> tuple[Recipe, list[str]]:
+    """The recipe a run trains with (the head's defaults applied), and its summary lines."""
+    data = {"dataset": {"root": "."}, "backbone": {"name": "resnet18"}, "head": {"type": "cosine"}}
+    if train is not None:
+        data["train"] = train
+    recipe = make_recipe(data, overrides, source="r.yaml")
+    parts = resolve(recipe, "r.yaml")
+    trained = with_head_defaults(recipe, parts)
+    lines: list[str] = []
+    console = QuietConsole()
+    console.echo = lines.append  # type: ignore[method-assign]
+    console.training(trained, parts.head_options, False, parts.head_train)
+    return trained, lines
+
+
+def test_the_cosine_head_trains_at_its_own_lr_unless_the_recipe_sets_one() -> None:
+    recipe, lines = _resolved(())
+    assert recipe.train.lr == 0.1 and recipe.train.epochs == 20  # the head's default; the rest tlx's
+    assert "lr=0.1 (cosine's default)" in lines[1]
+    for overrides, train in (
+        ((), {"lr": 0.001}),
+        (("train.lr=0.02",), None),
+        (("train.lr=0.02",), {"lr": 0.3}),
+    ):
+        recipe, lines = _resolved(overrides, train)
+        assert recipe.train.lr == (0.02 if overrides else 0.001)  # an explicit value wins, --set first
+        assert "default" not in lines[1]
+
+
+def test_a_sweep_over_head_types_trains_each_at_its_own_default(tmp_path) -> None:
+    from tlx.sweeps import plan
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("dataset: {root: .}\nbackbone: {name: resnet18}\nsweep: {head.type: [linear, cosine]}\n")
+    found = {c.recipe.head.type: c.recipe.train.lr for c in plan(path, None, ())}
+    assert found == {"linear": 0.001, "cosine": 0.1}

@@ -109,7 +109,7 @@ def test_ray_features_equal_local_features_and_make_a_local_run_warm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = small_set(tmp_path / "data")
-    recipe = recipe_file(tmp_path, data, "efficientnet_lite0")
+    recipe = recipe_file(tmp_path, data, "tf_efficientnet_lite0.pypi")
     tlx(
         "run",
         recipe,
@@ -160,17 +160,17 @@ def test_ray_features_equal_a_fresh_eager_model(tmp_path: Path, flip: bool) -> N
             (data / split / label).mkdir(parents=True)
             for source in sorted((HYMENOPTERA / split / label).glob("*.jpg"))[:2]:
                 shutil.copy(source, data / split / label / source.name)
-    recipe = recipe_file(tmp_path, data, "efficientnet_lite0", flip=flip)
+    recipe = recipe_file(tmp_path, data, "tf_efficientnet_lite0.pypi", flip=flip)
     cache = tmp_path / "cache"
     tlx("run", recipe, "--cache-dir", cache, "--out", tmp_path / "run", "--set", "extract.engine.kind=ray")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["features"]["runtime"] == "onnxruntime" and metrics["features"]["computed"] == 8
-    door = frozen(data, cache, "efficientnet_lite0", flip)
+    door = frozen(data, cache, "tf_efficientnet_lite0.pypi", flip)
     splits = [
         Split(split, [(p, 0) for p in sorted((data / split).rglob("*.jpg"))]) for split in ("train", "val")
     ]
     assert door.cached(splits), "read back from what the actors computed"
-    expected = reference({}, data, "efficientnet_lite0", flip)
+    expected = reference({}, data, "tf_efficientnet_lite0.pypi", flip)
     assert_reference(by_path(splits, door.features(splits)), expected, f"ray engine, flip {flip}")
 
 

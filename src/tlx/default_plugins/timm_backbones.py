@@ -51,13 +51,25 @@ def _architectures() -> list[str]:
     return names
 
 
+def _pretrained_names() -> list[str]:
+    """timm's pretrained names with their tags (``timm.list_pretrained()``)."""
+    record = _record("pretrained")
+    names = _read(record)
+    if names is None:
+        import timm
+
+        names = timm.list_pretrained()
+        _write(record, names)
+    return names
+
+
 def _search(pattern: str, *, pretrained: bool) -> list[str]:
-    """``timm.list_models(pattern, pretrained=...)``; architectures alone come from the record."""
+    """``timm.list_models(pattern, pretrained=...)``, from the records of its names: with
+    ``pretrained``, a pattern without a tag matches each architecture's tags, as timm's does."""
     if not pretrained:
         return fnmatch.filter(_architectures(), pattern)
-    import timm
-
-    return timm.list_models(pattern, pretrained=True)
+    patterns = [pattern] if "." in pattern else [f"{pattern}.*", pattern]
+    return [name for name in _pretrained_names() if any(fnmatch.fnmatch(name, p) for p in patterns)]
 
 
 def _weights_here(name: str) -> bool:

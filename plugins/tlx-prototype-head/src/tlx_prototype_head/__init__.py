@@ -27,6 +27,11 @@ class CosineOptions(BaseModel):
     learn_scale: bool = False
 
 
+#: the cosine head's train defaults, where a recipe sets none: its logits are bounded by ``scale``, so
+#: it needs a larger step than a linear layer (bench/RESULTS.md, issue 27: lr 0.001 against 0.1)
+TRAIN_DEFAULTS = {"lr": 0.1}
+
+
 @hookimpl
 def register_heads(register):
     register(
@@ -34,6 +39,7 @@ def register_heads(register):
         cosine_head,
         description="scale × cosine similarity to a learned prototype per class",
         options=CosineOptions,
+        train=TRAIN_DEFAULTS,
     )
 
 
