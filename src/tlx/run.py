@@ -87,11 +87,12 @@ def run(
     started = time.perf_counter()
     parts = resolve(recipe, source, engine=True)
     with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
-        return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
+        return _run(recipe, source, parts, out, cache_dir, painter, tracking, select, started)
 
 
 def _run(
     recipe: Recipe,
+    source: str,
     parts: Components,
     out: Path,
     cache_dir: Path | None,
@@ -129,7 +130,7 @@ def _run(
         artifacts.write_run(
             out,
             resolved=artifacts.resolved_recipe(recipe, parts.dataset_options, parts.head_options),
-            provenance=artifacts.provenance(metrics["backbone"]),
+            provenance=artifacts.provenance(metrics["backbone"], source),
             metrics=metrics,
             head=outcome.head,
             scores=outcome.scores,
