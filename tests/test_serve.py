@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -31,6 +32,9 @@ from .test_api import LITE0, small_hymenoptera
 
 BEE = HYMENOPTERA / "val" / "bees" / "1032546534_06907fe3b3.jpg"
 ANT = HYMENOPTERA / "val" / "ants" / "10308379_1b6c72e180.jpg"
+#: a typical bee, known to the module's run; a cat, which looks like none of its classes
+TYPICAL_BEE = HYMENOPTERA / "val" / "bees" / "2321144482_f3785ba7b2.jpg"
+CAT = HYMENOPTERA.parent / "catsdogs" / "val" / "cats" / "cat.4213.jpg"
 
 
 class Server(NamedTuple):
@@ -60,9 +64,10 @@ def stop(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A quick EfficientNet-Lite0 run on a few ants and bees (offline: its weights ship with its plugin)."""
+    """A quick EfficientNet-Lite0 run on some ants and bees (offline: its weights ship with its plugin),
+    with enough training images that its calibration calls typical ants and bees known."""
     tmp = tmp_path_factory.mktemp("serve")
-    data = small_hymenoptera(tmp / "data")
+    data = small_hymenoptera(tmp / "data", (20, 3))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         run = tlx.fit(LITE0, [f"dataset.root={data}", "train.epochs=2"], out=tmp / "run", cache_dir=tmp / "c")
@@ -112,17 +117,20 @@ def post_files(server: Server, *paths: Path) -> tuple[int, Any]:
 
 
 def test_predictions_are_those_of_tlx_predict(server: Server, run_dir: Path) -> None:
-    cli = run_tlx("predict", run_dir, BEE, ANT, "--json", "--top-k", "2")
+    cli = run_tlx("predict", run_dir, BEE, ANT, TYPICAL_BEE, CAT, "--json", "--top-k", "2")
     assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)
 
-    status, answer = post_files(server, BEE, ANT)
+    status, answer = post_files(server, BEE, ANT, TYPICAL_BEE, CAT)
     assert status == 200, answer
     got = answer["predictions"]
-    assert [p["file"] for p in got] == [BEE.name, ANT.name]
+    assert [p["file"] for p in got] == [BEE.name, ANT.name, TYPICAL_BEE.name, CAT.name]
+    assert [p["known"] for p in got[2:]] == [True, False]  # the run's calibration says "unknown" of a cat
+    assert 0 < answer["latency_ms"] < 120_000
     for mine, theirs in zip(got, expected):
-        assert mine["label"] == theirs["label"]
+        assert (mine["label"], mine["known"]) == (theirs["label"], theirs["known"])
         assert mine["probability"] == pytest.approx(theirs["probability"], abs=1e-6)
+        assert mine["ood_score"] == pytest.approx(theirs["ood_score"], abs=1e-6)
         assert [t["label"] for t in mine["top_k"]] == [t["label"] for t in theirs["top_k"]]
         for a, b in zip(mine["top_k"], theirs["top_k"]):
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
@@ -141,11 +149,73 @@ def test_health_names_the_run_and_its_classes_on_loopback(server: Server, run_di
     assert (health["host"], health["loopback"]) == ("127.0.0.1", True)
 
 
-def test_the_page_loads_nothing_from_elsewhere(server: Server) -> None:
-    with urllib.request.urlopen(server.url, timeout=30) as response:
-        page = response.read().decode()
-    assert 'type="file"' in page
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+def test_the_pages_load_nothing_from_elsewhere(server: Server) -> None:
+    for path, mark in (("", 'type="file"'), ("docs", "openapi.json")):
+        with urllib.request.urlopen(server.url + path, timeout=30) as response:
+            page = response.read().decode()
+        assert mark in page
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+        assert not re.search(r"""(fetch|import)\(["'](https?:)?//""", page)
+
+
+def test_info_is_the_model_card_of_the_run(server: Server, run_dir: Path) -> None:
+    status, info = call(server.url + "info")
+    assert status == 200
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert info["run"] == run_dir.name
+    assert (info["backbone"], info["head"], info["strategy"]) == ("efficientnet_lite0", "linear", "features")
+    assert info["test_accuracy"] == metrics["test_accuracy"]
+    assert (info["n_train"], info["n_test"], info["classes"]) == (40, 6, ["ants", "bees"])
+    assert info["recipe"] == "hymenoptera-lite0.yaml"
+    trained = datetime.fromisoformat(info["trained"])
+    assert timedelta(0) <= datetime.now(timezone.utc) - trained < timedelta(hours=1)
+    assert info["unknown"] == {k: metrics["ood"][k] for k in ("method", "threshold", "accept")}
+    assert info["calibration"]["temperature"] == metrics["calibration"]["temperature"]
+
+
+def test_examples_are_two_per_class_of_the_test_split_by_id_only(server: Server, run_dir: Path) -> None:
+    status, answer = call(server.url + "examples")
+    assert status == 200
+    examples = answer["examples"]
+    assert [(e["id"], e["label"]) for e in examples] == [(0, "ants"), (1, "ants"), (2, "bees"), (3, "bees")]
+    test_split = {p.name: p for p in (run_dir.parent / "data" / "val").rglob("*.jpg")}
+    with urllib.request.urlopen(server.url + "examples/2", timeout=30) as response:
+        assert response.headers.get_content_type() == "image/jpeg"
+        assert response.read() == test_split[examples[2]["file"]].read_bytes()
+    status, answer = call(server.url + "examples/4")
+    assert (status, answer) == (404, {"error": "no example 4: GET /examples lists them"})
+    for other in ("-1", "1.0", "x", "..%2F..%2Frecipe.yaml", "%2Fetc%2Fpasswd", "0/../../recipe.yaml"):
+        assert call(server.url + "examples/" + other)[0] == 404, other
+
+
+def test_without_its_dataset_a_run_has_no_examples_and_serves_on(tmp_path: Path) -> None:
+    from tlx.serve import create_app
+
+    gone = tmp_path / "gone.jpg"
+    listing = f"path,true_label,predicted_label,p_ants,p_bees\n{gone},ants,ants,1,0\n"
+    (tmp_path / "predictions.csv").write_text(listing)
+
+    class Moved(StandIn):
+        folder = tmp_path
+
+    for stand_in in (Moved(), StandIn()):  # a listing of files that are gone; no listing at all
+        app = create_app(stand_in, max_upload_bytes=10**6)  # type: ignore[arg-type]
+        assert asgi_get(app, "/examples") == (200, {"examples": []})
+        assert asgi_get(app, "/examples/0")[0] == 404
+
+
+def test_openapi_describes_each_endpoint_with_a_curl_example(server: Server) -> None:
+    from tlx.serve import TOP_K
+
+    status, schema = call(server.url + "openapi.json")
+    assert status == 200
+    assert schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    assert sorted(paths) == ["/examples", "/examples/{id}", "/health", "/info", "/predict"]
+    assert all(op["x-curl"].startswith("curl ") for methods in paths.values() for op in methods.values())
+    (top_k,) = paths["/predict"]["post"]["parameters"]
+    assert (top_k["name"], top_k["schema"]["default"]) == ("top_k", TOP_K)
+    assert {"multipart/form-data", "image/*"} == set(paths["/predict"]["post"]["requestBody"]["content"])
 
 
 def bomb() -> bytes:

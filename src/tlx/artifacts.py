@@ -4,6 +4,7 @@ Written by ``tlx run``; read back by ``tlx predict``, ``tlx eval`` and ``tlx exp
 
 - ``recipe.yaml``      the recipe with every default filled in (component options too), paths absolute
 - ``provenance.json``  versions of Python, tlx, torch, timm and each plugin; the backbone weights' SHA-256;
+  the recipe file's name and when the run was trained;
   the SHA-256 of each file a run is loaded from (recipe, head, fine-tuned backbone), checked on load
 - ``metrics.json``     final scores, the training history, the choices made on the training split
 - ``history.csv``      one row per epoch (or per L2 strength for a closed-form head)
@@ -32,7 +33,7 @@ import platform
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from tlx.runfiles import (
     CALIBRATION_FILE,
     HEAD_FILE,
     METRICS_FILE,
+    PREDICTIONS_FILE,
     PROVENANCE_FILE,
     RECIPE_FILE,
     RESTORE,
@@ -71,7 +73,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: opening a run folder ne
     from tlx.extraction.store import BackboneInfo
     from tlx.tensors import Features
 
-PREDICTIONS_FILE = "predictions.csv"
 LOCK_FILE = RUN_MARKER
 #: the most misclassified test images ``errors.png`` shows
 GALLERY_SIZE = 16
@@ -276,8 +277,10 @@ def resolved_recipe(recipe: Recipe, dataset_options: BaseModel, head_options: Ba
     return data
 
 
-def provenance(backbone: dict[str, str]) -> dict[str, Any]:
-    """Versions of everything that shapes the numbers, and the identity of the backbone weights.
+def provenance(backbone: dict[str, str], recipe: str) -> dict[str, Any]:
+    """Versions of everything that shapes the numbers, the identity of the backbone weights, and where
+    the run came from: the name of its ``recipe`` file and when it was trained (UTC; not in
+    ``metrics.json``, which two runs of one recipe and seed write alike).
 
     timm's version is read from its metadata: a run whose features are all cached never imports timm.
     """
@@ -295,6 +298,8 @@ def provenance(backbone: dict[str, str]) -> dict[str, Any]:
         "timm": version("timm"),
         "plugins": {p.name: p.version for p in plugins.load().plugins if not p.builtin},
         "backbone": backbone,
+        "recipe": Path(recipe).name,
+        "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

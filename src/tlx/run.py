@@ -89,11 +89,12 @@ def run(
     parts = resolve(recipe, source, engine=True)
     recipe = with_head_defaults(recipe, parts)
     with tracked(console or Console(), recipe, parts, out, tags or {}) as tracking:
-        return _run(recipe, parts, out, cache_dir, painter, tracking, select, started)
+        return _run(recipe, source, parts, out, cache_dir, painter, tracking, select, started)
 
 
 def _run(
     recipe: Recipe,
+    source: str,
     parts: Components,
     out: Path,
     cache_dir: Path | None,
@@ -131,7 +132,7 @@ def _run(
         artifacts.write_run(
             out,
             resolved=artifacts.resolved_recipe(recipe, parts.dataset_options, parts.head_options),
-            provenance=artifacts.provenance(metrics["backbone"]),
+            provenance=artifacts.provenance(metrics["backbone"], source),
             metrics=metrics,
             head=outcome.head,
             scores=outcome.scores,

@@ -27,6 +27,7 @@ METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
 TUNED_BACKBONE_FILE = "backbone.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
+PREDICTIONS_FILE = "predictions.csv"
 
 #: what fixes a run file that is not as its run wrote it
 RESTORE = "restore the file the run wrote, or train a new run"

@@ -9,16 +9,19 @@ they are bounded: :data:`MAX_FILES`, :data:`MAX_IMAGE_PIXELS`, :data:`MAX_REQUES
 
 from __future__ import annotations
 
+import csv
 import ipaddress
 import re
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 from PIL import Image, UnidentifiedImageError
@@ -30,12 +33,15 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
 
 from tlx.api import Classifier
 from tlx.data import opened
 from tlx.errors import TlxError, describe, shorten
+from tlx.runfiles import METRICS_FILE, PREDICTIONS_FILE, PROVENANCE_FILE, read_metrics, read_provenance
+from tlx.version import __version__
 
 #: the multipart form field that carries the images (repeatable)
 FIELD = "file"
@@ -47,6 +53,8 @@ MAX_FILES = 256
 MAX_IMAGE_PIXELS = 40_000_000
 #: the most pixels the images of one request may decode to together (about 400 MB as RGB)
 MAX_REQUEST_PIXELS = 100_000_000
+#: example images of each class the page offers from the run's test split (``GET /examples``)
+EXAMPLES_PER_CLASS = 2
 #: the ``Host`` names a server on a loopback address answers besides its ``--host`` and ``--allow-host``:
 #: a page from elsewhere that a browser sends here under its own name (DNS rebinding) is refused
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -112,12 +120,15 @@ def create_app(
     host: str = "127.0.0.1",
     allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
-    """The web app: ``GET /`` (the page), ``GET /health``, ``POST /predict``; a request whose ``Host``
-    is not among ``allowed_hosts`` (default: :func:`trusted_hosts` of ``host``) gets 400."""
+    """The web app: the page (``GET /``), its API (``/health``, ``/info``, ``/examples``, ``POST
+    /predict``) and the API's description (``/openapi.json``, and ``/docs`` for people); a request
+    whose ``Host`` is not among ``allowed_hosts`` (default: :func:`trusted_hosts` of ``host``) gets 400."""
     if allowed_hosts is None:
         allowed_hosts = trusted_hosts(host)
     lock = threading.Lock()
-    page = (resources.files("tlx") / "web" / "index.html").read_text(encoding="utf-8")
+    pages = {name: _page(name) for name in ("index.html", "docs.html")}
+    examples = examples_of(classifier.folder, EXAMPLES_PER_CLASS, max_upload_bytes)
+    schema = SchemaGenerator({"openapi": "3.0.3", "info": {"title": "tlx serve", "version": __version__}})
     health = {
         "status": "ok",
         "run": classifier.folder.name,
@@ -140,19 +151,102 @@ def create_app(
         ]
 
     async def index(request: Request) -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(pages["index.html"])
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(pages["docs.html"])
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(schema.get_schema(routes=request.app.routes))
 
     async def get_health(request: Request) -> Response:
+        """---
+        summary: Whether the server answers, and where it listens
+        responses:
+          200:
+            description: "status ok, the run folder's name, its classes, the address the server listens
+              on, whether only this machine can reach it (loopback), the upload limit in bytes"
+        x-curl: curl {url}/health
+        """
         return JSONResponse(health)
 
+    async def info(request: Request) -> Response:
+        """---
+        summary: The model card
+        description: "What was trained, from the run folder: backbone, head, test accuracy, classes,
+          when and from which recipe, how it tells an unknown image (null where the run did not record it)."
+        responses:
+          200: {description: "run, recipe, trained (UTC), backbone, head, strategy, test_accuracy, n_train,
+            n_test, classes, calibration, unknown, tlx_version"}
+        x-curl: curl {url}/info
+        """
+        return JSONResponse(await run_in_threadpool(model_card, classifier))
+
+    async def list_examples(request: Request) -> Response:
+        """---
+        summary: Example images from the run's test split
+        description: "A few images of each class (none where the dataset is no longer on disk), each by
+          its id: GET /examples/{id} gives the image."
+        responses:
+          200: {description: "examples: a list of {id, label, file}"}
+        x-curl: curl {url}/examples
+        """
+        listed = [{"id": i, "label": e.label, "file": e.path.name} for i, e in enumerate(examples)]
+        return JSONResponse({"examples": listed})
+
+    async def example(request: Request) -> Response:
+        """---
+        summary: One example image, by its id in /examples
+        parameters:
+          - {name: id, in: path, required: true, schema: {type: integer, minimum: 0}}
+        responses:
+          200: {description: the image file}
+          404: {description: "no example of this id, or its file is gone"}
+        x-curl: curl -o example.jpg {url}/examples/0
+        """
+        index = request.path_params["id"]
+        if index >= len(examples) or not examples[index].path.is_file():
+            raise BadRequest(404, f"no example {index}: GET /examples lists them")
+        return FileResponse(examples[index].path)
+
     async def predict(request: Request) -> Response:
+        """---
+        summary: Classify images
+        description: "The images as the repeatable multipart field 'file', or one image as the raw body.
+          Each prediction: file, label, probability, top_k, and with the run's calibration known (false:
+          the image looks like none of the classes) and ood_score. latency_ms: the time the server took
+          for the request, in milliseconds."
+        parameters:
+          - name: top_k
+            in: query
+            description: labels per image, at most the number of classes
+            schema: {type: integer, minimum: 1, default: 5}
+        requestBody:
+          content:
+            multipart/form-data:
+              schema:
+                type: object
+                properties:
+                  file: {type: array, items: {type: string, format: binary}}
+            image/*:
+              schema: {type: string, format: binary}
+        responses:
+          200: {description: "predictions (one per image, in order) and latency_ms"}
+          400: {description: "a malformed request or top_k; error says why"}
+          413: {description: "over the upload, pixel or file limits; error says which"}
+          415: {description: "a file that is not an image; error names it"}
+          422: {description: "an image that decodes but cannot be classified"}
+        x-curl: curl -F file=@photo.jpg -F file=@another.jpg '{url}/predict?top_k=3'
+        """
+        started = time.perf_counter()
         top_k = _top_k(request, len(classifier.classes))
         uploads = await _uploads(request, max_upload_bytes)
         try:
             predictions = await run_in_threadpool(answers, uploads, top_k)
         except TlxError as exc:
             raise BadRequest(422, str(exc)) from None
-        return JSONResponse({"predictions": predictions})
+        latency = round(1000 * (time.perf_counter() - started), 1)
+        return JSONResponse({"predictions": predictions, "latency_ms": latency})
 
     async def refuse(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BadRequest)
@@ -163,13 +257,85 @@ def create_app(
 
     return Starlette(
         routes=[
-            Route("/", index, methods=["GET"]),
+            Route("/", index, methods=["GET"], include_in_schema=False),
+            Route("/docs", docs, methods=["GET"], include_in_schema=False),
+            Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
             Route("/health", get_health, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/examples", list_examples, methods=["GET"]),
+            Route("/examples/{id:int}", example, methods=["GET"]),
             Route("/predict", predict, methods=["POST"]),
         ],
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)],
         exception_handlers={BadRequest: refuse, Exception: fail},
     )
+
+
+def _page(name: str) -> str:
+    """A page of the package's ``web`` folder."""
+    return (resources.files("tlx") / "web" / name).read_text(encoding="utf-8")
+
+
+def model_card(classifier: Classifier) -> dict[str, Any]:
+    """What the page's model card shows, from the run's ``metrics.json`` and ``provenance.json``:
+    the backbone, head and test accuracy, when and from which recipe the run was trained, how its
+    probabilities are calibrated and how it tells an image of none of the classes (None where the run
+    did not record it: a run of an older tlx)."""
+    folder = classifier.folder
+    metrics = read_metrics(folder / METRICS_FILE).model_dump()
+    provenance = read_provenance(folder / PROVENANCE_FILE).model_dump()
+    return {
+        "run": folder.name,
+        "recipe": provenance.get("recipe"),
+        "trained": provenance.get("trained"),
+        "backbone": metrics.get("backbone", {}).get("name"),
+        "head": metrics.get("head"),
+        "strategy": metrics.get("strategy"),
+        "test_accuracy": metrics["test_accuracy"],
+        "n_train": metrics["n_train"],
+        "n_test": metrics.get("n_test"),
+        "classes": classifier.classes,
+        "calibration": _keys(metrics.get("calibration"), "temperature", "ece", "ece_uncalibrated"),
+        "unknown": _keys(metrics.get("ood"), "method", "threshold", "accept"),
+        "tlx_version": metrics.get("tlx_version"),
+    }
+
+
+def _keys(section: dict[str, Any] | None, *keys: str) -> dict[str, Any] | None:
+    """``keys`` of a section of ``metrics.json``; None for a section the run did not write."""
+    return None if section is None else {key: section.get(key) for key in keys}
+
+
+class Example(NamedTuple):
+    """An image of the run's test split that the page offers to classify."""
+
+    label: str
+    path: Path
+
+
+def examples_of(folder: Path, per_class: int, max_bytes: int) -> list[Example]:
+    """Up to ``per_class`` images of each class of the run's test split, in the order its
+    ``predictions.csv`` lists them: those still on disk and within the upload limit of ``max_bytes``.
+    None where the listing or the dataset is gone: examples are a convenience, not a reason to refuse."""
+    try:
+        with (folder / PREDICTIONS_FILE).open(newline="", encoding="utf-8") as listing:
+            rows = [(row.get("path"), row.get("true_label")) for row in csv.DictReader(listing)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    chosen: list[Example] = []
+    counts: Counter[str] = Counter()
+    for path, label in rows:
+        if path and label and counts[label] < per_class and _file_of_at_most(Path(path), max_bytes):
+            chosen.append(Example(label, Path(path)))
+            counts[label] += 1
+    return chosen
+
+
+def _file_of_at_most(path: Path, size: int) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size <= size
+    except OSError:
+        return False
 
 
 def _top_k(request: Request, classes: int) -> int:
