@@ -233,6 +233,8 @@ def test_the_registered_model_predicts_what_tlx_predict_does(tmp_path: Path) -> 
         by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in PHOTOS]}))
         with pytest.raises(tlx.TlxError, match="model input row 0: give one of 'path' and 'image'"):
             model.predict(pd.DataFrame({"path": [None], "image": [None]}))
+        with pytest.raises(tlx.TlxError, match=r"^model input row 1: its 'image' bytes are not an image"):
+            model.predict(pd.DataFrame({"image": [PHOTOS[0].read_bytes(), b"hello"]}))
         requirements = Path(mlflow.pyfunc.get_model_dependencies(found.data.tags["model_uri"])).read_text()
     finally:
         mlflow.set_tracking_uri(None)

@@ -29,12 +29,13 @@ if TYPE_CHECKING:
 
 #: the most parameters MLflow takes in one batch
 BATCH = 100
-#: MLflow's HTTP settings while tlx logs, unless set in the environment: a server that does not answer
-#: fails in seconds (MLflow's defaults retry for about four minutes)
+#: MLflow's settings while tlx logs, unless set in the environment: a server that does not answer
+#: fails in seconds (MLflow's defaults retry for about four minutes); no progress bars in tlx's console
 HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -87,10 +87,10 @@ def _images(frame: pd.DataFrame) -> list[Any]:
         try:
             image = Image.open(io.BytesIO(given["image"]))
             image.load()
-        except Exception as exc:
+        except Exception:
             raise tlx.TlxError(
-                f"model input row {i}: its 'image' bytes are not an image ({tlx.describe(exc)}); "
-                "pass a file's encoded bytes (JPEG, PNG, ...)"
+                f"model input row {i}: its 'image' bytes are not an image Pillow can decode; pass a file's "
+                "encoded bytes (JPEG, PNG, ...)"
             ) from None
         images.append(image)
     return images
