@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import assert_user_error, recipe_for
@@ -46,6 +49,14 @@ def test_tensorboard_holds_one_point_per_epoch_of_the_reference_training(
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     assert events.PluginTagToContent("hparams")  # the resolved recipe as hyperparameters
+    figures = sorted(out.glob("*.png"))
+    assert {"curves.png", "confusion.png", "errors.png"} <= {f.name for f in figures}
+    assert sorted(events.Tags()["images"]) == sorted(f"figures/{f.stem}" for f in figures)
+    for figure in figures:  # each figure whole, as the PNG the run wrote
+        (image,) = events.Images(f"figures/{figure.stem}")
+        with Image.open(figure) as png, Image.open(io.BytesIO(image.encoded_image_string)) as logged:
+            assert (logged.width, logged.height) == png.size
+            assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(png.convert("RGB")))
 
 
 def test_tensorboard_logs_the_validation_loss_when_there_is_a_validation_split(
@@ -102,6 +113,7 @@ def test_a_tracker_gets_the_flattened_recipe_each_epoch_and_the_final_metrics(
     assert params["train.epochs"] == 4 and params["dataset.root"] == str(tiny_dataset.resolve())
     assert params["backbone.name"] == "counting" and "track" not in str(list(params))
     assert tags["backbone"] == "counting" and tags["weights_sha256"] == metrics["backbone"]["sha256"]
+    assert tags["backbone_plugin"] == "test-plugin" and tags["head_plugin"] == "tlx.heads"
     assert [c[1] for c in calls[1:5]] == [1, 2, 3, 4]
     assert calls[4][2]["test/accuracy"] == metrics["history"][-1]["test_accuracy"]
     assert calls[5][1]["test_accuracy"] == metrics["test_accuracy"] and calls[5][2] == out

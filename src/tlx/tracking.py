@@ -1,8 +1,9 @@
 """Experiment trackers following a run: a console that forwards its callbacks to the run's trackers too.
 
 The trackers get what the terminal gets, from the same callbacks: the run starts when the backbone is
-known (the resolved recipe as parameters, the backbone and its weights digest as tags), each epoch's
-metrics with its step, and at the end the final metrics and the run folder. A tracker that fails
+known (the resolved recipe as parameters; as tags the backbone, its weights digest and the plugins
+providing backbone and head), each epoch's metrics with its step, and at the end the final metrics and
+the run folder, its figures (``*.png``) included. A tracker that fails
 (an unreachable server, an unwritable store) is warned about once and dropped; the run goes on.
 """
 
@@ -159,7 +160,7 @@ def tracked(
             console.warning(f"tracker {entry.name!r} failed and is left out of this run: {describe(exc)}")
     params = resolved_recipe(recipe, parts.dataset_options, parts.head_options)
     params.pop("track", None)
-    fan = TrackingConsole(console, trackers, params, tags)
+    fan = TrackingConsole(console, trackers, params, {**tags, "head_plugin": parts.head.plugin})
     try:
         yield fan
     except BaseException:

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -66,6 +67,7 @@ def recipe(tmp_path: Path, **track: object) -> Path:
 def test_the_run_is_in_the_sqlite_store_with_its_parameters_and_20_steps(tmp_path: Path) -> None:
     run = tlx.fit(recipe(tmp_path), out=tmp_path / "runs" / "first")
     assert not [w for w in run.warnings if w.startswith("tracker")]
+    assert not mlflow.is_tracking_uri_set()  # logging the model left MLflow's global URI as it was
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
@@ -85,7 +87,23 @@ def test_the_run_is_in_the_sqlite_store_with_its_parameters_and_20_steps(tmp_pat
     assert [m.value for m in history] == pytest.approx([h["test_accuracy"] for h in run.metrics["history"]])
     artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
     assert {"metrics.json", "recipe.yaml", "head.safetensors"} <= artifacts
+    assert (run.folder / ".tlx-run.lock").is_file() and not [a for a in artifacts if a.startswith(".")]
     assert (tmp_path / "runs" / "mlartifacts").is_dir()  # next to the store, not in the working folder
+    assert not (Path.cwd() / "mlruns").exists()
+
+
+def test_each_figure_is_an_image_of_the_run(tmp_path: Path) -> None:
+    run = tlx.fit(recipe(tmp_path), {"train.epochs": 2}, out=tmp_path / "runs" / "a")
+    (run.folder / "curves.png").unlink()  # the run's folder, not its copy in the store, is checked below
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("tlx").experiment_id])
+    images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
+    logged = {Path(p).name.split("+")[0] for p in images if p.endswith(".png")}
+    assert logged == {"curves", "confusion", "errors"}
+    for name in ("confusion", "errors"):  # each as the run drew it
+        (path,) = [p for p in images if Path(p).name.startswith(f"{name}+") and p.endswith(".png")]
+        with Image.open(client.download_artifacts(found.info.run_id, path, str(tmp_path))) as image:
+            assert image.size == Image.open(run.folder / f"{name}.png").size
 
 
 def test_mlflow_tracking_uri_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,6 +112,7 @@ def test_mlflow_tracking_uri_is_honoured(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
     tlx.fit(recipe(tmp_path), {"train.epochs": 2}, out=tmp_path / "runs" / "a")
     assert elsewhere.is_file() and not (tmp_path / "runs" / "mlflow.db").exists()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{elsewhere}"  # as the user set it
 
 
 def test_an_unwritable_store_warns_once_and_the_run_exits_0(tmp_path: Path) -> None:
@@ -191,3 +210,41 @@ def test_options_are_validated() -> None:
         tlx.validate_options(plugins.load().trackers.get("mlflow", "track.0.kind"), {"experimnt": "x"},
                              "track.0", "r.yaml")  # fmt: skip
     assert MlflowOptions().experiment == "tlx"
+
+
+#: real photos (ants and bees), which the model and ``tlx predict`` classify
+PHOTOS = sorted(Path("/work/shared/data/hymenoptera_data/val").glob("*/*.jpg"))[::15]
+
+
+def test_the_registered_model_predicts_what_tlx_predict_does(tmp_path: Path) -> None:
+    run = tlx.fit(recipe(tmp_path, registered_model="ants"), {"train.epochs": 3}, out=tmp_path / "runs" / "a")
+    assert not [w for w in run.warnings if w.startswith("tracker")]
+    result = CliRunner().invoke(
+        cli, ["predict", str(run.folder), *map(str, PHOTOS), "--json", "--top-k", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.stdout)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    try:
+        (found,) = mlflow.search_runs(experiment_names=["tlx"], output_format="list")
+        model = mlflow.pyfunc.load_model("models:/ants/1")  # the registry's first version
+        assert model.metadata.model_id == found.data.tags["model_uri"].removeprefix("models:/")
+        by_path = model.predict(pd.DataFrame({"path": [str(p) for p in PHOTOS]}))
+        by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in PHOTOS]}))
+        with pytest.raises(tlx.TlxError, match="model input row 0: give one of 'path' and 'image'"):
+            model.predict(pd.DataFrame({"path": [None], "image": [None]}))
+        with pytest.raises(tlx.TlxError, match=r"^model input row 1: its 'image' bytes are not an image"):
+            model.predict(pd.DataFrame({"image": [PHOTOS[0].read_bytes(), b"hello"]}))
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(found.data.tags["model_uri"])).read_text()
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(expected) == len(PHOTOS) > 3
+    for frame in (by_path, by_bytes):
+        assert list(frame.columns) == ["c0", "c1", "label", "known", "ood_score"]
+        for (_, row), answer in zip(frame.iterrows(), expected, strict=True):
+            assert {c: row[c] for c in ("c0", "c1")} == pytest.approx(
+                {t["label"]: t["probability"] for t in answer["top_k"]}, abs=1e-6
+            )
+            assert (row["label"], row["known"]) == (answer["label"], answer["known"])
+            assert row["ood_score"] == pytest.approx(answer["ood_score"], abs=1e-6)
+    assert f"tlx-vision=={tlx.__version__}" in requirements.splitlines()

@@ -1,7 +1,8 @@
 """The built-in tracker ``tensorboard``: event files in the run folder's ``tb/``, read by ``tensorboard``.
 
 Scalars ``train/loss``, ``test/accuracy`` (and ``val/loss``, ``val/accuracy`` with a validation split)
-per epoch, and the resolved recipe as hyperparameters with the final metrics. torch's
+per epoch, the resolved recipe as hyperparameters with the final metrics, and the run's figures (each
+``*.png`` of the run folder) as images ``figures/<name>`` in the Images tab. torch's
 ``SummaryWriter`` writes them; it is imported when a run starts, so loading plugins stays cheap.
 """
 
@@ -45,9 +46,16 @@ class TensorBoardTracker:
             self.writer.add_scalar(name, value, step)
 
     def finish(self, metrics: dict[str, float], run_dir: Path) -> None:
-        """The hyperparameters with the final metrics, in the same folder; the event files are in the run
-        folder already."""
+        """The figures and the hyperparameters with the final metrics, in the same folder; the event files
+        are in the run folder already."""
+        import numpy as np
+        from PIL import Image
+
         assert self.writer is not None
+        for figure in sorted(run_dir.glob("*.png")):
+            with Image.open(figure) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(f"figures/{figure.stem}", pixels, 0, dataformats="HWC")
         self.writer.add_hparams(self.params, metrics, run_name=".")
         self.writer.close()
 
@@ -71,5 +79,5 @@ def register_trackers(register):
     register(
         "tensorboard",
         tensorboard_tracker,
-        description=f"event files in the run folder's {FOLDER}/ (scalars per epoch, hyperparameters)",
+        description=f"event files in the run folder's {FOLDER}/: per-epoch scalars, hyperparameters, figures",
     )

@@ -1,5 +1,9 @@
 """tlx tracker ``mlflow``: one MLflow run per tlx run, in a real backend store (SQLite by default).
 
+The run gets the resolved recipe as parameters, the metrics per epoch and at the end, the run folder as
+artifacts (not tlx's marks: dotfiles such as ``.tlx-run.lock``), its figures as images, and the trained
+classifier as the ``pyfunc`` model ``model`` (:mod:`tlx_mlflow.model`).
+
 mlflow is imported when a run starts, so that loading tlx's plugins stays cheap. A store that cannot
 be reached or written fails within seconds (:data:`HTTP_BOUNDS`, a SQLite store tried first), not
 after MLflow's minutes of retries; tlx then warns and the run goes on without it.
@@ -8,6 +12,7 @@ after MLflow's minutes of retries; tlx then warns and the run goes on without it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -24,12 +29,13 @@ if TYPE_CHECKING:
 
 #: the most parameters MLflow takes in one batch
 BATCH = 100
-#: MLflow's HTTP settings while tlx logs, unless set in the environment: a server that does not answer
-#: fails in seconds (MLflow's defaults retry for about four minutes)
+#: MLflow's settings while tlx logs, unless set in the environment: a server that does not answer
+#: fails in seconds (MLflow's defaults retry for about four minutes); no progress bars in tlx's console
 HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -41,6 +47,8 @@ class MlflowOptions(BaseModel):
     #: the store or server; None: ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` next to the run folder
     tracking_uri: str | None = None
     experiment: str = "tlx"
+    #: also register the model in the store's model registry under this name (a new version per run)
+    registered_model: str | None = None
 
 
 def tracking_uri(options: MlflowOptions, run_dir: Path) -> str:
@@ -59,6 +67,25 @@ def bounded() -> Iterator[None]:
     finally:
         for key in missing:
             os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def tracking_to(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (which logging a model reads) set to ``uri`` inside; after, the URI
+    and the environment variable MLflow mirrors it into resolve as before."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None if previous == env else previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def check_sqlite(uri: str) -> None:
@@ -81,6 +108,8 @@ class MlflowTracker:
         self.name = run_dir.name
         self.client: MlflowClient | None = None
         self.run_id = ""
+        #: the plugins that provide the run's backbone and head: the model's requirements
+        self.plugins: list[str] = []
 
     def _experiment(self, client: MlflowClient) -> str:
         """The experiment's id, created when missing; a SQLite store keeps artifacts next to its file."""
@@ -108,6 +137,7 @@ class MlflowTracker:
                 "MLFLOW_TRACKING_URI to a store this machine can reach and write"
             ) from exc
         self.client, self.run_id = client, run.info.run_id
+        self.plugins = [tags[key] for key in ("backbone_plugin", "head_plugin") if key in tags]
         items = [Param(k, str(v)) for k, v in params.items()]
         with bounded():
             for i in range(0, len(items), BATCH):
@@ -125,10 +155,31 @@ class MlflowTracker:
         self._metrics(metrics, step)
 
     def finish(self, metrics: dict[str, float], run_dir: Path) -> None:
+        """The final metrics; the run folder's files and subfolders as artifacts, except dotfiles (tlx's
+        marks); each figure (``*.png``) as an image; the classifier as the pyfunc model."""
+        from PIL import Image
+
+        from tlx_mlflow.model import log_model
+
         assert self.client is not None
         self._metrics(metrics, 0)
+        classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
         with bounded():
-            self.client.log_artifacts(self.run_id, str(run_dir))
+            for path in sorted(run_dir.iterdir()):
+                if path.name.startswith("."):
+                    continue
+                if path.is_dir():
+                    self.client.log_artifacts(self.run_id, str(path), path.name)
+                else:
+                    self.client.log_artifact(self.run_id, str(path))
+            for figure in sorted(run_dir.glob("*.png")):
+                with Image.open(figure) as image:
+                    self.client.log_image(self.run_id, image.convert("RGB"), key=figure.stem, step=0)
+            with tracking_to(self.uri):
+                uri = log_model(
+                    self.client, self.run_id, run_dir, classes, self.plugins, self.options.registered_model
+                )
+            self.client.set_tag(self.run_id, "model_uri", uri)
             self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self) -> None:
@@ -142,6 +193,7 @@ def register_trackers(register):
     register(
         "mlflow",
         MlflowTracker,
-        description="an MLflow store (default: mlflow.db next to the runs): params, metrics, artifacts",
+        description="an MLflow store (default: mlflow.db next to the runs): params, metrics, artifacts, "
+        "figures, the model",
         options=MlflowOptions,
     )
