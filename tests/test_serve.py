@@ -163,7 +163,11 @@ def test_info_is_the_model_card_of_the_run(server: Server, run_dir: Path) -> Non
     assert status == 200
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert info["run"] == run_dir.name
-    assert (info["backbone"], info["head"], info["strategy"]) == ("efficientnet_lite0", "linear", "features")
+    assert (info["backbone"], info["head"], info["strategy"]) == (
+        "tf_efficientnet_lite0.pypi",
+        "linear",
+        "features",
+    )
     assert info["test_accuracy"] == metrics["test_accuracy"]
     assert (info["n_train"], info["n_test"], info["classes"]) == (40, 6, ["ants", "bees"])
     assert info["recipe"] == "hymenoptera-lite0.yaml"

@@ -46,7 +46,7 @@ def test_the_model_card_names_backbone_head_accuracy_recipe(
     page.goto(server.url)
     facts = page.locator("#facts")
     expect(facts).to_contain_text(f"{100 * accuracy:.1f}% on 6 test images")
-    expect(facts).to_contain_text("efficientnet_lite0")
+    expect(facts).to_contain_text("tf_efficientnet_lite0.pypi")
     expect(facts).to_contain_text("linear (on frozen features, 40 training images)")
     expect(facts).to_contain_text("hymenoptera-lite0.yaml")
     expect(facts.locator(".chip")).to_have_text(["ants", "bees"])
