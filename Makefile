@@ -20,7 +20,7 @@ $(VENV)/.run-installed: pyproject.toml plugins/tlx-efficientnet-lite/pyproject.t
 	touch $@
 
 # what make run installs, and the linters, pytest, the browser test's playwright, the docs tools, the other plugins
-$(VENV)/.test-installed: $(VENV)/.run-installed pyproject.toml $(TEST_PLUGINS:%=%/pyproject.toml)
+$(VENV)/.test-installed: $(VENV)/.run-installed $(TEST_PLUGINS:%=%/pyproject.toml)
 	$(PY) -m pip install -q -e '.[test,docs]' -e plugins/tlx-efficientnet-lite \
 		-e plugins/tlx-prototype-head -e plugins/tlx-mlflow -e 'plugins/tlx-ray[test]'
 	touch $@
