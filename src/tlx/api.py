@@ -85,6 +85,7 @@ class Classifier:
 
     @property
     def folder(self) -> Path:
+        """The run folder the classifier was read from."""
         return self._run.folder
 
     @property

@@ -189,6 +189,9 @@ class ExtractConfig(_Strict):
 
 
 class Recipe(_Strict):
+    """A validated recipe: every key of a recipe file, each with its default (the docs' page "Recipes
+    and keys" lists them). :func:`tlx.fit` takes one as it takes a recipe file or a dict."""
+
     seed: int = Field(0, ge=0, le=MAX_SEED)
     #: features: the frozen backbone runs once and the head trains on its features;
     #: finetune: the backbone (or its ``finetune.unfreeze`` part) trains with the head
