@@ -376,7 +376,7 @@ OWN_FILE = re.compile(
     rf"|features/{_HEX}/(identity\.json|{_HEX}\.safetensors|{_TMP})"
     rf"|backbones/({_HEX}\.json|{_TMP})"
     rf"|onnx/({_HEX}\.(onnx|json)|{_TMP})"
-    rf"|timm/((architectures|weights)-[\w.+-]+\.json|{_TMP})"
+    rf"|timm/((architectures|weights|pretrained)-[\w.+-]+\.json|{_TMP})"
 )
 OWN_FOLDERS = ("features", "backbones", "onnx", "timm")
 
