@@ -274,9 +274,11 @@ def test_shipped_finetune_recipe_runs_on_its_backbone(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "finetune  unfreeze blocks.5, blocks.6, conv_head, bn2: 2,670,240 of 3,371,008" in result.stdout
-    assert len(EPOCH_LINE.findall(result.stdout)) == 2
+    rows = re.findall(r"^ +\d{1,3} +\d+\.\d{4} +\d+\.\d{4} +\d{1,3}\.\d\d% .*\d\d:\d\d$", result.stdout, re.M)
+    assert len(rows) == 2  # with the recipe's validation columns
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["strategy"], metrics["n_train"], metrics["n_test"]) == ("finetune", 8, 4)
+    assert metrics["calibration"]["held_out"] == "validation split (train.val_fraction 0.2)"
 
 
 def test_a_finetuned_run_is_reloaded_with_its_trained_backbone(tmp_path: Path, tiny_dataset: Path) -> None:
