@@ -41,24 +41,22 @@ def _is_timm_model(name: str) -> bool:
 
 def _architectures() -> list[str]:
     """timm's model architectures (``timm.list_models()``)."""
-    record = _record("architectures")
-    names = _read(record)
-    if names is None:
-        import timm
-
-        names = timm.list_models()
-        _write(record, names)
-    return names
+    return _remembered("architectures", "list_models")
 
 
 def _pretrained_names() -> list[str]:
     """timm's pretrained names with their tags (``timm.list_pretrained()``)."""
-    record = _record("pretrained")
+    return _remembered("pretrained", "list_pretrained")
+
+
+def _remembered(kind: str, listing: str) -> list[str]:
+    """timm's ``listing()`` as recorded for this timm version, asked of timm (and recorded) when not."""
+    record = _record(kind)
     names = _read(record)
     if names is None:
         import timm
 
-        names = timm.list_pretrained()
+        names = getattr(timm, listing)()
         _write(record, names)
     return names
 
